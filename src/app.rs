@@ -1,0 +1,208 @@
+//! Wiring: from a checked [`Config`] to running coins, and back down.
+//!
+//! Owns: building each coin's isolated set (upstream pool, subscription hub,
+//! router, listeners), the TLS acceptor configuration, the order of a
+//! graceful shutdown (stop accepting and reading; let in-flight requests
+//! finish within the grace period; then stop upstreams), and the [`Server`]
+//! handle that tests and `main` hold.
+
+use crate::config::{CoinConfig, Config, Scheme};
+use crate::hub::{Hub, HubConfig};
+use crate::listener::{Listener, TlsHandle};
+use crate::router::{CoinInfo, Router};
+use crate::session::{SessionLimits, Stops};
+use crate::upstream::{Pool, UpstreamStatus};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// One running coin.
+pub struct CoinHandle {
+    pub router: Arc<Router>,
+    /// Bound listener addresses (the real ports when the config said 0).
+    pub listeners: Vec<(Scheme, SocketAddr)>,
+}
+
+/// A running proxy.
+pub struct Server {
+    pub coins: BTreeMap<String, CoinHandle>,
+    stops: Stops,
+    /// Sessions (and their connections).
+    sessions: TaskTracker,
+    /// Upstream supervisors, hubs, listeners.
+    background: TaskTracker,
+    grace: Duration,
+    tls: Option<TlsHandle>,
+}
+
+/// Start everything the configuration describes. Upstreams connect in the
+/// background; this returns once every listener is bound.
+pub async fn start(config: Config) -> anyhow::Result<Server> {
+    let stops = Stops {
+        drain: CancellationToken::new(),
+        hard: CancellationToken::new(),
+    };
+    let sessions = TaskTracker::new();
+    let background = TaskTracker::new();
+    let tls: Option<TlsHandle> = match &config.tls {
+        Some(files) => Some(Arc::new(RwLock::new(
+            crate::tls::server_config(files).map_err(|e| anyhow::anyhow!("[tls]: {e}"))?,
+        ))),
+        None => None,
+    };
+    let limits = SessionLimits {
+        max_line: config.server.max_line_bytes,
+        queue: config.server.session_queue,
+        first_line_timeout: config.server.handshake_timeout(),
+        idle_timeout: config.server.idle_timeout(),
+    };
+
+    let mut coins = BTreeMap::new();
+    for (name, coin) in &config.coins {
+        let mut listeners = Vec::new();
+        for entry in &coin.listen {
+            let addr = entry.url.socket_addr().map_err(anyhow::Error::msg)?;
+            listeners.push(Listener::bind(name, entry.url.scheme, addr).await.map_err(anyhow::Error::msg)?);
+        }
+        let (pool, events) = Pool::start(
+            name,
+            &coin.upstreams,
+            &config.server,
+            &coin.upstream_protocol,
+            &stops.hard,
+            &background,
+        )
+        .map_err(anyhow::Error::msg)?;
+        let hub = Hub::start(
+            HubConfig {
+                coin: name.clone(),
+                max_topics: coin.max_subscriptions_total,
+                request_timeout: config.server.request_timeout(),
+            },
+            pool.clone(),
+            events,
+            &stops.hard,
+            &background,
+        );
+        let bound: Vec<(Scheme, SocketAddr)> = listeners.iter().map(|l| (l.scheme, l.local_addr)).collect();
+        let router = Arc::new(Router {
+            coin: name.clone(),
+            pool,
+            hub,
+            info: coin_info(name, coin, &config, &bound),
+            request_timeout: config.server.request_timeout(),
+            max_batch: config.server.max_batch,
+            max_subs_per_session: coin.max_subscriptions_per_session,
+        });
+        for l in listeners {
+            let tls = match l.scheme {
+                Scheme::Ssl => tls.clone(),
+                Scheme::Tcp => None,
+            };
+            background.spawn(l.serve(router.clone(), tls, limits.clone(), stops.clone(), sessions.clone()));
+        }
+        coins.insert(
+            name.clone(),
+            CoinHandle {
+                router,
+                listeners: bound,
+            },
+        );
+    }
+    Ok(Server {
+        coins,
+        stops,
+        sessions,
+        background,
+        grace: config.server.shutdown_grace(),
+        tls,
+    })
+}
+
+fn coin_info(name: &str, coin: &CoinConfig, config: &Config, bound: &[(Scheme, SocketAddr)]) -> CoinInfo {
+    let port = |scheme| bound.iter().find(|(s, _)| *s == scheme).map(|(_, a)| a.port());
+    let host = coin.hostname.clone().unwrap_or_else(|| "localhost".into());
+    let mut ports = serde_json::Map::new();
+    if let Some(p) = port(Scheme::Tcp) {
+        ports.insert("tcp_port".into(), p.into());
+    }
+    if let Some(p) = port(Scheme::Ssl) {
+        ports.insert("ssl_port".into(), p.into());
+    }
+    let hosts = serde_json::json!({ host: ports }).to_string();
+    let versions = match (coin.p2pkh_version, coin.p2sh_version, crate::coin::builtin_versions(name)) {
+        (Some(p2pkh), Some(p2sh), _) => Some(crate::coin::AddressVersions { p2pkh, p2sh }),
+        (p2pkh, p2sh, Some(b)) => Some(crate::coin::AddressVersions {
+            p2pkh: p2pkh.unwrap_or(b.p2pkh),
+            p2sh: p2sh.unwrap_or(b.p2sh),
+        }),
+        _ => None,
+    };
+    CoinInfo {
+        server_name: config.server.server_name.clone(),
+        banner: coin
+            .banner
+            .clone()
+            .unwrap_or_else(|| format!("Welcome to {name}, served by {}", config.server.server_name)),
+        donation_address: coin.donation_address.clone().unwrap_or_default(),
+        hosts,
+        genesis_hash: coin.genesis_hash.clone(),
+        address_versions: versions,
+    }
+}
+
+impl Server {
+    /// The bound address of a coin's first listener of `scheme`.
+    pub fn addr(&self, coin: &str, scheme: Scheme) -> Option<SocketAddr> {
+        self.coins
+            .get(coin)?
+            .listeners
+            .iter()
+            .find(|(s, _)| *s == scheme)
+            .map(|(_, a)| *a)
+    }
+
+    /// Upstream status per coin.
+    pub fn upstreams(&self) -> BTreeMap<String, Vec<UpstreamStatus>> {
+        self.coins
+            .iter()
+            .map(|(name, c)| (name.clone(), c.router.pool.status()))
+            .collect()
+    }
+
+    /// Replace the certificate served to new TLS handshakes.
+    pub fn set_tls(&self, config: Arc<rustls::ServerConfig>) -> bool {
+        match &self.tls {
+            Some(handle) => {
+                *handle.write().unwrap_or_else(|p| p.into_inner()) = config;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Graceful shutdown: stop accepting and reading, give in-flight
+    /// requests the grace period, then stop everything.
+    pub async fn shutdown(self) {
+        self.stops.drain.cancel();
+        self.sessions.close();
+        if tokio::time::timeout(self.grace, self.sessions.wait()).await.is_err() {
+            tracing::warn!(
+                sessions = self.sessions.len(),
+                "grace period over with requests still in flight: closing them"
+            );
+        }
+        self.stops.hard.cancel();
+        self.sessions.wait().await;
+        self.background.close();
+        self.background.wait().await;
+    }
+
+    /// Number of live session tasks (for tests and metrics).
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+}

@@ -1,0 +1,209 @@
+//! Bounded newline-delimited framing, generic over any `AsyncRead`.
+//!
+//! Owns: turning a byte stream into lines of at most `max_len` bytes. It does
+//! not parse JSON (that is `jsonrpc`) and does not write (writers batch their
+//! own output, see `session::writer`).
+//!
+//! The read buffer starts small and grows only while a long line is being
+//! assembled, then shrinks back: idle wallets are the common case and each one
+//! should cost a few hundred bytes, not a 64 KiB buffer.
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// What a read attempt produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// One line, without its `\n` (and without a trailing `\r`).
+    Line(BytesMut),
+    /// The peer closed the stream cleanly. A partial last line without `\n`
+    /// is returned as a `Line` first.
+    Eof,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("line longer than {max} bytes")]
+    TooLong { max: usize },
+    #[error("read failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Initial capacity of a connection's read buffer.
+const INITIAL_CAPACITY: usize = 512;
+/// Above this capacity an emptied buffer is released rather than kept.
+const RETAIN_CAPACITY: usize = 16 * 1024;
+
+/// A line reader with a hard maximum line length.
+///
+/// `next_frame` is cancel-safe: bytes already read stay in the buffer, so it
+/// can sit in a `select!` next to a shutdown branch.
+pub struct LineReader<R> {
+    inner: R,
+    buf: BytesMut,
+    max_len: usize,
+    /// How far `buf` has already been scanned for `\n` without finding one.
+    scanned: usize,
+    eof: bool,
+}
+
+impl<R: AsyncRead + Unpin> LineReader<R> {
+    pub fn new(inner: R, max_len: usize) -> Self {
+        Self {
+            inner,
+            buf: BytesMut::with_capacity(INITIAL_CAPACITY),
+            max_len,
+            scanned: 0,
+            eof: false,
+        }
+    }
+
+    /// Read the next line. Empty lines (keep-alive newlines) are skipped.
+    pub async fn next_frame(&mut self) -> Result<Frame, CodecError> {
+        loop {
+            if let Some(line) = self.take_line()? {
+                if line.is_empty() {
+                    continue;
+                }
+                return Ok(Frame::Line(line));
+            }
+            if self.eof {
+                if self.buf.is_empty() {
+                    return Ok(Frame::Eof);
+                }
+                // A last line without its newline: hand it out as a line.
+                let line = self.buf.split();
+                self.scanned = 0;
+                let trimmed = trim_cr(line);
+                if trimmed.is_empty() {
+                    return Ok(Frame::Eof);
+                }
+                return Ok(Frame::Line(trimmed));
+            }
+            if self.buf.capacity() - self.buf.len() < INITIAL_CAPACITY / 2 {
+                self.buf.reserve(self.buf.len().max(INITIAL_CAPACITY));
+            }
+            let n = self.inner.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                self.eof = true;
+            }
+        }
+    }
+
+    /// Split one complete line off the buffer, if there is one.
+    fn take_line(&mut self) -> Result<Option<BytesMut>, CodecError> {
+        let found = self.buf[self.scanned..].iter().position(|&b| b == b'\n');
+        match found {
+            Some(offset) => {
+                let end = self.scanned + offset;
+                if end > self.max_len {
+                    return Err(CodecError::TooLong { max: self.max_len });
+                }
+                let mut line = self.buf.split_to(end + 1);
+                line.truncate(end);
+                self.scanned = 0;
+                if self.buf.is_empty() && self.buf.capacity() > RETAIN_CAPACITY {
+                    self.buf = BytesMut::with_capacity(INITIAL_CAPACITY);
+                }
+                Ok(Some(trim_cr(line)))
+            }
+            None => {
+                self.scanned = self.buf.len();
+                if self.buf.len() > self.max_len {
+                    return Err(CodecError::TooLong { max: self.max_len });
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Bytes received but not yet returned as a line.
+    pub fn buffered(&self) -> usize {
+        self.buf.remaining()
+    }
+
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+}
+
+fn trim_cr(mut line: BytesMut) -> BytesMut {
+    if line.last() == Some(&b'\r') {
+        line.truncate(line.len() - 1);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn frames(input: &[u8], max: usize) -> Vec<Result<Frame, String>> {
+        let mut reader = LineReader::new(input, max);
+        let mut out = Vec::new();
+        loop {
+            match reader.next_frame().await {
+                Ok(Frame::Eof) => {
+                    out.push(Ok(Frame::Eof));
+                    return out;
+                }
+                Ok(f) => out.push(Ok(f)),
+                Err(e) => {
+                    out.push(Err(e.to_string()));
+                    return out;
+                }
+            }
+        }
+    }
+
+    fn line(s: &str) -> Result<Frame, String> {
+        Ok(Frame::Line(BytesMut::from(s)))
+    }
+
+    #[tokio::test]
+    async fn splits_lines_and_strips_cr() {
+        let got = frames(b"a\r\nbb\n\n\nccc", 100).await;
+        assert_eq!(got, vec![line("a"), line("bb"), line("ccc"), Ok(Frame::Eof)]);
+    }
+
+    #[tokio::test]
+    async fn rejects_too_long_line_with_newline() {
+        let got = frames(b"12345678901\nok\n", 10).await;
+        assert_eq!(got, vec![Err("line longer than 10 bytes".into())]);
+    }
+
+    #[tokio::test]
+    async fn rejects_too_long_line_without_newline() {
+        let input = vec![b'x'; 5000];
+        let got = frames(&input, 1000).await;
+        assert_eq!(got, vec![Err("line longer than 1000 bytes".into())]);
+    }
+
+    #[tokio::test]
+    async fn exact_limit_is_accepted() {
+        let got = frames(b"1234567890\n", 10).await;
+        assert_eq!(got, vec![line("1234567890"), Ok(Frame::Eof)]);
+    }
+
+    #[tokio::test]
+    async fn line_split_across_reads() {
+        let (mut tx, rx) = tokio::io::duplex(8);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            tx.write_all(b"{\"id\":1,\"method\":\"x\"}\n{\"id\":2}\n")
+                .await
+                .unwrap();
+        });
+        let mut reader = LineReader::new(rx, 100);
+        assert_eq!(
+            reader.next_frame().await.unwrap(),
+            Frame::Line(BytesMut::from("{\"id\":1,\"method\":\"x\"}"))
+        );
+        assert_eq!(
+            reader.next_frame().await.unwrap(),
+            Frame::Line(BytesMut::from("{\"id\":2}"))
+        );
+        writer.await.unwrap();
+        assert_eq!(reader.next_frame().await.unwrap(), Frame::Eof);
+    }
+}

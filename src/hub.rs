@@ -1,0 +1,659 @@
+//! The subscription hub of one coin: one upstream subscription per distinct
+//! thing, fanned out to every session that asked for it.
+//!
+//! Owns: which sessions subscribed to the tip and to which scripthashes (and
+//! in which form: scripthash, address, header shape), the last status and tip
+//! each upstream subscription reported, where each subscription lives (which
+//! upstream connection), re-subscribing elsewhere when that connection dies
+//! (and notifying whatever changed meanwhile), and the scripthash -> connection
+//! affinity the router uses to keep histories consistent with statuses.
+//!
+//! It runs as one actor task: sessions and connections talk to it through a
+//! channel, so no lock is held anywhere on this path. Fan-out formats each
+//! notification once per form and pushes it into each session's queue.
+
+use crate::header::{self, HeaderForm};
+use crate::jsonrpc::{self, ErrorCode, RpcError};
+use crate::reply::{Answer, InternalReply, Outbound, Responder};
+use crate::upstream::{ConnId, Job, Pool, PoolEvent};
+use dashmap::DashMap;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Identifies a client session within the process.
+pub type SessionId = u64;
+
+/// What is subscribed to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Topic {
+    Headers,
+    /// A scripthash, lowercase hex.
+    Script(String),
+}
+
+/// How a subscriber wants its answers and notifications.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Form {
+    Header(HeaderForm),
+    Scripthash,
+    /// `blockchain.address.subscribe`: notifications carry this address.
+    Address(String),
+}
+
+/// Counters the metrics module reads.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    /// Distinct subscriptions held upstream (scripthashes, plus the tip).
+    pub upstream_subscriptions: AtomicUsize,
+    /// Subscriptions held by sessions (one per session, topic and form).
+    pub session_subscriptions: AtomicUsize,
+    /// Notifications written into session queues.
+    pub notifications: AtomicU64,
+    /// Upstream subscribe requests sent (first subscriptions and failovers).
+    pub upstream_subscribe_requests: AtomicU64,
+}
+
+/// The handle sessions and the router use. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    tx: mpsc::UnboundedSender<Command>,
+    affinity: Arc<DashMap<String, ConnId>>,
+    pub stats: Arc<HubStats>,
+}
+
+enum Command {
+    Subscribe {
+        session: SessionId,
+        out: Outbound,
+        topic: Topic,
+        form: Form,
+        responder: Responder,
+    },
+    Unsubscribe {
+        session: SessionId,
+        topic: Topic,
+        form: Form,
+        responder: Responder,
+    },
+    SessionClosed {
+        session: SessionId,
+        subs: Vec<(Topic, Form)>,
+    },
+    Subscribed {
+        topic: Topic,
+        conn: ConnId,
+        generation: u64,
+        reply: InternalReply,
+    },
+}
+
+/// Hub settings.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub coin: String,
+    pub max_topics: usize,
+    pub request_timeout: Duration,
+}
+
+impl Hub {
+    pub fn start(
+        config: HubConfig,
+        pool: Pool,
+        events: mpsc::UnboundedReceiver<PoolEvent>,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Hub {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let hub = Hub {
+            tx: tx.clone(),
+            affinity: Arc::new(DashMap::new()),
+            stats: Arc::new(HubStats::default()),
+        };
+        let actor = Actor {
+            config,
+            pool,
+            self_tx: tx,
+            affinity: hub.affinity.clone(),
+            stats: hub.stats.clone(),
+            headers: Entry::default(),
+            scripts: HashMap::new(),
+            tip: None,
+        };
+        tracker.spawn(actor.run(rx, events, shutdown.clone()));
+        hub
+    }
+
+    /// Subscribe a session; `responder` gets the current status or tip.
+    pub fn subscribe(&self, session: SessionId, out: &Outbound, topic: Topic, form: Form, responder: Responder) {
+        let cmd = Command::Subscribe {
+            session,
+            out: out.clone(),
+            topic,
+            form,
+            responder,
+        };
+        if let Err(mpsc::error::SendError(Command::Subscribe { responder, .. })) = self.tx.send(cmd) {
+            responder.fail(RpcError::new(ErrorCode::UpstreamUnavailable, "shutting down"));
+        }
+    }
+
+    /// Unsubscribe; `responder` gets `true` if the subscription existed.
+    pub fn unsubscribe(&self, session: SessionId, topic: Topic, form: Form, responder: Responder) {
+        let cmd = Command::Unsubscribe {
+            session,
+            topic,
+            form,
+            responder,
+        };
+        if let Err(mpsc::error::SendError(Command::Unsubscribe { responder, .. })) = self.tx.send(cmd) {
+            responder.fail(RpcError::new(ErrorCode::UpstreamUnavailable, "shutting down"));
+        }
+    }
+
+    /// Drop everything a closed session held.
+    pub fn session_closed(&self, session: SessionId, subs: Vec<(Topic, Form)>) {
+        if !subs.is_empty() {
+            let _ = self.tx.send(Command::SessionClosed { session, subs });
+        }
+    }
+
+    /// The connection holding the subscription of this scripthash, if any.
+    pub fn affinity(&self, scripthash: &str) -> Option<ConnId> {
+        self.affinity.get(scripthash).map(|c| *c)
+    }
+}
+
+/// The last value an upstream subscription reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Value {
+    /// A scripthash status as JSON text: `null` or a quoted hex string.
+    Status(String),
+    Tip { height: u64, hex: String },
+}
+
+#[derive(Default)]
+struct Entry {
+    subscribers: HashMap<SessionId, Subscriber>,
+    value: Option<Value>,
+    /// Where the upstream subscription lives; `None` while (re)subscribing or
+    /// while no upstream is available.
+    conn: Option<ConnId>,
+    /// Bumped on each upstream subscribe, so stale answers are ignored.
+    generation: u64,
+    subscribing: bool,
+    /// Subscribers that wait for the first answer.
+    waiting: Vec<(Responder, Form, SessionId)>,
+}
+
+struct Subscriber {
+    out: Outbound,
+    forms: Vec<Form>,
+}
+
+struct Actor {
+    config: HubConfig,
+    pool: Pool,
+    self_tx: mpsc::UnboundedSender<Command>,
+    affinity: Arc<DashMap<String, ConnId>>,
+    stats: Arc<HubStats>,
+    headers: Entry,
+    scripts: HashMap<String, Entry>,
+    tip: Option<(u64, String)>,
+}
+
+/// How often orphaned subscriptions (no upstream was available) are retried.
+const RETRY_EVERY: Duration = Duration::from_millis(500);
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Command>,
+        mut events: mpsc::UnboundedReceiver<PoolEvent>,
+        shutdown: CancellationToken,
+    ) {
+        let mut retry = tokio::time::interval(RETRY_EVERY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(cmd) = rx.recv() => self.on_command(cmd),
+                Some(ev) = events.recv() => self.on_event(ev),
+                _ = retry.tick() => self.retry_orphans(),
+            }
+        }
+        // Whoever still waits gets an answer.
+        for entry in std::iter::once(&mut self.headers).chain(self.scripts.values_mut()) {
+            for (responder, _, _) in entry.waiting.drain(..) {
+                responder.fail(RpcError::new(ErrorCode::UpstreamUnavailable, "shutting down"));
+            }
+        }
+    }
+
+    fn entry(&mut self, topic: &Topic) -> Option<&mut Entry> {
+        match topic {
+            Topic::Headers => Some(&mut self.headers),
+            Topic::Script(sh) => self.scripts.get_mut(sh),
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Subscribe {
+                session,
+                out,
+                topic,
+                form,
+                responder,
+            } => self.subscribe(session, out, topic, form, responder),
+            Command::Unsubscribe {
+                session,
+                topic,
+                form,
+                responder,
+            } => {
+                let existed = self.remove(session, &topic, &form);
+                responder.deliver_text(if existed { "true" } else { "false" });
+            }
+            Command::SessionClosed { session, subs } => {
+                for (topic, form) in subs {
+                    self.remove(session, &topic, &form);
+                }
+            }
+            Command::Subscribed {
+                topic,
+                conn,
+                generation,
+                reply,
+            } => self.on_subscribed(topic, conn, generation, reply),
+        }
+    }
+
+    fn subscribe(&mut self, session: SessionId, out: Outbound, topic: Topic, form: Form, responder: Responder) {
+        if let Topic::Script(sh) = &topic {
+            if !self.scripts.contains_key(sh) {
+                if self.scripts.len() >= self.config.max_topics {
+                    responder.fail(RpcError::new(
+                        ErrorCode::LimitExceeded,
+                        format!(
+                            "this server holds its maximum of {} subscriptions for {}",
+                            self.config.max_topics, self.config.coin
+                        ),
+                    ));
+                    return;
+                }
+                self.scripts.insert(sh.clone(), Entry::default());
+                self.stats.upstream_subscriptions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let tip = self.tip.clone();
+        let entry = self.entry(&topic).expect("entry exists");
+        let sub = entry.subscribers.entry(session).or_insert_with(|| Subscriber {
+            out,
+            forms: Vec::new(),
+        });
+        let added = !sub.forms.contains(&form);
+        if added {
+            sub.forms.push(form.clone());
+        }
+        let value = entry.value.clone().or_else(|| match (&topic, tip) {
+            (Topic::Headers, Some((height, hex))) => Some(Value::Tip { height, hex }),
+            _ => None,
+        });
+        let needs_upstream = entry.conn.is_none() && !entry.subscribing;
+        match value {
+            Some(v) => answer(responder, &form, &v),
+            None => entry.waiting.push((responder, form, session)),
+        }
+        if added {
+            self.stats.session_subscriptions.fetch_add(1, Ordering::Relaxed);
+        }
+        if needs_upstream {
+            self.start_subscribe(topic);
+        }
+    }
+
+    /// Remove one form of one session; drop the entry with its last subscriber.
+    fn remove(&mut self, session: SessionId, topic: &Topic, form: &Form) -> bool {
+        let Some(entry) = self.entry(topic) else {
+            return false;
+        };
+        let mut existed = false;
+        if let Some(sub) = entry.subscribers.get_mut(&session) {
+            if let Some(pos) = sub.forms.iter().position(|f| f == form) {
+                sub.forms.swap_remove(pos);
+                existed = true;
+            }
+            if sub.forms.is_empty() {
+                entry.subscribers.remove(&session);
+            }
+        }
+        if existed {
+            self.stats.session_subscriptions.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Topic::Script(sh) = topic {
+            let entry = &self.scripts[sh];
+            if entry.subscribers.is_empty() && entry.waiting.is_empty() {
+                let entry = self.scripts.remove(sh).expect("present");
+                self.affinity.remove(sh);
+                self.stats.upstream_subscriptions.fetch_sub(1, Ordering::Relaxed);
+                if let Some(conn) = entry.conn {
+                    self.release_upstream(conn, sh);
+                }
+            }
+        }
+        existed
+    }
+
+    /// Tell the upstream it may forget a scripthash (protocol 1.4.2). An
+    /// upstream that does not know the method answers an error, ignored; its
+    /// later notifications for it are ignored too.
+    fn release_upstream(&self, conn: ConnId, sh: &str) {
+        let (tx, rx) = oneshot::channel();
+        let params = format!("[{}]", jsonrpc::quote(sh));
+        let mut job = Job::new(
+            jsonrpc::request_prefix("blockchain.scripthash.unsubscribe", &params),
+            Responder::Internal(tx),
+            Instant::now() + self.config.request_timeout,
+        );
+        job.retryable = false;
+        // Keep the receiver alive until the answer arrives, or the connection
+        // would skip the request as abandoned.
+        if self.pool.dispatch_to(conn, job).is_ok() {
+            tokio::spawn(async move {
+                let _ = rx.await;
+            });
+        }
+    }
+
+    /// Send an upstream subscribe for `topic` on the preferred connection.
+    fn start_subscribe(&mut self, topic: Topic) {
+        let conn = self.pool.preferred();
+        let timeout = self.config.request_timeout;
+        let Some(entry) = self.entry(&topic) else { return };
+        entry.generation += 1;
+        let generation = entry.generation;
+        entry.conn = None;
+        let Some(conn) = conn else {
+            entry.subscribing = false;
+            fail_waiting(entry, &RpcError::new(ErrorCode::UpstreamUnavailable, "no upstream server available"));
+            return;
+        };
+        entry.subscribing = true;
+        let (method, params) = match &topic {
+            Topic::Headers => ("blockchain.headers.subscribe", "[]".to_string()),
+            Topic::Script(sh) => ("blockchain.scripthash.subscribe", format!("[{}]", jsonrpc::quote(sh))),
+        };
+        let (tx, rx) = oneshot::channel();
+        let mut job = Job::new(
+            jsonrpc::request_prefix(method, &params),
+            Responder::Internal(tx),
+            Instant::now() + timeout,
+        );
+        // The hub re-subscribes by itself; a retry elsewhere would answer
+        // from a connection it does not know about.
+        job.retryable = false;
+        self.stats.upstream_subscribe_requests.fetch_add(1, Ordering::Relaxed);
+        if let Err(job) = self.pool.dispatch_to(conn, job) {
+            job.responder
+                .fail(RpcError::new(ErrorCode::UpstreamUnavailable, "upstream connection went away"));
+        }
+        let back = self.self_tx.clone();
+        tokio::spawn(async move {
+            let reply = rx
+                .await
+                .unwrap_or_else(|_| Err(RpcError::new(ErrorCode::UpstreamUnavailable, "no answer")));
+            let _ = back.send(Command::Subscribed {
+                topic,
+                conn,
+                generation,
+                reply,
+            });
+        });
+    }
+
+    fn on_subscribed(&mut self, topic: Topic, conn: ConnId, generation: u64, reply: InternalReply) {
+        let pool_has_conn = self.pool.is_up(conn);
+        let Some(entry) = self.entry(&topic) else { return };
+        if entry.generation != generation {
+            return;
+        }
+        entry.subscribing = false;
+        let value = match &reply {
+            Ok(Answer::Result(raw)) => parse_value(&topic, raw.get()),
+            _ => None,
+        };
+        let Some(value) = value.filter(|_| pool_has_conn) else {
+            // An error answer is relayed to those waiting; a missing answer
+            // becomes the proxy's error. The entry is retried while it has
+            // subscribers.
+            let waiting: Vec<_> = entry.waiting.drain(..).collect();
+            let mut dropped = Vec::new();
+            for (responder, form, session) in waiting {
+                match &reply {
+                    Ok(Answer::Error(e)) => responder.deliver(Err(e)),
+                    Ok(Answer::Result(_)) if !pool_has_conn => responder.fail(RpcError::new(
+                        ErrorCode::UpstreamUnavailable,
+                        "upstream connection lost while subscribing",
+                    )),
+                    Ok(Answer::Result(r)) => responder.fail(RpcError::new(
+                        ErrorCode::InternalError,
+                        format!("unexpected subscription answer from upstream: {}", r.get()),
+                    )),
+                    Err(e) => responder.fail(e.clone()),
+                }
+                dropped.push((session, form));
+            }
+            for (session, form) in dropped {
+                self.remove(session, &topic, &form);
+            }
+            return;
+        };
+        entry.conn = Some(conn);
+        let changed = entry.value.as_ref().is_some_and(|old| *old != value);
+        entry.value = Some(value.clone());
+        for (responder, form, _) in entry.waiting.drain(..) {
+            answer(responder, &form, &value);
+        }
+        if let Topic::Script(sh) = &topic {
+            self.affinity.insert(sh.clone(), conn);
+        }
+        if let Value::Tip { height, hex } = &value {
+            self.tip = Some((*height, hex.clone()));
+        }
+        if changed {
+            // The status moved while the subscription was being moved: tell
+            // every subscriber, or a payment goes unnoticed.
+            self.fan_out(&topic);
+        }
+    }
+
+    fn on_event(&mut self, ev: PoolEvent) {
+        match ev {
+            PoolEvent::Up { .. } => {
+                if self.headers.conn.is_none() && !self.headers.subscribing {
+                    self.start_subscribe(Topic::Headers);
+                }
+                self.retry_orphans();
+            }
+            PoolEvent::Down { conn } => {
+                let mut moved = Vec::new();
+                if self.headers.conn == Some(conn) {
+                    moved.push(Topic::Headers);
+                }
+                for (sh, entry) in &self.scripts {
+                    if entry.conn == Some(conn) {
+                        moved.push(Topic::Script(sh.clone()));
+                    }
+                }
+                if !moved.is_empty() {
+                    tracing::info!(coin = %self.config.coin, subscriptions = moved.len(), "moving subscriptions off a lost upstream connection");
+                }
+                for topic in moved {
+                    if let Topic::Script(sh) = &topic {
+                        self.affinity.remove(sh);
+                    }
+                    self.start_subscribe(topic);
+                }
+            }
+            PoolEvent::Notification { conn, method, params } => self.on_notification(conn, &method, params.get()),
+        }
+    }
+
+    fn on_notification(&mut self, conn: ConnId, method: &str, params: &str) {
+        match method {
+            "blockchain.scripthash.subscribe" => {
+                let Ok((sh, status)) = serde_json::from_str::<(String, Option<String>)>(params) else {
+                    return;
+                };
+                let Some(entry) = self.scripts.get_mut(&sh) else { return };
+                if entry.conn != Some(conn) {
+                    return;
+                }
+                let value = Value::Status(match status {
+                    Some(s) => jsonrpc::quote(&s),
+                    None => "null".into(),
+                });
+                if entry.value.as_ref() != Some(&value) {
+                    entry.value = Some(value);
+                    self.fan_out(&Topic::Script(sh));
+                }
+            }
+            "blockchain.headers.subscribe" => {
+                if self.headers.conn != Some(conn) {
+                    return;
+                }
+                let Ok(list) = serde_json::from_str::<Vec<serde_json::Value>>(params) else {
+                    return;
+                };
+                let Some(value) = list.first().and_then(|v| parse_value(&Topic::Headers, &v.to_string())) else {
+                    return;
+                };
+                if self.headers.value.as_ref() != Some(&value) {
+                    if let Value::Tip { height, hex } = &value {
+                        self.tip = Some((*height, hex.clone()));
+                    }
+                    self.headers.value = Some(value);
+                    self.fan_out(&Topic::Headers);
+                }
+            }
+            // Unsolicited chatter (relayfee, estimatefee, peers): nobody
+            // subscribed to it through the proxy.
+            _ => {}
+        }
+    }
+
+    /// Write the entry's current value to every subscriber, each in its form.
+    fn fan_out(&mut self, topic: &Topic) {
+        let Some(entry) = self.entry(topic) else { return };
+        let Some(value) = entry.value.clone() else { return };
+        let mut lines: HashMap<&Form, Option<jsonrpc::Line>> = HashMap::new();
+        let mut sent = 0u64;
+        for sub in entry.subscribers.values() {
+            for form in &sub.forms {
+                let line = lines
+                    .entry(form)
+                    .or_insert_with(|| notification(topic, form, &value));
+                if let Some(line) = line {
+                    sub.out.send(line.clone());
+                    sent += 1;
+                }
+            }
+        }
+        self.stats.notifications.fetch_add(sent, Ordering::Relaxed);
+    }
+
+    /// Re-subscribe entries that lost their upstream and found none since.
+    fn retry_orphans(&mut self) {
+        if !self.pool.any_ready() {
+            return;
+        }
+        if self.headers.conn.is_none() && !self.headers.subscribing {
+            self.start_subscribe(Topic::Headers);
+        }
+        let orphans: Vec<String> = self
+            .scripts
+            .iter()
+            .filter(|(_, e)| e.conn.is_none() && !e.subscribing)
+            .map(|(sh, _)| sh.clone())
+            .collect();
+        for sh in orphans {
+            self.start_subscribe(Topic::Script(sh));
+        }
+    }
+}
+
+fn fail_waiting(entry: &mut Entry, err: &RpcError) {
+    for (responder, _, session) in entry.waiting.drain(..) {
+        responder.fail(err.clone());
+        // The subscriber never got a status: it is not subscribed.
+        if let Some(sub) = entry.subscribers.get(&session) {
+            if sub.forms.len() <= 1 {
+                entry.subscribers.remove(&session);
+            }
+        }
+    }
+}
+
+fn parse_value(topic: &Topic, result: &str) -> Option<Value> {
+    match topic {
+        Topic::Script(_) => {
+            let status: Option<String> = serde_json::from_str(result).ok()?;
+            Some(Value::Status(match status {
+                Some(s) => jsonrpc::quote(&s),
+                None => "null".into(),
+            }))
+        }
+        Topic::Headers => {
+            #[derive(serde::Deserialize)]
+            struct Tip {
+                height: u64,
+                hex: String,
+            }
+            let tip: Tip = serde_json::from_str(result).ok()?;
+            Some(Value::Tip {
+                height: tip.height,
+                hex: tip.hex,
+            })
+        }
+    }
+}
+
+/// The result text a subscriber in `form` is answered with.
+fn render(form: &Form, value: &Value) -> Result<String, String> {
+    match (form, value) {
+        (Form::Header(hf), Value::Tip { height, hex }) => header::render(*hf, *height, hex),
+        (_, Value::Status(s)) => Ok(s.clone()),
+        (_, Value::Tip { height, hex }) => Ok(header::modern(*height, hex)),
+    }
+}
+
+fn answer(responder: Responder, form: &Form, value: &Value) {
+    match render(form, value) {
+        Ok(text) => responder.deliver_text(&text),
+        Err(e) => responder.fail(RpcError::new(ErrorCode::InternalError, e)),
+    }
+}
+
+fn notification(topic: &Topic, form: &Form, value: &Value) -> Option<jsonrpc::Line> {
+    let rendered = render(form, value).ok()?;
+    Some(match (topic, form) {
+        (Topic::Script(_), Form::Address(addr)) => jsonrpc::notification_line(
+            "blockchain.address.subscribe",
+            &format!("[{},{}]", jsonrpc::quote(addr), rendered),
+        ),
+        (Topic::Script(sh), _) => jsonrpc::notification_line(
+            "blockchain.scripthash.subscribe",
+            &format!("[{},{}]", jsonrpc::quote(sh), rendered),
+        ),
+        (Topic::Headers, Form::Header(HeaderForm::Height)) => {
+            jsonrpc::notification_line("blockchain.numblocks.subscribe", &format!("[{rendered}]"))
+        }
+        (Topic::Headers, _) => jsonrpc::notification_line("blockchain.headers.subscribe", &format!("[{rendered}]")),
+    })
+}

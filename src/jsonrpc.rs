@@ -1,0 +1,503 @@
+//! The JSON-RPC 2.0 wire format, as Electrum peers speak it.
+//!
+//! Owns: classifying one line (request, batch, response, notification), reading
+//! `id` and `method` without building a tree of params or results (they stay
+//! borrowed `RawValue` slices), and writing replies. Every JSON-RPC error code
+//! the proxy emits is chosen in [`ErrorCode`].
+//!
+//! Tolerances the wild needs: a missing `jsonrpc` member is a 2.0 request
+//! (Coinomi-based wallets omit it); a missing or `null` `params` is `[]`;
+//! whitespace anywhere (ElectrumX 2.0 pads its replies with spaces).
+
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+/// The error codes the proxy itself produces. Upstream error objects are
+/// relayed untouched and never pass through here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    ParseError,
+    InvalidRequest,
+    MethodNotFound,
+    InvalidParams,
+    InternalError,
+    /// ElectrumX's BAD_REQUEST (1): a well-formed request the server refuses.
+    BadRequest,
+    /// ElectrumX's DAEMON_ERROR (2).
+    DaemonError,
+    /// No healthy upstream could take the request, or it failed there.
+    UpstreamUnavailable,
+    /// The upstream did not answer within the request timeout.
+    UpstreamTimeout,
+    /// A per-session or per-coin limit was hit.
+    LimitExceeded,
+}
+
+impl ErrorCode {
+    pub fn code(self) -> i64 {
+        match self {
+            ErrorCode::ParseError => -32700,
+            ErrorCode::InvalidRequest => -32600,
+            ErrorCode::MethodNotFound => -32601,
+            ErrorCode::InvalidParams => -32602,
+            ErrorCode::InternalError => -32603,
+            ErrorCode::BadRequest => 1,
+            ErrorCode::DaemonError => 2,
+            // Implementation-defined server errors live in -32000..-32099.
+            ErrorCode::UpstreamUnavailable => -32001,
+            ErrorCode::UpstreamTimeout => -32002,
+            ErrorCode::LimitExceeded => -32003,
+        }
+    }
+}
+
+/// An error the proxy answers with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RpcError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl RpcError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for RpcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.code.code())
+    }
+}
+
+/// One request as a client sent it, borrowing from the line.
+#[derive(Debug)]
+pub struct Request<'a> {
+    /// `None` when the member is absent: a client notification, never answered.
+    /// A present `null` is an id like any other.
+    pub id: Option<&'a RawValue>,
+    pub method: Cow<'a, str>,
+    /// `None` when absent or `null`; callers treat that as `[]`.
+    pub params: Option<&'a RawValue>,
+}
+
+impl Request<'_> {
+    /// The params as raw JSON text, `[]` when absent.
+    pub fn params_str(&self) -> &str {
+        self.params.map(RawValue::get).unwrap_or("[]")
+    }
+}
+
+/// What a client line turned out to be.
+#[derive(Debug)]
+pub enum ClientMessage<'a> {
+    Single(Result<Request<'a>, Invalid<'a>>),
+    /// Each member classified on its own: a bad member does not spoil the rest.
+    Batch(Vec<Result<Request<'a>, Invalid<'a>>>),
+}
+
+/// A line, or batch member, that is JSON but not a request.
+#[derive(Debug)]
+pub struct Invalid<'a> {
+    /// The id, when one could be read, so the error can be matched.
+    pub id: Option<&'a RawValue>,
+    pub error: RpcError,
+}
+
+/// Why a whole line could not be used at all.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LineError {
+    /// Not JSON (answered with -32700 and id null).
+    Parse,
+    /// JSON, but neither an object nor a non-empty array (-32600, id null).
+    NotRequest(&'static str),
+}
+
+#[derive(Deserialize)]
+struct RawRequest<'a> {
+    #[serde(default, borrow, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    method: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    params: Option<&'a RawValue>,
+}
+
+/// Keep a member that is present even when its value is `null`.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+fn first_byte(raw: &RawValue) -> u8 {
+    raw.get().bytes().next().unwrap_or(b' ')
+}
+
+fn classify_request(raw: &RawValue) -> Result<Request<'_>, Invalid<'_>> {
+    let invalid = |id, msg: &str| Invalid {
+        id,
+        error: RpcError::new(ErrorCode::InvalidRequest, msg),
+    };
+    if first_byte(raw) != b'{' {
+        return Err(invalid(None, "request must be a JSON object"));
+    }
+    let req: RawRequest = match serde_json::from_str(raw.get()) {
+        Ok(r) => r,
+        Err(_) => return Err(invalid(None, "malformed request object")),
+    };
+    let id = match req.id {
+        Some(id) if matches!(first_byte(id), b'{' | b'[' | b't' | b'f') => {
+            return Err(invalid(None, "id must be a string, a number or null"));
+        }
+        other => other,
+    };
+    let method = match req.method {
+        Some(m) if first_byte(m) == b'"' => match serde_json::from_str::<Cow<str>>(m.get()) {
+            Ok(s) => s,
+            Err(_) => return Err(invalid(id, "method must be a string")),
+        },
+        Some(_) => return Err(invalid(id, "method must be a string")),
+        None => return Err(invalid(id, "missing method")),
+    };
+    let params = match req.params {
+        Some(p) if p.get() == "null" => None,
+        Some(p) if matches!(first_byte(p), b'[' | b'{') => Some(p),
+        Some(_) => {
+            return Err(Invalid {
+                id,
+                error: RpcError::new(ErrorCode::InvalidParams, "params must be an array or object"),
+            })
+        }
+        None => None,
+    };
+    Ok(Request { id, method, params })
+}
+
+/// Classify one line received from a client.
+pub fn parse_client_line(line: &[u8]) -> Result<ClientMessage<'_>, LineError> {
+    let text = std::str::from_utf8(line).map_err(|_| LineError::Parse)?;
+    let raw: &RawValue = serde_json::from_str(text).map_err(|_| LineError::Parse)?;
+    match first_byte(raw) {
+        b'{' => Ok(ClientMessage::Single(classify_request(raw))),
+        b'[' => {
+            let members: Vec<&RawValue> =
+                serde_json::from_str(raw.get()).map_err(|_| LineError::Parse)?;
+            if members.is_empty() {
+                return Err(LineError::NotRequest("empty batch"));
+            }
+            Ok(ClientMessage::Batch(
+                members.into_iter().map(classify_request).collect(),
+            ))
+        }
+        _ => Err(LineError::NotRequest("a request must be an object or a batch array")),
+    }
+}
+
+/// One message from an upstream server.
+#[derive(Debug)]
+pub enum UpstreamMessage<'a> {
+    Response {
+        id: u64,
+        outcome: Result<&'a RawValue, &'a RawValue>,
+    },
+    Notification {
+        method: Cow<'a, str>,
+        params: Option<&'a RawValue>,
+    },
+    /// A response whose id is not one of ours (e.g. `null` after a parse error).
+    Unmatched,
+}
+
+#[derive(Deserialize)]
+struct RawUpstream<'a> {
+    #[serde(default, borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    method: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    params: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    result: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    error: Option<&'a RawValue>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    jsonrpc: IgnoredAny,
+}
+
+fn classify_upstream(raw: RawUpstream<'_>) -> UpstreamMessage<'_> {
+    if let Some(method) = raw.method {
+        if raw.id.is_none() {
+            return UpstreamMessage::Notification {
+                method,
+                params: raw.params,
+            };
+        }
+    }
+    let Some(id) = raw.id.and_then(|id| id.get().parse::<u64>().ok()) else {
+        return UpstreamMessage::Unmatched;
+    };
+    // Some servers send `"error": null` next to a result: a null error is no error.
+    let outcome = match (raw.result, raw.error) {
+        (_, Some(err)) if err.get() != "null" => Err(err),
+        (Some(result), _) => Ok(result),
+        _ => Ok(null_raw()),
+    };
+    UpstreamMessage::Response { id, outcome }
+}
+
+fn null_raw() -> &'static RawValue {
+    // SAFETY-free: `null` is valid JSON, so this cannot fail.
+    serde_json::from_str("null").expect("null is valid JSON")
+}
+
+/// Parse one line received from an upstream. Batches (which the proxy never
+/// sends) are split into their members.
+pub fn parse_upstream_line(line: &[u8]) -> Result<Vec<UpstreamMessage<'_>>, LineError> {
+    let text = std::str::from_utf8(line).map_err(|_| LineError::Parse)?;
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('[') {
+        let members: Vec<RawUpstream> = serde_json::from_str(text).map_err(|_| LineError::Parse)?;
+        Ok(members.into_iter().map(classify_upstream).collect())
+    } else {
+        let msg: RawUpstream = serde_json::from_str(text).map_err(|_| LineError::Parse)?;
+        Ok(vec![classify_upstream(msg)])
+    }
+}
+
+/// A finished reply line (without the trailing newline).
+pub type Line = Vec<u8>;
+
+/// `{"jsonrpc":"2.0","result":R,"id":ID}`
+pub fn result_line(id: &str, result: &str) -> Line {
+    let mut out = Vec::with_capacity(40 + id.len() + result.len());
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"result\":");
+    out.extend_from_slice(result.as_bytes());
+    out.extend_from_slice(b",\"id\":");
+    out.extend_from_slice(id.as_bytes());
+    out.push(b'}');
+    out
+}
+
+/// `{"jsonrpc":"2.0","error":E,"id":ID}` with an error object relayed verbatim.
+pub fn error_object_line(id: &str, error: &str) -> Line {
+    let mut out = Vec::with_capacity(40 + id.len() + error.len());
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"error\":");
+    out.extend_from_slice(error.as_bytes());
+    out.extend_from_slice(b",\"id\":");
+    out.extend_from_slice(id.as_bytes());
+    out.push(b'}');
+    out
+}
+
+/// The JSON text of one of the proxy's own error objects.
+pub fn error_object(err: &RpcError) -> String {
+    let mut s = String::with_capacity(48 + err.message.len());
+    let _ = write!(
+        s,
+        "{{\"code\":{},\"message\":{}}}",
+        err.code.code(),
+        serde_json::to_string(&err.message).unwrap_or_else(|_| "\"\"".into())
+    );
+    s
+}
+
+/// An error reply from the proxy itself.
+pub fn error_line(id: &str, err: &RpcError) -> Line {
+    error_object_line(id, &error_object(err))
+}
+
+/// `{"jsonrpc":"2.0","method":M,"params":P}`
+pub fn notification_line(method: &str, params: &str) -> Line {
+    let mut out = Vec::with_capacity(48 + method.len() + params.len());
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":");
+    out.extend_from_slice(quote(method).as_bytes());
+    out.extend_from_slice(b",\"params\":");
+    out.extend_from_slice(params.as_bytes());
+    out.push(b'}');
+    out
+}
+
+/// A request without its id, ready for an upstream connection to append
+/// `<id>}` (see [`finish_request`]). Built once per forwarded request; the
+/// same bytes serve retries and coalescing keys.
+pub fn request_prefix(method: &str, params: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + method.len() + params.len());
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":");
+    out.extend_from_slice(quote(method).as_bytes());
+    out.extend_from_slice(b",\"params\":");
+    out.extend_from_slice(params.as_bytes());
+    out.extend_from_slice(b",\"id\":");
+    out
+}
+
+/// Append a request prefix with its upstream id and the line end to `buf`.
+pub fn finish_request(buf: &mut Vec<u8>, prefix: &[u8], id: u64) {
+    buf.extend_from_slice(prefix);
+    let mut num = itoa_buf(id);
+    buf.append(&mut num);
+    buf.extend_from_slice(b"}\n");
+}
+
+fn itoa_buf(mut n: u64) -> Vec<u8> {
+    if n == 0 {
+        return vec![b'0'];
+    }
+    let mut digits = Vec::with_capacity(20);
+    while n > 0 {
+        digits.push(b'0' + (n % 10) as u8);
+        n /= 10;
+    }
+    digits.reverse();
+    digits
+}
+
+/// JSON string literal for `s`.
+pub fn quote(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// Join finished lines into one batch reply line.
+pub fn batch_line(members: impl IntoIterator<Item = Line>) -> Line {
+    let mut out = vec![b'['];
+    for (i, m) in members.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&m);
+    }
+    out.push(b']');
+    out
+}
+
+/// The text of the `null` id, for errors about lines whose id is unknown.
+pub const NULL_ID: &str = "null";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn single(line: &str) -> Result<Request<'_>, Invalid<'_>> {
+        match parse_client_line(line.as_bytes()).unwrap() {
+            ClientMessage::Single(r) => r,
+            ClientMessage::Batch(_) => panic!("not a batch"),
+        }
+    }
+
+    #[test]
+    fn request_with_all_members() {
+        let r = single(r#"{"jsonrpc":"2.0","id":"a b","method":"server.ping","params":[1, 2]}"#)
+            .unwrap();
+        assert_eq!(r.id.unwrap().get(), "\"a b\"");
+        assert_eq!(r.method, "server.ping");
+        assert_eq!(r.params_str(), "[1, 2]");
+    }
+
+    #[test]
+    fn legacy_request_without_jsonrpc_or_params() {
+        let r = single(r#"{"id": 0, "method": "blockchain.headers.subscribe"}"#).unwrap();
+        assert_eq!(r.id.unwrap().get(), "0");
+        assert_eq!(r.params_str(), "[]");
+        let r = single(r#"{"id":1,"method":"x","params":null}"#).unwrap();
+        assert_eq!(r.params_str(), "[]");
+    }
+
+    #[test]
+    fn missing_id_is_notification_but_null_id_is_kept() {
+        assert!(single(r#"{"method":"server.ping"}"#).unwrap().id.is_none());
+        assert_eq!(
+            single(r#"{"id":null,"method":"server.ping"}"#).unwrap().id.unwrap().get(),
+            "null"
+        );
+    }
+
+    #[test]
+    fn escaped_method_is_decoded() {
+        let r = single(r#"{"id":1,"method":"server.p\u0069ng"}"#).unwrap();
+        assert_eq!(r.method, "server.ping");
+    }
+
+    #[test]
+    fn invalid_requests() {
+        let e = single(r#"{"id":1}"#).unwrap_err();
+        assert_eq!(e.error.code, ErrorCode::InvalidRequest);
+        assert_eq!(e.id.unwrap().get(), "1");
+        assert_eq!(single(r#"{"id":1,"method":5}"#).unwrap_err().error.code, ErrorCode::InvalidRequest);
+        assert_eq!(single(r#"{"id":{},"method":"a"}"#).unwrap_err().error.code, ErrorCode::InvalidRequest);
+        assert_eq!(
+            single(r#"{"id":1,"method":"a","params":"x"}"#).unwrap_err().error.code,
+            ErrorCode::InvalidParams
+        );
+    }
+
+    #[test]
+    fn line_errors() {
+        assert_eq!(parse_client_line(b"not json").unwrap_err(), LineError::Parse);
+        assert_eq!(parse_client_line(b"{\"id\":1,").unwrap_err(), LineError::Parse);
+        assert_eq!(parse_client_line(b"\xff\xfe").unwrap_err(), LineError::Parse);
+        assert!(matches!(parse_client_line(b"5").unwrap_err(), LineError::NotRequest(_)));
+        assert!(matches!(parse_client_line(b"[]").unwrap_err(), LineError::NotRequest(_)));
+    }
+
+    #[test]
+    fn batch_members_are_classified_separately() {
+        let msg = parse_client_line(br#"[{"id":1,"method":"a"}, 7, {"id":2,"method":"b"}]"#).unwrap();
+        let ClientMessage::Batch(members) = msg else { panic!() };
+        assert_eq!(members.len(), 3);
+        assert!(members[0].is_ok());
+        assert!(members[1].is_err());
+        assert_eq!(members[2].as_ref().unwrap().method, "b");
+    }
+
+    #[test]
+    fn upstream_padded_response() {
+        let line = format!(r#"{{"jsonrpc":"2.0","result":["ElectrumX 2.0.0","1.4"],"id":7{}}}"#, " ".repeat(900));
+        let msgs = parse_upstream_line(line.as_bytes()).unwrap();
+        match &msgs[0] {
+            UpstreamMessage::Response { id, outcome } => {
+                assert_eq!(*id, 7);
+                assert_eq!(outcome.unwrap().get(), r#"["ElectrumX 2.0.0","1.4"]"#);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn upstream_error_null_is_success() {
+        let msgs = parse_upstream_line(br#"{"result":5,"error":null,"id":3}"#).unwrap();
+        assert!(matches!(&msgs[0], UpstreamMessage::Response { id: 3, outcome: Ok(r) } if r.get() == "5"));
+        let msgs = parse_upstream_line(br#"{"error":{"code":1,"message":"x"},"id":4}"#).unwrap();
+        assert!(matches!(&msgs[0], UpstreamMessage::Response { id: 4, outcome: Err(_) }));
+    }
+
+    #[test]
+    fn upstream_notification_and_batch() {
+        let msgs = parse_upstream_line(
+            br#"[{"jsonrpc":"2.0","method":"blockchain.relayfee"}, {"result":null,"id":2}]"#,
+        )
+        .unwrap();
+        assert!(matches!(&msgs[0], UpstreamMessage::Notification { method, params: None } if method == "blockchain.relayfee"));
+        assert!(matches!(&msgs[1], UpstreamMessage::Response { id: 2, .. }));
+        let msgs = parse_upstream_line(br#"{"error":{"code":-32700},"id":null}"#).unwrap();
+        assert!(matches!(msgs[0], UpstreamMessage::Unmatched));
+    }
+
+    #[test]
+    fn reply_lines() {
+        assert_eq!(result_line("\"x\"", "[1]"), br#"{"jsonrpc":"2.0","result":[1],"id":"x"}"#);
+        let err = RpcError::new(ErrorCode::ParseError, "invalid \"JSON\"");
+        assert_eq!(
+            String::from_utf8(error_line(NULL_ID, &err)).unwrap(),
+            r#"{"jsonrpc":"2.0","error":{"code":-32700,"message":"invalid \"JSON\""},"id":null}"#
+        );
+        let mut buf = Vec::new();
+        finish_request(&mut buf, &request_prefix("server.ping", "[]"), 1234);
+        assert_eq!(buf, b"{\"jsonrpc\":\"2.0\",\"method\":\"server.ping\",\"params\":[],\"id\":1234}\n");
+        assert_eq!(batch_line(vec![b"1".to_vec(), b"2".to_vec()]), b"[1,2]");
+    }
+}

@@ -1,0 +1,58 @@
+//! electrum-lb: a multi-coin, protocol-aware Electrum load-balancing proxy.
+//!
+//! # Layout
+//!
+//! The tree follows a request from a wallet to an upstream and back:
+//!
+//! - [`config`]: the TOML schema, defaults and validation.
+//! - [`app`]: wires one isolated set per coin (pool, hub, router, listeners)
+//!   and owns the shutdown order.
+//! - [`listener`]: accept loops; TLS handshakes happen in the spawned task.
+//! - [`tls`]: rustls configuration for listeners and for `ssl://` upstreams.
+//! - [`session`]: one client, transport-agnostic: a reader loop and a writer
+//!   task joined by a bounded queue.
+//! - [`codec`]: bounded newline framing; [`jsonrpc`]: classifying lines and
+//!   writing replies without building JSON trees.
+//! - [`router`]: the method table of a coin: local `server.*` answers
+//!   ([`protocol`] negotiates versions), subscriptions to the [`hub`],
+//!   translations in [`legacy`] and [`coin`] (addresses), [`header`] shapes,
+//!   and forwarding to the [`upstream`] pool.
+//! - [`upstream`]: per-upstream connection supervisors; `upstream::conn` is
+//!   the actor that rewrites ids; `upstream::select` picks a connection.
+//! - [`reply`]: how an answer gets back to whoever asked.
+//!
+//! ```text
+//! wallet --TCP/TLS--> listener --> session --> router --+-- local answer (server.*)
+//!                                     ^                 +-- hub (subscriptions) --+
+//!                                     |                 '-- forward -------------+--> pool --> conn --> ElectrumX
+//!                                     '---- bounded queue <--- answers / notifications <---'
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod codec;
+pub mod coin;
+pub mod config;
+pub mod header;
+pub mod hub;
+pub mod jsonrpc;
+pub mod legacy;
+pub mod listener;
+pub mod protocol;
+pub mod reply;
+pub mod router;
+pub mod session;
+pub mod tls;
+pub mod upstream;
+
+pub use app::{start, Server};
+pub use config::Config;
+
+/// Run the proxy until `shutdown` completes, then shut down gracefully.
+pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    let server = start(config).await?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}

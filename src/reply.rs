@@ -1,0 +1,293 @@
+//! How an answer finds its way back to whoever asked.
+//!
+//! Owns: [`Outbound`], the sending side of a session's bounded queue, and
+//! [`Responder`], the "where does this answer go" that travels with every
+//! forwarded request. An upstream connection formats a client's reply itself
+//! (original id restored) and pushes it straight into that client's queue: no
+//! task per request, no copy of the result into an intermediate tree.
+
+use crate::jsonrpc::{self, Line, RpcError};
+use serde_json::value::RawValue;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// An upstream's answer, borrowed from the line it arrived on:
+/// `Ok(result)` or `Err(error object)`, both relayed verbatim.
+pub type UpstreamOutcome<'a> = Result<&'a RawValue, &'a RawValue>;
+
+/// An owned upstream answer, for the proxy's own consumers (hub, translations).
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Result(Box<RawValue>),
+    /// The upstream's error object, verbatim.
+    Error(Box<RawValue>),
+}
+
+/// What an internal requester receives: the upstream's answer, or the proxy's
+/// own error when there was none.
+pub type InternalReply = Result<Answer, RpcError>;
+
+/// The producing side of one session's outbound queue. The session's writer
+/// task holds the receiver. Cloned into every pending request of the session.
+#[derive(Clone, Debug)]
+pub struct Outbound {
+    tx: mpsc::Sender<Line>,
+    /// Cancelled to disconnect the session (queue overflow, fatal error).
+    kill: CancellationToken,
+    /// Requests of this session that still await an answer.
+    pending: Arc<AtomicUsize>,
+}
+
+impl Outbound {
+    pub fn new(tx: mpsc::Sender<Line>, kill: CancellationToken) -> Self {
+        Self {
+            tx,
+            kill,
+            pending: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Queue a line for the client. A client whose queue is full is not
+    /// reading: it is disconnected rather than buffered without limit.
+    pub fn send(&self, line: Line) {
+        match self.tx.try_send(line) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::debug!("client queue full: disconnecting a slow reader");
+                self.kill.cancel();
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    pub fn kill_token(&self) -> &CancellationToken {
+        &self.kill
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed() || self.kill.is_cancelled()
+    }
+
+    /// Count one more request awaiting an answer.
+    pub fn begin_request(&self) {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn end_request(&self) {
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Requests of this session still awaiting an answer.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+}
+
+/// Where one forwarded request's answer goes.
+#[derive(Debug)]
+pub enum Responder {
+    /// Straight to a client, under its original id.
+    Client { id: Box<RawValue>, out: Outbound },
+    /// Into one slot of a client batch.
+    Slot { index: usize, batch: Arc<Batch> },
+    /// To the proxy itself (hub, translations, probes).
+    Internal(oneshot::Sender<InternalReply>),
+}
+
+impl Responder {
+    /// A responder for a client request; counts it as pending on the session.
+    pub fn client(id: &RawValue, out: &Outbound) -> Responder {
+        out.begin_request();
+        Responder::Client {
+            id: id.to_owned(),
+            out: out.clone(),
+        }
+    }
+
+    /// Deliver an upstream answer.
+    pub fn deliver(self, outcome: UpstreamOutcome<'_>) {
+        match self {
+            Responder::Client { id, out } => {
+                out.send(outcome_line(&id, outcome));
+                out.end_request();
+            }
+            Responder::Slot { index, batch } => {
+                let id = batch.id(index);
+                let line = outcome_line(&id, outcome);
+                batch.fill(index, line);
+            }
+            Responder::Internal(tx) => {
+                let answer = match outcome {
+                    Ok(r) => Answer::Result(r.to_owned()),
+                    Err(e) => Answer::Error(e.to_owned()),
+                };
+                let _ = tx.send(Ok(answer));
+            }
+        }
+    }
+
+    /// Deliver the proxy's own error instead of an answer.
+    pub fn fail(self, err: RpcError) {
+        match self {
+            Responder::Client { id, out } => {
+                out.send(jsonrpc::error_line(id.get(), &err));
+                out.end_request();
+            }
+            Responder::Slot { index, batch } => {
+                let id = batch.id(index);
+                batch.fill(index, jsonrpc::error_line(id.get(), &err));
+            }
+            Responder::Internal(tx) => {
+                let _ = tx.send(Err(err));
+            }
+        }
+    }
+
+    /// Deliver a result the proxy produced itself (local answers, hub,
+    /// cache), given as JSON text.
+    pub fn deliver_text(self, result: &str) {
+        match self {
+            Responder::Client { id, out } => {
+                out.send(jsonrpc::result_line(id.get(), result));
+                out.end_request();
+            }
+            Responder::Slot { index, batch } => {
+                let id = batch.id(index);
+                batch.fill(index, jsonrpc::result_line(id.get(), result));
+            }
+            Responder::Internal(tx) => {
+                let answer = RawValue::from_string(result.to_string())
+                    .map(Answer::Result)
+                    .map_err(|e| RpcError::new(jsonrpc::ErrorCode::InternalError, e.to_string()));
+                let _ = tx.send(answer);
+            }
+        }
+    }
+
+    /// Whether nobody is waiting for this answer any more.
+    pub fn is_abandoned(&self) -> bool {
+        match self {
+            Responder::Client { out, .. } => out.is_closed(),
+            Responder::Slot { batch, .. } => batch.out.is_closed(),
+            Responder::Internal(tx) => tx.is_closed(),
+        }
+    }
+}
+
+fn outcome_line(id: &RawValue, outcome: UpstreamOutcome<'_>) -> Line {
+    match outcome {
+        Ok(result) => jsonrpc::result_line(id.get(), result.get()),
+        Err(error) => jsonrpc::error_object_line(id.get(), error.get()),
+    }
+}
+
+/// A client batch being assembled: one slot per member that expects an
+/// answer, written as one array line once the last slot is filled.
+#[derive(Debug)]
+pub struct Batch {
+    ids: Vec<Box<RawValue>>,
+    state: Mutex<BatchState>,
+    out: Outbound,
+}
+
+#[derive(Debug)]
+struct BatchState {
+    slots: Vec<Option<Line>>,
+    remaining: usize,
+}
+
+impl Batch {
+    /// A batch whose answered members have these ids, in request order.
+    pub fn new(ids: Vec<Box<RawValue>>, out: &Outbound) -> Arc<Batch> {
+        out.begin_request();
+        let n = ids.len();
+        Arc::new(Batch {
+            ids,
+            state: Mutex::new(BatchState {
+                slots: (0..n).map(|_| None).collect(),
+                remaining: n,
+            }),
+            out: out.clone(),
+        })
+    }
+
+    fn id(&self, index: usize) -> Box<RawValue> {
+        self.ids[index].clone()
+    }
+
+    /// The responder for member `index`.
+    pub fn slot(self: &Arc<Self>, index: usize) -> Responder {
+        Responder::Slot {
+            index,
+            batch: self.clone(),
+        }
+    }
+
+    fn fill(&self, index: usize, line: Line) {
+        let done = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if st.slots[index].is_some() {
+                return;
+            }
+            st.slots[index] = Some(line);
+            st.remaining -= 1;
+            if st.remaining == 0 {
+                Some(std::mem::take(&mut st.slots))
+            } else {
+                None
+            }
+        };
+        if let Some(slots) = done {
+            self.out.send(jsonrpc::batch_line(slots.into_iter().flatten()));
+            self.out.end_request();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.to_string()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn client_reply_restores_id() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let out = Outbound::new(tx, CancellationToken::new());
+        let r = Responder::client(&raw("\"abc\""), &out);
+        assert_eq!(out.pending(), 1);
+        r.deliver(Ok(&raw("[1,2]")));
+        assert_eq!(rx.recv().await.unwrap(), br#"{"jsonrpc":"2.0","result":[1,2],"id":"abc"}"#);
+        assert_eq!(out.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn batch_waits_for_every_slot_and_keeps_order() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let out = Outbound::new(tx, CancellationToken::new());
+        let batch = Batch::new(vec![raw("1"), raw("2")], &out);
+        batch.slot(1).deliver(Ok(&raw("\"b\"")));
+        assert!(rx.try_recv().is_err());
+        batch.slot(0).fail(RpcError::new(crate::jsonrpc::ErrorCode::InternalError, "x"));
+        let line = String::from_utf8(rx.recv().await.unwrap()).unwrap();
+        assert_eq!(
+            line,
+            r#"[{"jsonrpc":"2.0","error":{"code":-32603,"message":"x"},"id":1},{"jsonrpc":"2.0","result":"b","id":2}]"#
+        );
+        assert_eq!(out.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn full_queue_disconnects() {
+        let (tx, _rx) = mpsc::channel(1);
+        let out = Outbound::new(tx, CancellationToken::new());
+        out.send(b"1".to_vec());
+        assert!(!out.kill_token().is_cancelled());
+        out.send(b"2".to_vec());
+        assert!(out.kill_token().is_cancelled());
+    }
+}

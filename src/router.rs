@@ -1,0 +1,382 @@
+//! The router of one coin: decides where each client request goes.
+//!
+//! Owns: the method table. Session-level `server.*` methods are answered
+//! here; subscriptions go to the hub; legacy methods are translated (see
+//! `legacy`); requests about a subscribed scripthash go to the connection that
+//! holds its subscription; everything else is forwarded to the pool with its
+//! id rewritten by the connection. It also owns per-session protocol state
+//! ([`SessionState`]), but not the transport (that is `session`).
+
+use crate::coin::{self, AddressVersions};
+use crate::header::HeaderForm;
+use crate::hub::{Form, Hub, SessionId, Topic};
+use crate::jsonrpc::{self, ClientMessage, ErrorCode, LineError, Request, RpcError};
+use crate::legacy;
+use crate::protocol::{self, Level, Negotiated, Version};
+use crate::reply::{Batch, Outbound, Responder};
+use crate::upstream::{Job, Pool};
+use serde_json::Value;
+use std::collections::HashSet;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// What the proxy says about a coin in `server.*` answers.
+#[derive(Debug, Clone)]
+pub struct CoinInfo {
+    pub server_name: String,
+    pub banner: String,
+    pub donation_address: String,
+    /// JSON object text for `server.features` `hosts`.
+    pub hosts: String,
+    /// Configured genesis hash; otherwise learned from an upstream.
+    pub genesis_hash: Option<String>,
+    pub address_versions: Option<AddressVersions>,
+}
+
+/// Per-coin routing state shared by all sessions of the coin.
+pub struct Router {
+    pub coin: String,
+    pub pool: Pool,
+    pub hub: Hub,
+    pub info: CoinInfo,
+    pub request_timeout: Duration,
+    pub max_batch: usize,
+    pub max_subs_per_session: usize,
+}
+
+/// What one session has settled so far.
+pub struct SessionState {
+    pub id: SessionId,
+    pub level: Level,
+    pub out: Outbound,
+    /// Everything this session subscribed to, for limits and cleanup.
+    pub subs: HashSet<(Topic, Form)>,
+    /// Set when the session must be closed once its queue is flushed.
+    pub close: bool,
+}
+
+impl SessionState {
+    pub fn new(id: SessionId, out: Outbound) -> Self {
+        Self {
+            id,
+            level: Level::Unnegotiated,
+            out,
+            subs: HashSet::new(),
+            close: false,
+        }
+    }
+}
+
+/// Methods whose answer depends on a scripthash's subscription state.
+const SCRIPTHASH_READS: [&str; 4] = [
+    "blockchain.scripthash.get_balance",
+    "blockchain.scripthash.get_history",
+    "blockchain.scripthash.get_mempool",
+    "blockchain.scripthash.listunspent",
+];
+
+impl Router {
+    /// Handle one line from a client.
+    pub fn handle_line(&self, st: &mut SessionState, line: &[u8]) {
+        match jsonrpc::parse_client_line(line) {
+            Ok(ClientMessage::Single(Ok(req))) => {
+                let responder = req.id.map(|id| Responder::client(id, &st.out));
+                self.handle_request(st, &req, responder);
+            }
+            Ok(ClientMessage::Single(Err(invalid))) => {
+                let id = invalid.id.map(|i| i.get()).unwrap_or(jsonrpc::NULL_ID);
+                st.out.send(jsonrpc::error_line(id, &invalid.error));
+            }
+            Ok(ClientMessage::Batch(members)) => self.handle_batch(st, members),
+            Err(LineError::Parse) => st.out.send(jsonrpc::error_line(
+                jsonrpc::NULL_ID,
+                &RpcError::new(ErrorCode::ParseError, "invalid JSON"),
+            )),
+            Err(LineError::NotRequest(why)) => st.out.send(jsonrpc::error_line(
+                jsonrpc::NULL_ID,
+                &RpcError::new(ErrorCode::InvalidRequest, why),
+            )),
+        }
+    }
+
+    fn handle_batch(&self, st: &mut SessionState, members: Vec<Result<Request<'_>, jsonrpc::Invalid<'_>>>) {
+        if members.len() > self.max_batch {
+            st.out.send(jsonrpc::error_line(
+                jsonrpc::NULL_ID,
+                &RpcError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("batch of {} requests exceeds the limit of {}", members.len(), self.max_batch),
+                ),
+            ));
+            return;
+        }
+        // Members without an id are notifications: run, never answered.
+        let null_id = || serde_json::value::RawValue::from_string("null".into()).expect("valid");
+        let ids: Vec<_> = members
+            .iter()
+            .filter_map(|m| match m {
+                Ok(r) => r.id.map(|i| i.to_owned()),
+                Err(inv) => Some(inv.id.map(|i| i.to_owned()).unwrap_or_else(null_id)),
+            })
+            .collect();
+        let batch = if ids.is_empty() { None } else { Some(Batch::new(ids, &st.out)) };
+        let mut slot = 0;
+        for member in members {
+            let answered = match &member {
+                Ok(r) => r.id.is_some(),
+                Err(_) => true,
+            };
+            let responder = match (&batch, answered) {
+                (Some(b), true) => {
+                    slot += 1;
+                    Some(b.slot(slot - 1))
+                }
+                _ => None,
+            };
+            match member {
+                Ok(req) => self.handle_request(st, &req, responder),
+                Err(inv) => {
+                    if let Some(r) = responder {
+                        r.fail(inv.error);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Route one request. `responder` is `None` for client notifications.
+    fn handle_request(&self, st: &mut SessionState, req: &Request<'_>, responder: Option<Responder>) {
+        let method = req.method.as_ref();
+        let params = req.params_str();
+        // Local answers first: they describe the proxy, not an upstream.
+        if let Some(result) = self.local_answer(st, method, params, responder.is_some()) {
+            if let Some(r) = responder {
+                match result {
+                    Ok(text) => r.deliver_text(&text),
+                    Err(e) => r.fail(e),
+                }
+            }
+            return;
+        }
+        let Some(responder) = responder else {
+            // A notification asks for no answer: spend no upstream work on it,
+            // except for subscriptions, which have an effect.
+            if !method.ends_with("subscribe") {
+                return;
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let _ = rx.await;
+            });
+            return self.route(st, method, params, Responder::Internal(tx));
+        };
+        self.route(st, method, params, responder);
+    }
+
+    fn route(&self, st: &mut SessionState, method: &str, params: &str, responder: Responder) {
+        match method {
+            "blockchain.headers.subscribe" => {
+                let form = header_form(st.level, params);
+                self.subscribe(st, Topic::Headers, Form::Header(form), responder);
+            }
+            "blockchain.numblocks.subscribe" => {
+                self.subscribe(st, Topic::Headers, Form::Header(HeaderForm::Height), responder)
+            }
+            "blockchain.scripthash.subscribe" => match scripthash_param(params) {
+                Ok(sh) => self.subscribe(st, Topic::Script(sh), Form::Scripthash, responder),
+                Err(e) => responder.fail(e),
+            },
+            "blockchain.scripthash.unsubscribe" => match scripthash_param(params) {
+                Ok(sh) => self.unsubscribe(st, Topic::Script(sh), Form::Scripthash, responder),
+                Err(e) => responder.fail(e),
+            },
+            m if m.starts_with("blockchain.address.") => self.address_method(st, m, params, responder),
+            m if SCRIPTHASH_READS.contains(&m) => {
+                let affinity = first_string(params).filter(|s| coin::is_scripthash(s));
+                self.forward(m, params, responder, affinity.as_deref());
+            }
+            _ => legacy::route(self, method, params, responder),
+        }
+    }
+
+    /// Answers of the `server.*` methods, or `None` for methods not local.
+    fn local_answer(
+        &self,
+        st: &mut SessionState,
+        method: &str,
+        params: &str,
+        answered: bool,
+    ) -> Option<Result<String, RpcError>> {
+        let text = match method {
+            "server.version" => {
+                return Some(match protocol::negotiate(params, st.level, &self.info.server_name) {
+                    Negotiated::Accept { level, result } => {
+                        st.level = level;
+                        Ok(result)
+                    }
+                    Negotiated::Refuse { error, disconnect } => {
+                        if disconnect {
+                            st.close = true;
+                        }
+                        Err(error)
+                    }
+                })
+            }
+            "server.ping" => "null".to_string(),
+            "server.banner" => jsonrpc::quote(&self.info.banner),
+            "server.donation_address" => jsonrpc::quote(&self.info.donation_address),
+            "server.peers.subscribe" => "[]".to_string(),
+            "server.add_peer" => "false".to_string(),
+            "server.features" => {
+                if !answered {
+                    return Some(Ok(String::new()));
+                }
+                self.features()
+            }
+            _ => return None,
+        };
+        Some(Ok(text))
+    }
+
+    fn features(&self) -> String {
+        let genesis = self.info.genesis_hash.clone().or_else(|| self.pool.genesis_hash());
+        serde_json::json!({
+            "hosts": serde_json::from_str::<Value>(&self.info.hosts).unwrap_or(Value::Null),
+            "genesis_hash": genesis,
+            "protocol_min": protocol::PROTOCOL_MIN.to_string(),
+            "protocol_max": protocol::PROTOCOL_MAX.to_string(),
+            "server_version": self.info.server_name,
+            "hash_function": "sha256",
+            "pruning": Value::Null,
+            "services": [],
+        })
+        .to_string()
+    }
+
+    pub(crate) fn subscribe(&self, st: &mut SessionState, topic: Topic, form: Form, responder: Responder) {
+        let key = (topic.clone(), form.clone());
+        if !st.subs.contains(&key) {
+            if st.subs.len() >= self.max_subs_per_session {
+                responder.fail(RpcError::new(
+                    ErrorCode::LimitExceeded,
+                    format!("too many subscriptions in this session (limit {})", self.max_subs_per_session),
+                ));
+                return;
+            }
+            st.subs.insert(key);
+        }
+        self.hub.subscribe(st.id, &st.out, topic, form, responder);
+    }
+
+    fn unsubscribe(&self, st: &mut SessionState, topic: Topic, form: Form, responder: Responder) {
+        st.subs.remove(&(topic.clone(), form.clone()));
+        self.hub.unsubscribe(st.id, topic, form, responder);
+    }
+
+    /// `blockchain.address.*`: translated to the scripthash twin.
+    fn address_method(&self, st: &mut SessionState, method: &str, params: &str, responder: Responder) {
+        let Some(address) = first_string(params) else {
+            return responder.fail(RpcError::new(ErrorCode::InvalidParams, "expected an address as the first parameter"));
+        };
+        let sh = match coin::address_to_scripthash(&address, self.info.address_versions) {
+            Ok(sh) => sh,
+            Err(e) => return responder.fail(RpcError::new(ErrorCode::InvalidParams, e.to_string())),
+        };
+        let suffix = &method["blockchain.address.".len()..];
+        match suffix {
+            "subscribe" => self.subscribe(st, Topic::Script(sh), Form::Address(address), responder),
+            "unsubscribe" => self.unsubscribe(st, Topic::Script(sh), Form::Address(address), responder),
+            "get_balance" | "get_history" | "get_mempool" | "listunspent" => {
+                let method = format!("blockchain.scripthash.{suffix}");
+                let params = format!("[{}]", jsonrpc::quote(&sh));
+                self.forward(&method, &params, responder, Some(&sh));
+            }
+            _ => responder.fail(RpcError::new(
+                ErrorCode::MethodNotFound,
+                format!("unknown method \"{method}\""),
+            )),
+        }
+    }
+
+    /// Forward to an upstream, preferring the connection that holds the
+    /// subscription of `affinity` (a scripthash).
+    pub(crate) fn forward(&self, method: &str, params: &str, responder: Responder, affinity: Option<&str>) {
+        let mut job = Job::new(
+            jsonrpc::request_prefix(method, params),
+            responder,
+            Instant::now() + self.request_timeout,
+        );
+        // A broadcast written to a socket is never sent again.
+        job.retryable = method != "blockchain.transaction.broadcast";
+        if let Some(conn) = affinity.and_then(|sh| self.hub.affinity(sh)) {
+            match self.pool.dispatch_to(conn, job) {
+                Ok(()) => return,
+                Err(j) => job = j,
+            }
+        }
+        self.pool.dispatch(job);
+    }
+}
+
+/// The header shape a session gets from `blockchain.headers.subscribe`.
+fn header_form(level: Level, params: &str) -> HeaderForm {
+    match level {
+        Level::Unnegotiated => HeaderForm::Hybrid,
+        Level::Modern(_) => HeaderForm::Modern,
+        Level::Legacy(v) => {
+            // Protocol 1.2 added `raw`: true asks for the modern form.
+            let raw = v >= Version::new(1, 2)
+                && serde_json::from_str::<Vec<Value>>(params)
+                    .ok()
+                    .and_then(|p| p.first().and_then(Value::as_bool))
+                    .unwrap_or(false);
+            if raw {
+                HeaderForm::Modern
+            } else {
+                HeaderForm::Deserialized
+            }
+        }
+    }
+}
+
+/// The first positional parameter, when it is a string.
+pub(crate) fn first_string(params: &str) -> Option<String> {
+    if let Ok(v) = serde_json::from_str::<Vec<Value>>(params) {
+        return v.into_iter().next().and_then(|v| match v {
+            Value::String(s) => Some(s),
+            _ => None,
+        });
+    }
+    None
+}
+
+fn scripthash_param(params: &str) -> Result<String, RpcError> {
+    match first_string(params) {
+        Some(sh) if coin::is_scripthash(&sh) => Ok(sh.to_ascii_lowercase()),
+        Some(sh) => Err(RpcError::new(ErrorCode::InvalidParams, format!("invalid scripthash: {sh}"))),
+        None => Err(RpcError::new(ErrorCode::InvalidParams, "expected a scripthash as the first parameter")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_forms_follow_the_level() {
+        assert_eq!(header_form(Level::Unnegotiated, "[]"), HeaderForm::Hybrid);
+        assert_eq!(header_form(Level::Modern(Version::new(1, 4)), "[]"), HeaderForm::Modern);
+        assert_eq!(header_form(Level::Legacy(Version::new(0, 9)), "[true]"), HeaderForm::Deserialized);
+        assert_eq!(header_form(Level::Legacy(Version::new(1, 2)), "[true]"), HeaderForm::Modern);
+        assert_eq!(header_form(Level::Legacy(Version::new(1, 2)), "[]"), HeaderForm::Deserialized);
+    }
+
+    #[test]
+    fn scripthash_params() {
+        let sh = "AB".repeat(32);
+        assert_eq!(scripthash_param(&format!("[\"{sh}\"]")).unwrap(), "ab".repeat(32));
+        assert_eq!(scripthash_param("[\"xyz\"]").unwrap_err().code, ErrorCode::InvalidParams);
+        assert_eq!(scripthash_param("[]").unwrap_err().code, ErrorCode::InvalidParams);
+        assert_eq!(scripthash_param("{}").unwrap_err().code, ErrorCode::InvalidParams);
+    }
+}

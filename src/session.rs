@@ -1,0 +1,163 @@
+//! One client session, independent of its transport.
+//!
+//! Owns: the reader loop (bounded framing, first-line and idle timeouts, one
+//! call into the router per line) and the writer task (drains the session's
+//! bounded queue and writes everything queued with one `write` call). The two
+//! are joined by the bounded mpsc whose sending side is [`Outbound`]: upstream
+//! answers and hub notifications arrive through clones of it. A client whose
+//! queue fills is disconnected, never buffered without limit.
+//!
+//! The session works on any `AsyncRead + AsyncWrite` (TCP, TLS, in-memory
+//! pipes in tests, a WebSocket adapter later); it knows nothing of sockets.
+
+use crate::codec::{CodecError, Frame, LineReader};
+use crate::hub::SessionId;
+use crate::jsonrpc::{self, ErrorCode, Line, RpcError};
+use crate::reply::Outbound;
+use crate::router::{Router, SessionState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Limits one session runs under.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    pub max_line: usize,
+    pub queue: usize,
+    /// Time allowed for the first line.
+    pub first_line_timeout: Duration,
+    /// Time allowed between two lines.
+    pub idle_timeout: Duration,
+}
+
+/// Tokens that end sessions.
+#[derive(Clone)]
+pub struct Stops {
+    /// Stop reading new requests (graceful shutdown begins).
+    pub drain: CancellationToken,
+    /// Stop everything now (grace period over).
+    pub hard: CancellationToken,
+}
+
+/// Writes stop batching past this many bytes.
+const WRITE_BATCH: usize = 64 * 1024;
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// A fresh process-wide session id.
+pub fn next_session_id() -> SessionId {
+    NEXT_SESSION.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Why a session ended (logged once, at debug level).
+#[derive(Debug)]
+#[allow(dead_code)] // read through Debug in the log line
+enum End {
+    ClientClosed,
+    Idle,
+    LineTooLong,
+    ReadError(String),
+    Disconnected,
+    Refused,
+    Shutdown,
+}
+
+/// Serve one client until it leaves, misbehaves, or the proxy stops.
+pub async fn run<S>(stream: S, router: Arc<Router>, limits: SessionLimits, stops: Stops)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    let (tx, rx) = mpsc::channel::<Line>(limits.queue);
+    let kill = CancellationToken::new();
+    let writer = tokio::spawn(write_loop(wr, rx, kill.clone(), stops.hard.clone()));
+    let mut st = SessionState::new(next_session_id(), Outbound::new(tx, kill.clone()));
+    let mut reader = LineReader::new(rd, limits.max_line);
+    let mut timeout = limits.first_line_timeout;
+
+    let end = loop {
+        let frame = tokio::select! {
+            _ = stops.drain.cancelled() => break End::Shutdown,
+            _ = kill.cancelled() => break End::Disconnected,
+            r = tokio::time::timeout(timeout, reader.next_frame()) => r,
+        };
+        match frame {
+            Err(_) => break End::Idle,
+            Ok(Ok(Frame::Line(line))) => {
+                timeout = limits.idle_timeout;
+                router.handle_line(&mut st, &line);
+                if st.close {
+                    break End::Refused;
+                }
+            }
+            Ok(Ok(Frame::Eof)) => break End::ClientClosed,
+            Ok(Err(CodecError::TooLong { max })) => {
+                st.out.send(jsonrpc::error_line(
+                    jsonrpc::NULL_ID,
+                    &RpcError::new(
+                        ErrorCode::InvalidRequest,
+                        format!("line exceeds the limit of {max} bytes: closing the connection"),
+                    ),
+                ));
+                break End::LineTooLong;
+            }
+            Ok(Err(CodecError::Io(e))) => break End::ReadError(e.to_string()),
+        }
+    };
+    tracing::debug!(?end, pending = st.out.pending(), "session ends");
+    router
+        .hub
+        .session_closed(st.id, st.subs.drain().collect());
+    // The writer finishes once every pending answer has been written (each
+    // holds a clone of the queue's sender) or the hard stop comes.
+    drop(st);
+    drop(reader);
+    let _ = writer.await;
+}
+
+async fn write_loop<W>(mut wr: W, mut rx: mpsc::Receiver<Line>, kill: CancellationToken, hard: CancellationToken)
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let first = tokio::select! {
+            _ = kill.cancelled() => break,
+            _ = hard.cancelled() => break,
+            m = rx.recv() => match m {
+                Some(m) => m,
+                None => break,
+            },
+        };
+        buf.extend_from_slice(&first);
+        buf.push(b'\n');
+        while buf.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(m) => {
+                    buf.extend_from_slice(&m);
+                    buf.push(b'\n');
+                }
+                Err(_) => break,
+            }
+        }
+        let written = tokio::select! {
+            _ = kill.cancelled() => break,
+            _ = hard.cancelled() => break,
+            r = wr.write_all(&buf) => r,
+        };
+        if written.is_err() {
+            break;
+        }
+        if buf.capacity() > WRITE_BATCH * 2 {
+            buf = Vec::new();
+        } else {
+            buf.clear();
+        }
+    }
+    // Stop the reader too (a write error means the client is gone).
+    kill.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+}

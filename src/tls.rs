@@ -1,0 +1,217 @@
+//! TLS on both sides of the proxy, with rustls and the `ring` provider.
+//!
+//! Owns: the acceptor configuration for `ssl://` listeners (PEM chain and key,
+//! TLS 1.2 and 1.3) and the connector configuration for `ssl://` upstreams
+//! (system roots or a CA file, a pinned SHA-256 fingerprint, or an explicit
+//! `insecure` opt-out). It does not open sockets.
+
+use crate::config::{TlsFiles, UpstreamEntry};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+use std::io::BufReader;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The development certificate shipped in `certs/`; a server using it gets a
+/// warning in the log.
+const DEV_CERT: &str = include_str!("../certs/server.crt");
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut BufReader::new(file)).collect();
+    let certs = certs.map_err(|e| format!("{}: bad PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate found", path.display()));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    rustls_pemfile::private_key(&mut BufReader::new(file))
+        .map_err(|e| format!("{}: bad PEM: {e}", path.display()))?
+        .ok_or_else(|| format!("{}: no private key found", path.display()))
+}
+
+/// Build the acceptor configuration for `ssl://` listeners.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, String> {
+    let certs = read_certs(&files.cert)?;
+    let key = read_key(&files.key)?;
+    if is_dev_certificate(&certs[0]) {
+        tracing::warn!(
+            cert = %files.cert.display(),
+            "serving the shipped development certificate: make your own for production (see certs/README.md)"
+        );
+    }
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("{} / {}: {e}", files.cert.display(), files.key.display()))?;
+    Ok(Arc::new(config))
+}
+
+fn is_dev_certificate(cert: &CertificateDer<'_>) -> bool {
+    let mut reader = BufReader::new(DEV_CERT.as_bytes());
+    let found = rustls_pemfile::certs(&mut reader)
+        .flatten()
+        .any(|dev| dev.as_ref() == cert.as_ref());
+    found
+}
+
+/// Parse a SHA-256 fingerprint written as hex, with or without `:`.
+pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], String> {
+    let clean: String = text.chars().filter(|c| *c != ':' && !c.is_whitespace()).collect();
+    let bytes = hex::decode(&clean).map_err(|_| "must be hex (colons allowed)".to_string())?;
+    bytes
+        .try_into()
+        .map_err(|_| "must be a SHA-256 fingerprint (32 bytes, 64 hex digits)".to_string())
+}
+
+/// The SHA-256 fingerprint of a DER certificate, as lowercase hex.
+pub fn fingerprint_hex(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
+}
+
+/// Build the connector configuration for one `ssl://` upstream.
+pub fn client_config(entry: &UpstreamEntry) -> Result<Arc<rustls::ClientConfig>, String> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?;
+    let config = if entry.insecure {
+        tracing::warn!(upstream = %entry.url, "certificate verification is disabled for this upstream (insecure = true)");
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Unverified {
+                pin: None,
+                provider: provider(),
+            }))
+            .with_no_client_auth()
+    } else if let Some(fp) = &entry.fingerprint {
+        let pin = parse_fingerprint(fp)?;
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Unverified {
+                pin: Some(pin),
+                provider: provider(),
+            }))
+            .with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        match &entry.ca_file {
+            Some(path) => {
+                for cert in read_certs(path)? {
+                    roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                for cert in found.certs {
+                    let _ = roots.add(cert);
+                }
+                if roots.is_empty() {
+                    tracing::warn!(upstream = %entry.url, "no system root certificates found: this upstream cannot be verified");
+                }
+            }
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    Ok(Arc::new(config))
+}
+
+/// A verifier that skips the chain and name checks: either everything is
+/// accepted (`insecure`), or only the certificate with the pinned
+/// fingerprint. Handshake signatures are still verified, so the peer must
+/// hold the certificate's key.
+#[derive(Debug)]
+struct Unverified {
+    pin: Option<[u8; 32]>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.pin {
+            None => Ok(ServerCertVerified::assertion()),
+            Some(pin) if Sha256::digest(end_entity.as_ref()).as_slice() == pin => {
+                Ok(ServerCertVerified::assertion())
+            }
+            Some(_) => Err(rustls::Error::General(format!(
+                "certificate fingerprint {} does not match the pinned one",
+                fingerprint_hex(end_entity.as_ref())
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints() {
+        let hexs = "AB".repeat(32);
+        assert_eq!(parse_fingerprint(&hexs).unwrap(), [0xab; 32]);
+        let colons = vec!["ab"; 32].join(":");
+        assert_eq!(parse_fingerprint(&colons).unwrap(), [0xab; 32]);
+        assert!(parse_fingerprint("abcd").is_err());
+        assert!(parse_fingerprint("zz").is_err());
+    }
+
+    #[test]
+    fn shipped_dev_certificate_loads_and_is_recognised() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let files = TlsFiles {
+            cert: root.join("certs/server.crt"),
+            key: root.join("certs/server.key"),
+        };
+        server_config(&files).unwrap();
+        assert!(is_dev_certificate(&read_certs(&files.cert).unwrap()[0]));
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let files = TlsFiles {
+            cert: "/nonexistent/c.pem".into(),
+            key: "/nonexistent/k.pem".into(),
+        };
+        assert!(server_config(&files).unwrap_err().contains("/nonexistent/c.pem"));
+    }
+}

@@ -1,0 +1,379 @@
+//! One upstream connection: the actor that owns the socket and id rewriting.
+//!
+//! Owns: the `server.version` handshake, the connection's own `u64` ids and
+//! the pending map id -> (job, sent time), batching every queued request into
+//! one write, matching answers back, deadlines, keep-alive pings, stall
+//! detection, and handing upstream notifications to the pool's event stream.
+//! When the socket dies, every pending job is handed back to the supervisor
+//! (which retries what may be retried and fails the rest); nothing is leaked.
+//!
+//! It does not choose upstreams (that is `select`) or reconnect (that is the
+//! supervisor in `pool`).
+
+use super::connect::BoxStream;
+use super::{ConnId, Job, PoolEvent};
+use crate::codec::{Frame, LineReader};
+use crate::jsonrpc::{self, ErrorCode, RpcError, UpstreamMessage};
+use crate::reply::Responder;
+use serde_json::value::RawValue;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Longest line accepted from an upstream (big histories and header chunks).
+const UPSTREAM_MAX_LINE: usize = 64 * 1024 * 1024;
+/// How long the handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often deadlines are checked.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
+
+/// State of a connection shared with the pool's selection.
+#[derive(Debug)]
+pub struct ConnShared {
+    /// Changes each time the connection is re-established, so subscriptions
+    /// know when the connection they were made on is gone.
+    pub id: AtomicU64,
+    /// Handshake done and socket alive.
+    pub ready: AtomicBool,
+    /// Jobs dispatched to this connection and not yet resolved (queued or
+    /// written).
+    pub in_flight: AtomicUsize,
+    pub max_in_flight: usize,
+    /// What the upstream reported in its handshake.
+    pub info: Mutex<UpstreamInfo>,
+}
+
+/// What an upstream told us about itself.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamInfo {
+    pub server_version: Option<String>,
+    pub protocol: Option<String>,
+    pub genesis_hash: Option<String>,
+}
+
+impl ConnShared {
+    pub fn new(max_in_flight: usize) -> Self {
+        Self {
+            id: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight,
+            info: Mutex::new(UpstreamInfo::default()),
+        }
+    }
+
+    pub fn conn_id(&self) -> ConnId {
+        ConnId(self.id.load(Ordering::Acquire))
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn release(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A job that has been written and awaits its answer.
+pub struct Pending {
+    pub job: Job,
+    pub sent: Instant,
+}
+
+/// What a connection needs from its supervisor.
+pub struct ConnCtx<'a> {
+    pub label: &'a str,
+    pub shared: &'a Arc<ConnShared>,
+    pub events: &'a mpsc::UnboundedSender<PoolEvent>,
+    pub client_name: &'a str,
+    pub protocol: &'a str,
+    pub ping_interval: Duration,
+    /// A connection with a request this old and nothing received since it
+    /// was sent is declared stalled and dropped (its requests are retried).
+    pub stall_after: Duration,
+    pub shutdown: &'a CancellationToken,
+}
+
+/// How a served connection ended.
+pub struct Ended {
+    pub reason: String,
+    /// Jobs written to the socket that got no answer.
+    pub unanswered: Vec<Job>,
+    /// Whether the handshake completed (the connection was ever ready).
+    pub was_ready: bool,
+}
+
+/// Serve one established connection until it fails or shutdown.
+pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx<'_>) -> Ended {
+    let (rd, mut wr) = tokio::io::split(stream);
+    let mut reader = LineReader::new(rd, UPSTREAM_MAX_LINE);
+    let mut actor = Actor {
+        ctx: &ctx,
+        next_id: 2,
+        pending: BTreeMap::new(),
+        deadlines: BinaryHeap::new(),
+        last_read: Instant::now(),
+        last_write: Instant::now(),
+    };
+
+    if let Err(reason) = actor.handshake(&mut reader, &mut wr).await {
+        return Ended {
+            reason,
+            unanswered: Vec::new(),
+            was_ready: false,
+        };
+    }
+    let conn = ctx.shared.conn_id();
+    {
+        let info = ctx.shared.info.lock().unwrap_or_else(|p| p.into_inner());
+        tracing::info!(
+            upstream = ctx.label,
+            server = info.server_version.as_deref().unwrap_or("?"),
+            protocol = info.protocol.as_deref().unwrap_or("?"),
+            "upstream connection up"
+        );
+    }
+    ctx.shared.ready.store(true, Ordering::Release);
+    let _ = ctx.events.send(PoolEvent::Up { conn });
+
+    let reason = actor.run(&mut reader, &mut wr, rx).await;
+    ctx.shared.ready.store(false, Ordering::Release);
+    let _ = ctx.events.send(PoolEvent::Down { conn });
+    let unanswered = std::mem::take(&mut actor.pending).into_values().map(|p| p.job).collect();
+    Ended {
+        reason,
+        unanswered,
+        was_ready: true,
+    }
+}
+
+struct Actor<'a> {
+    ctx: &'a ConnCtx<'a>,
+    next_id: u64,
+    pending: BTreeMap<u64, Pending>,
+    deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
+    last_read: Instant,
+    last_write: Instant,
+}
+
+type Reader = LineReader<tokio::io::ReadHalf<BoxStream>>;
+type Writer = tokio::io::WriteHalf<BoxStream>;
+
+impl Actor<'_> {
+    async fn handshake(&mut self, reader: &mut Reader, wr: &mut Writer) -> Result<(), String> {
+        let version_params = serde_json::to_string(&(self.ctx.client_name, self.ctx.protocol))
+            .expect("strings serialize");
+        let mut buf = Vec::new();
+        jsonrpc::finish_request(&mut buf, &jsonrpc::request_prefix("server.version", &version_params), 0);
+        jsonrpc::finish_request(&mut buf, &jsonrpc::request_prefix("server.features", "[]"), 1);
+        wr.write_all(&buf).await.map_err(|e| format!("write: {e}"))?;
+
+        let mut info = UpstreamInfo::default();
+        let mut got = [false, false];
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        while !(got[0] && got[1]) {
+            let frame = tokio::time::timeout_at(deadline, reader.next_frame())
+                .await
+                .map_err(|_| "no answer to server.version".to_string())?
+                .map_err(|e| e.to_string())?;
+            let line = match frame {
+                Frame::Line(l) => l,
+                Frame::Eof => return Err("closed during handshake".into()),
+            };
+            let msgs = jsonrpc::parse_upstream_line(&line).map_err(|_| "invalid JSON in handshake".to_string())?;
+            for msg in msgs {
+                match msg {
+                    UpstreamMessage::Response { id: 0, outcome: Ok(r) } => {
+                        got[0] = true;
+                        if let Ok((software, proto)) = serde_json::from_str::<(String, String)>(r.get()) {
+                            info.server_version = Some(software);
+                            info.protocol = Some(proto);
+                        } else if let Ok(software) = serde_json::from_str::<String>(r.get()) {
+                            info.server_version = Some(software);
+                        }
+                    }
+                    UpstreamMessage::Response { id: 0, outcome: Err(e) } => {
+                        return Err(format!("server.version refused: {}", e.get()));
+                    }
+                    UpstreamMessage::Response { id: 1, outcome } => {
+                        got[1] = true;
+                        if let Ok(features) = outcome {
+                            #[derive(serde::Deserialize)]
+                            struct Features {
+                                genesis_hash: Option<String>,
+                            }
+                            if let Ok(f) = serde_json::from_str::<Features>(features.get()) {
+                                info.genesis_hash = f.genesis_hash;
+                            }
+                        }
+                    }
+                    // Pre-identification chatter (relayfee/estimatefee) and anything else.
+                    _ => {}
+                }
+            }
+        }
+        *self.ctx.shared.info.lock().unwrap_or_else(|p| p.into_inner()) = info;
+        self.last_read = Instant::now();
+        Ok(())
+    }
+
+    async fn run(&mut self, reader: &mut Reader, wr: &mut Writer, rx: &mut mpsc::Receiver<Job>) -> String {
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut buf: Vec<u8> = Vec::with_capacity(4096);
+        let max = self.ctx.shared.max_in_flight;
+        loop {
+            tokio::select! {
+                _ = self.ctx.shutdown.cancelled() => return "shutting down".into(),
+                frame = reader.next_frame() => match frame {
+                    Ok(Frame::Line(line)) => {
+                        self.last_read = Instant::now();
+                        self.on_line(&line);
+                    }
+                    Ok(Frame::Eof) => return "closed by upstream".into(),
+                    Err(e) => return e.to_string(),
+                },
+                job = rx.recv(), if self.pending.len() < max => {
+                    let Some(job) = job else { return "pool closed".into() };
+                    self.enqueue(&mut buf, job);
+                    while self.pending.len() < max {
+                        match rx.try_recv() {
+                            Ok(job) => self.enqueue(&mut buf, job),
+                            Err(_) => break,
+                        }
+                    }
+                    if !buf.is_empty() {
+                        if let Err(e) = wr.write_all(&buf).await {
+                            return format!("write: {e}");
+                        }
+                        self.last_write = Instant::now();
+                        if buf.capacity() > 64 * 1024 {
+                            buf = Vec::with_capacity(4096);
+                        } else {
+                            buf.clear();
+                        }
+                    }
+                }
+                _ = sweep.tick() => {
+                    if let Some(stalled) = self.expire() {
+                        return stalled;
+                    }
+                    if self.last_write.elapsed() >= self.ctx.ping_interval {
+                        let (tx, _rx) = tokio::sync::oneshot::channel();
+                        let ping = Job::new(
+                            jsonrpc::request_prefix("server.ping", "[]"),
+                            Responder::Internal(tx),
+                            Instant::now() + self.ctx.ping_interval.max(Duration::from_secs(10)),
+                        );
+                        self.ctx.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+                        self.enqueue(&mut buf, ping);
+                        if let Err(e) = wr.write_all(&buf).await {
+                            return format!("write: {e}");
+                        }
+                        buf.clear();
+                        self.last_write = Instant::now();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Assign an id, append the request to the write buffer, remember it.
+    fn enqueue(&mut self, buf: &mut Vec<u8>, job: Job) {
+        if job.responder.is_abandoned() || job.deadline <= Instant::now() {
+            // Nobody waits for it, or it is already too late: do not spend
+            // upstream work on it.
+            self.ctx.shared.release();
+            job.responder.fail(RpcError::new(ErrorCode::UpstreamTimeout, "request timed out before it was sent"));
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        jsonrpc::finish_request(buf, &job.prefix, id);
+        self.deadlines.push(Reverse((job.deadline, id)));
+        self.pending.insert(id, Pending { job, sent: Instant::now() });
+    }
+
+    fn on_line(&mut self, line: &[u8]) {
+        let msgs = match jsonrpc::parse_upstream_line(line) {
+            Ok(m) => m,
+            Err(_) => {
+                tracing::warn!(upstream = self.ctx.label, "upstream sent invalid JSON: ignored");
+                return;
+            }
+        };
+        for msg in msgs {
+            match msg {
+                UpstreamMessage::Response { id, outcome } => {
+                    if let Some(p) = self.pending.remove(&id) {
+                        self.ctx.shared.release();
+                        p.job.responder.deliver(outcome);
+                    }
+                }
+                UpstreamMessage::Notification { method, params } => {
+                    let params: Box<RawValue> = match params {
+                        Some(p) => p.to_owned(),
+                        None => RawValue::from_string("[]".into()).expect("valid JSON"),
+                    };
+                    let _ = self.ctx.events.send(PoolEvent::Notification {
+                        conn: self.ctx.shared.conn_id(),
+                        method: method.into_owned(),
+                        params,
+                    });
+                }
+                UpstreamMessage::Unmatched => {
+                    tracing::debug!(upstream = self.ctx.label, "upstream answer with an unknown id");
+                }
+            }
+        }
+    }
+
+    /// Fail jobs whose deadline passed, and report a stalled connection:
+    /// its oldest request has waited `stall_after` and nothing at all has
+    /// arrived since that request was written.
+    fn expire(&mut self) -> Option<String> {
+        let now = Instant::now();
+        if let Some(oldest) = self.pending.values().next() {
+            if now.duration_since(oldest.sent) >= self.ctx.stall_after && self.last_read < oldest.sent {
+                return Some(format!(
+                    "stalled: nothing received for {:.1}s with requests outstanding",
+                    self.last_read.elapsed().as_secs_f64()
+                ));
+            }
+        }
+        while let Some(Reverse((deadline, id))) = self.deadlines.peek().copied() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop();
+            if let Some(p) = self.pending.remove(&id) {
+                self.ctx.shared.release();
+                p.job.responder.fail(RpcError::new(
+                    ErrorCode::UpstreamTimeout,
+                    "upstream did not answer in time",
+                ));
+            }
+        }
+        // Keep the heap from growing with ids already answered.
+        if self.deadlines.len() > 1024 && self.deadlines.len() > 4 * self.pending.len() {
+            let live: BinaryHeap<_> = self
+                .deadlines
+                .drain()
+                .filter(|Reverse((_, id))| self.pending.contains_key(id))
+                .collect();
+            self.deadlines = live;
+        }
+        None
+    }
+}
