@@ -65,7 +65,11 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         let mut listeners = Vec::new();
         for entry in &coin.listen {
             let addr = entry.url.socket_addr().map_err(anyhow::Error::msg)?;
-            listeners.push(Listener::bind(name, entry.url.scheme, addr).await.map_err(anyhow::Error::msg)?);
+            listeners.push(
+                Listener::bind(name, entry.url.scheme, addr)
+                    .await
+                    .map_err(anyhow::Error::msg)?,
+            );
         }
         let (pool, events) = Pool::start(
             name,
@@ -87,7 +91,8 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
             &stops.hard,
             &background,
         );
-        let bound: Vec<(Scheme, SocketAddr)> = listeners.iter().map(|l| (l.scheme, l.local_addr)).collect();
+        let bound: Vec<(Scheme, SocketAddr)> =
+            listeners.iter().map(|l| (l.scheme, l.local_addr)).collect();
         let router = Arc::new(Router {
             coin: name.clone(),
             pool,
@@ -102,7 +107,13 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
                 Scheme::Ssl => tls.clone(),
                 Scheme::Tcp => None,
             };
-            background.spawn(l.serve(router.clone(), tls, limits.clone(), stops.clone(), sessions.clone()));
+            background.spawn(l.serve(
+                router.clone(),
+                tls,
+                limits.clone(),
+                stops.clone(),
+                sessions.clone(),
+            ));
         }
         coins.insert(
             name.clone(),
@@ -122,8 +133,18 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     })
 }
 
-fn coin_info(name: &str, coin: &CoinConfig, config: &Config, bound: &[(Scheme, SocketAddr)]) -> CoinInfo {
-    let port = |scheme| bound.iter().find(|(s, _)| *s == scheme).map(|(_, a)| a.port());
+fn coin_info(
+    name: &str,
+    coin: &CoinConfig,
+    config: &Config,
+    bound: &[(Scheme, SocketAddr)],
+) -> CoinInfo {
+    let port = |scheme| {
+        bound
+            .iter()
+            .find(|(s, _)| *s == scheme)
+            .map(|(_, a)| a.port())
+    };
     let host = coin.hostname.clone().unwrap_or_else(|| "localhost".into());
     let mut ports = serde_json::Map::new();
     if let Some(p) = port(Scheme::Tcp) {
@@ -133,7 +154,11 @@ fn coin_info(name: &str, coin: &CoinConfig, config: &Config, bound: &[(Scheme, S
         ports.insert("ssl_port".into(), p.into());
     }
     let hosts = serde_json::json!({ host: ports }).to_string();
-    let versions = match (coin.p2pkh_version, coin.p2sh_version, crate::coin::builtin_versions(name)) {
+    let versions = match (
+        coin.p2pkh_version,
+        coin.p2sh_version,
+        crate::coin::builtin_versions(name),
+    ) {
         (Some(p2pkh), Some(p2sh), _) => Some(crate::coin::AddressVersions { p2pkh, p2sh }),
         (p2pkh, p2sh, Some(b)) => Some(crate::coin::AddressVersions {
             p2pkh: p2pkh.unwrap_or(b.p2pkh),
@@ -143,10 +168,9 @@ fn coin_info(name: &str, coin: &CoinConfig, config: &Config, bound: &[(Scheme, S
     };
     CoinInfo {
         server_name: config.server.server_name.clone(),
-        banner: coin
-            .banner
-            .clone()
-            .unwrap_or_else(|| format!("Welcome to {name}, served by {}", config.server.server_name)),
+        banner: coin.banner.clone().unwrap_or_else(|| {
+            format!("Welcome to {name}, served by {}", config.server.server_name)
+        }),
         donation_address: coin.donation_address.clone().unwrap_or_default(),
         hosts,
         genesis_hash: coin.genesis_hash.clone(),
@@ -189,7 +213,10 @@ impl Server {
     pub async fn shutdown(self) {
         self.stops.drain.cancel();
         self.sessions.close();
-        if tokio::time::timeout(self.grace, self.sessions.wait()).await.is_err() {
+        if tokio::time::timeout(self.grace, self.sessions.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 sessions = self.sessions.len(),
                 "grace period over with requests still in flight: closing them"

@@ -163,7 +163,10 @@ mod tests {
     #[tokio::test]
     async fn splits_lines_and_strips_cr() {
         let got = frames(b"a\r\nbb\n\n\nccc", 100).await;
-        assert_eq!(got, vec![line("a"), line("bb"), line("ccc"), Ok(Frame::Eof)]);
+        assert_eq!(
+            got,
+            vec![line("a"), line("bb"), line("ccc"), Ok(Frame::Eof)]
+        );
     }
 
     #[tokio::test]

@@ -87,7 +87,10 @@ pub fn script_hash(script: &[u8]) -> String {
 }
 
 /// The scripthash of an address.
-pub fn address_to_scripthash(address: &str, versions: Option<AddressVersions>) -> Result<String, AddressError> {
+pub fn address_to_scripthash(
+    address: &str,
+    versions: Option<AddressVersions>,
+) -> Result<String, AddressError> {
     let versions = versions.ok_or(AddressError::NoVersions)?;
     Ok(script_hash(&address_script(address, versions)?))
 }
@@ -131,14 +134,22 @@ mod tests {
     #[test]
     fn known_bitcoin_vector() {
         // The genesis coinbase address and its well-known scripthash.
-        let sh = address_to_scripthash("1A1zP1eP5QGefi2DMPTfTL5SLmv7DivfNa", Some(versions("bitcoin"))).unwrap();
-        assert_eq!(sh, "8b01df4e368ea28f8dc0423bcf7a4923e3a12d307c875e47a0cfbf90b5c39161");
+        let sh = address_to_scripthash(
+            "1A1zP1eP5QGefi2DMPTfTL5SLmv7DivfNa",
+            Some(versions("bitcoin")),
+        )
+        .unwrap();
+        assert_eq!(
+            sh,
+            "8b01df4e368ea28f8dc0423bcf7a4923e3a12d307c875e47a0cfbf90b5c39161"
+        );
     }
 
     #[test]
     fn p2sh_address() {
         // A Bitcoin P2SH address: version 5 -> OP_HASH160 .. OP_EQUAL.
-        let script = address_script("3J98t1WpEZ73CNmQviecrnyiWrnqRhWNLy", versions("bitcoin")).unwrap();
+        let script =
+            address_script("3J98t1WpEZ73CNmQviecrnyiWrnqRhWNLy", versions("bitcoin")).unwrap();
         assert_eq!(script.len(), 23);
         assert_eq!(script[0], 0xa9);
         assert_eq!(script[22], 0x87);
@@ -147,13 +158,27 @@ mod tests {
     #[test]
     fn wrong_coin_and_garbage_are_refused_with_reasons() {
         // An Onixcoin address is not an Arepacoin one.
-        let e = address_to_scripthash("XTo7XEAgPapkgJkgH6iR31J4cHBxwTgREe", Some(versions("arepacoin"))).unwrap_err();
-        assert!(matches!(e, AddressError::WrongVersion { version: 0x4b, .. }));
+        let e = address_to_scripthash(
+            "XTo7XEAgPapkgJkgH6iR31J4cHBxwTgREe",
+            Some(versions("arepacoin")),
+        )
+        .unwrap_err();
+        assert!(matches!(
+            e,
+            AddressError::WrongVersion { version: 0x4b, .. }
+        ));
         assert!(e.to_string().contains("version byte 75 is not this coin's"));
         // A flipped character breaks the checksum.
-        let e = address_to_scripthash("XTo7XEAgPapkgJkgH6iR31J4cHBxwTgREf", Some(versions("onixcoin"))).unwrap_err();
+        let e = address_to_scripthash(
+            "XTo7XEAgPapkgJkgH6iR31J4cHBxwTgREf",
+            Some(versions("onixcoin")),
+        )
+        .unwrap_err();
         assert!(matches!(e, AddressError::NotBase58(_)));
         assert!(address_to_scripthash("0OIl", Some(versions("onixcoin"))).is_err());
-        assert_eq!(address_to_scripthash("x", None).unwrap_err(), AddressError::NoVersions);
+        assert_eq!(
+            address_to_scripthash("x", None).unwrap_err(),
+            AddressError::NoVersions
+        );
     }
 }

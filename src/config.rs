@@ -211,13 +211,17 @@ impl std::str::FromStr for Url {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let (scheme, rest) = s
-            .split_once("://")
-            .ok_or_else(|| format!("`{s}` is not a URL: expected tcp://HOST:PORT or ssl://HOST:PORT"))?;
+        let (scheme, rest) = s.split_once("://").ok_or_else(|| {
+            format!("`{s}` is not a URL: expected tcp://HOST:PORT or ssl://HOST:PORT")
+        })?;
         let scheme = match scheme {
             "tcp" => Scheme::Tcp,
             "ssl" | "tls" => Scheme::Ssl,
-            other => return Err(format!("unknown scheme `{other}` in `{s}`: use tcp:// or ssl://")),
+            other => {
+                return Err(format!(
+                    "unknown scheme `{other}` in `{s}`: use tcp:// or ssl://"
+                ))
+            }
         };
         let rest = rest.trim_end_matches('/');
         let (host, port) = if let Some(stripped) = rest.strip_prefix('[') {
@@ -447,10 +451,7 @@ impl Config {
     /// Parse and validate TOML text; `file` only labels errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| {
-            let (line, col) = e
-                .span()
-                .map(|s| line_col(text, s.start))
-                .unwrap_or((0, 0));
+            let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
             ConfigError {
                 file: file.to_string(),
                 key: format!("line {line}, column {col}"),
@@ -469,18 +470,30 @@ impl Config {
     pub fn validate(&self) -> Result<(), (String, String)> {
         let s = &self.server;
         if s.max_line_bytes < 1024 {
-            return Err(("server.max_line_bytes".into(), "must be at least 1024".into()));
+            return Err((
+                "server.max_line_bytes".into(),
+                "must be at least 1024".into(),
+            ));
         }
         if s.session_queue == 0 {
             return Err(("server.session_queue".into(), "must be at least 1".into()));
         }
         if s.request_timeout_secs == 0 {
-            return Err(("server.request_timeout_secs".into(), "must be at least 1".into()));
+            return Err((
+                "server.request_timeout_secs".into(),
+                "must be at least 1".into(),
+            ));
         }
         if s.handshake_timeout_secs == 0 {
-            return Err(("server.handshake_timeout_secs".into(), "must be at least 1".into()));
+            return Err((
+                "server.handshake_timeout_secs".into(),
+                "must be at least 1".into(),
+            ));
         }
-        if s.upstream_stall_secs == 0 || s.upstream_ping_secs == 0 || s.upstream_connect_timeout_secs == 0 {
+        if s.upstream_stall_secs == 0
+            || s.upstream_ping_secs == 0
+            || s.upstream_connect_timeout_secs == 0
+        {
             return Err((
                 "server.upstream_*_secs".into(),
                 "upstream_ping_secs, upstream_stall_secs and upstream_connect_timeout_secs must be at least 1".into(),
@@ -500,7 +513,10 @@ impl Config {
                 return Err((key("listen"), "needs at least one listener".into()));
             }
             for (i, l) in coin.listen.iter().enumerate() {
-                let addr = l.url.socket_addr().map_err(|e| (format!("{}[{i}]", key("listen")), e))?;
+                let addr = l
+                    .url
+                    .socket_addr()
+                    .map_err(|e| (format!("{}[{i}]", key("listen")), e))?;
                 if l.url.scheme == Scheme::Ssl && self.tls.is_none() {
                     return Err((
                         format!("{}[{i}]", key("listen")),
@@ -535,7 +551,10 @@ impl Config {
                 }
                 let tls_opts = u.ca_file.is_some() || u.fingerprint.is_some() || u.insecure;
                 if u.url.scheme == Scheme::Tcp && tls_opts {
-                    return Err((k, "ca_file, fingerprint and insecure apply only to ssl:// upstreams".into()));
+                    return Err((
+                        k,
+                        "ca_file, fingerprint and insecure apply only to ssl:// upstreams".into(),
+                    ));
                 }
                 let modes = [u.ca_file.is_some(), u.fingerprint.is_some(), u.insecure]
                     .iter()
@@ -545,11 +564,15 @@ impl Config {
                     return Err((k, "choose one of ca_file, fingerprint and insecure".into()));
                 }
                 if let Some(fp) = &u.fingerprint {
-                    crate::tls::parse_fingerprint(fp).map_err(|e| (format!("{k}.fingerprint"), e))?;
+                    crate::tls::parse_fingerprint(fp)
+                        .map_err(|e| (format!("{k}.fingerprint"), e))?;
                 }
             }
             if !coin.upstream_protocol.starts_with("1.") {
-                return Err((key("upstream_protocol"), "must be a protocol version such as \"1.4\"".into()));
+                return Err((
+                    key("upstream_protocol"),
+                    "must be a protocol version such as \"1.4\"".into(),
+                ));
             }
             if let Some(g) = &coin.genesis_hash {
                 if g.len() != 64 || hex::decode(g).is_err() {
@@ -557,7 +580,10 @@ impl Config {
                 }
             }
             if coin.max_subscriptions_per_session == 0 {
-                return Err((key("max_subscriptions_per_session"), "must be at least 1".into()));
+                return Err((
+                    key("max_subscriptions_per_session"),
+                    "must be at least 1".into(),
+                ));
             }
         }
         Ok(())
@@ -595,7 +621,10 @@ upstreams = ["tcp://127.0.0.1:1"]
     #[test]
     fn urls() {
         let u: Url = "ssl://[::1]:50002".parse().unwrap();
-        assert_eq!((u.scheme, u.host.as_str(), u.port), (Scheme::Ssl, "::1", 50002));
+        assert_eq!(
+            (u.scheme, u.host.as_str(), u.port),
+            (Scheme::Ssl, "::1", 50002)
+        );
         assert_eq!(u.to_string(), "ssl://[::1]:50002");
         let u: Url = "tcp://onix.araguaneybits.com:50001".parse().unwrap();
         assert_eq!(u.host, "onix.araguaneybits.com");
@@ -625,16 +654,30 @@ upstreams = ["tcp://a:1", { url = "ssl://b:2", insecure = true, backup = true, w
 
     #[test]
     fn errors_name_file_key_and_reason() {
-        let e = err("[coins.x]\nlisten = [\"tcp://127.0.0.1:0\"]\nupstreams = [\"tcp://a:1\"]\nbogus = 1\n");
-        assert!(e.starts_with("bad.toml: line 4, column 1: unknown field `bogus`"), "{e}");
+        let e = err(
+            "[coins.x]\nlisten = [\"tcp://127.0.0.1:0\"]\nupstreams = [\"tcp://a:1\"]\nbogus = 1\n",
+        );
+        assert!(
+            e.starts_with("bad.toml: line 4, column 1: unknown field `bogus`"),
+            "{e}"
+        );
         let e = err("[coins.x]\nlisten = [\"udp://127.0.0.1:0\"]\nupstreams = [\"tcp://a:1\"]\n");
         assert!(e.contains("unknown scheme `udp`"), "{e}");
         let e = err("[coins.x]\nlisten = [\"ssl://127.0.0.1:0\"]\nupstreams = [\"tcp://a:1\"]\n");
-        assert_eq!(e, "bad.toml: coins.x.listen[0]: an ssl:// listener needs a [tls] table with cert and key");
+        assert_eq!(
+            e,
+            "bad.toml: coins.x.listen[0]: an ssl:// listener needs a [tls] table with cert and key"
+        );
         let e = err("[coins.x]\nlisten = [\"tcp://127.0.0.1:0\"]\nupstreams = []\n");
-        assert_eq!(e, "bad.toml: coins.x.upstreams: needs at least one upstream");
+        assert_eq!(
+            e,
+            "bad.toml: coins.x.upstreams: needs at least one upstream"
+        );
         let e = err("[coins.x]\nlisten = [\"tcp://localhost:1\"]\nupstreams = [\"tcp://a:1\"]\n");
-        assert!(e.contains("coins.x.listen[0]: listener host `localhost` must be an IP address"), "{e}");
+        assert!(
+            e.contains("coins.x.listen[0]: listener host `localhost` must be an IP address"),
+            "{e}"
+        );
         let e = err("[coins.x]\nlisten = [\"tcp://127.0.0.1:5\"]\nupstreams = [{url=\"ssl://a:1\", insecure=true, fingerprint=\"00\"}]\n");
         assert!(e.contains("choose one of"), "{e}");
         let e = err("[coins.x]\nlisten = [\"tcp://127.0.0.1:5\", \"tcp://127.0.0.1:5\"]\nupstreams = [\"tcp://a:1\"]\n");

@@ -41,7 +41,8 @@ pub fn decode(hex_header: &str) -> Result<Header, String> {
             bytes.len()
         ));
     }
-    let u32_at = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    let u32_at =
+        |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
     let hash_at = |i: usize| {
         let mut h = bytes[i..i + 32].to_vec();
         h.reverse();
@@ -97,7 +98,11 @@ pub fn render(form: HeaderForm, height: u64, hex_header: &str) -> Result<String,
 
 /// The modern form, in ElectrumX's member order.
 pub fn modern(height: u64, hex_header: &str) -> String {
-    format!("{{\"hex\":{},\"height\":{}}}", crate::jsonrpc::quote(hex_header), height)
+    format!(
+        "{{\"hex\":{},\"height\":{}}}",
+        crate::jsonrpc::quote(hex_header),
+        height
+    )
 }
 
 #[cfg(test)]
@@ -135,15 +140,19 @@ mod tests {
             format!("{{\"hex\":\"{GENESIS}\",\"height\":0}}")
         );
         assert_eq!(render(HeaderForm::Height, 7, GENESIS).unwrap(), "7");
-        let d: serde_json::Value = serde_json::from_str(&render(HeaderForm::Deserialized, 0, GENESIS).unwrap()).unwrap();
+        let d: serde_json::Value =
+            serde_json::from_str(&render(HeaderForm::Deserialized, 0, GENESIS).unwrap()).unwrap();
         assert_eq!(d["block_height"], 0);
         assert_eq!(d["nonce"], 2083236893u32);
         assert!(d.get("hex").is_none());
-        let h: serde_json::Value = serde_json::from_str(&render(HeaderForm::Hybrid, 0, GENESIS).unwrap()).unwrap();
+        let h: serde_json::Value =
+            serde_json::from_str(&render(HeaderForm::Hybrid, 0, GENESIS).unwrap()).unwrap();
         assert_eq!(h["hex"], GENESIS);
         assert_eq!(h["height"], 0);
         assert_eq!(h["timestamp"], 1231006505);
         assert!(render(HeaderForm::Deserialized, 0, &"00".repeat(81)).is_err());
-        assert!(render(HeaderForm::Hybrid, 0, &"00".repeat(81)).unwrap().contains("\"hex\""));
+        assert!(render(HeaderForm::Hybrid, 0, &"00".repeat(81))
+            .unwrap()
+            .contains("\"hex\""));
     }
 }

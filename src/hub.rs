@@ -130,7 +130,14 @@ impl Hub {
     }
 
     /// Subscribe a session; `responder` gets the current status or tip.
-    pub fn subscribe(&self, session: SessionId, out: &Outbound, topic: Topic, form: Form, responder: Responder) {
+    pub fn subscribe(
+        &self,
+        session: SessionId,
+        out: &Outbound,
+        topic: Topic,
+        form: Form,
+        responder: Responder,
+    ) {
         let cmd = Command::Subscribe {
             session,
             out: out.clone(),
@@ -138,8 +145,12 @@ impl Hub {
             form,
             responder,
         };
-        if let Err(mpsc::error::SendError(Command::Subscribe { responder, .. })) = self.tx.send(cmd) {
-            responder.fail(RpcError::new(ErrorCode::UpstreamUnavailable, "shutting down"));
+        if let Err(mpsc::error::SendError(Command::Subscribe { responder, .. })) = self.tx.send(cmd)
+        {
+            responder.fail(RpcError::new(
+                ErrorCode::UpstreamUnavailable,
+                "shutting down",
+            ));
         }
     }
 
@@ -151,8 +162,13 @@ impl Hub {
             form,
             responder,
         };
-        if let Err(mpsc::error::SendError(Command::Unsubscribe { responder, .. })) = self.tx.send(cmd) {
-            responder.fail(RpcError::new(ErrorCode::UpstreamUnavailable, "shutting down"));
+        if let Err(mpsc::error::SendError(Command::Unsubscribe { responder, .. })) =
+            self.tx.send(cmd)
+        {
+            responder.fail(RpcError::new(
+                ErrorCode::UpstreamUnavailable,
+                "shutting down",
+            ));
         }
     }
 
@@ -174,7 +190,10 @@ impl Hub {
 enum Value {
     /// A scripthash status as JSON text: `null` or a quoted hex string.
     Status(String),
-    Tip { height: u64, hex: String },
+    Tip {
+        height: u64,
+        hex: String,
+    },
 }
 
 #[derive(Default)]
@@ -230,7 +249,10 @@ impl Actor {
         // Whoever still waits gets an answer.
         for entry in std::iter::once(&mut self.headers).chain(self.scripts.values_mut()) {
             for (responder, _, _) in entry.waiting.drain(..) {
-                responder.fail(RpcError::new(ErrorCode::UpstreamUnavailable, "shutting down"));
+                responder.fail(RpcError::new(
+                    ErrorCode::UpstreamUnavailable,
+                    "shutting down",
+                ));
             }
         }
     }
@@ -274,7 +296,14 @@ impl Actor {
         }
     }
 
-    fn subscribe(&mut self, session: SessionId, out: Outbound, topic: Topic, form: Form, responder: Responder) {
+    fn subscribe(
+        &mut self,
+        session: SessionId,
+        out: Outbound,
+        topic: Topic,
+        form: Form,
+        responder: Responder,
+    ) {
         if let Topic::Script(sh) = &topic {
             if !self.scripts.contains_key(sh) {
                 if self.scripts.len() >= self.config.max_topics {
@@ -288,30 +317,38 @@ impl Actor {
                     return;
                 }
                 self.scripts.insert(sh.clone(), Entry::default());
-                self.stats.upstream_subscriptions.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .upstream_subscriptions
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
         let tip = self.tip.clone();
         let entry = self.entry(&topic).expect("entry exists");
-        let sub = entry.subscribers.entry(session).or_insert_with(|| Subscriber {
-            out,
-            forms: Vec::new(),
-        });
+        let sub = entry
+            .subscribers
+            .entry(session)
+            .or_insert_with(|| Subscriber {
+                out,
+                forms: Vec::new(),
+            });
         let added = !sub.forms.contains(&form);
         if added {
             sub.forms.push(form.clone());
         }
-        let value = entry.value.clone().or_else(|| match (&topic, tip) {
+        let fallback = match (&topic, tip) {
             (Topic::Headers, Some((height, hex))) => Some(Value::Tip { height, hex }),
             _ => None,
-        });
+        };
+        let value = entry.value.clone().or(fallback);
         let needs_upstream = entry.conn.is_none() && !entry.subscribing;
         match value {
             Some(v) => answer(responder, &form, &v),
             None => entry.waiting.push((responder, form, session)),
         }
         if added {
-            self.stats.session_subscriptions.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .session_subscriptions
+                .fetch_add(1, Ordering::Relaxed);
         }
         if needs_upstream {
             self.start_subscribe(topic);
@@ -334,14 +371,18 @@ impl Actor {
             }
         }
         if existed {
-            self.stats.session_subscriptions.fetch_sub(1, Ordering::Relaxed);
+            self.stats
+                .session_subscriptions
+                .fetch_sub(1, Ordering::Relaxed);
         }
         if let Topic::Script(sh) = topic {
             let entry = &self.scripts[sh];
             if entry.subscribers.is_empty() && entry.waiting.is_empty() {
                 let entry = self.scripts.remove(sh).expect("present");
                 self.affinity.remove(sh);
-                self.stats.upstream_subscriptions.fetch_sub(1, Ordering::Relaxed);
+                self.stats
+                    .upstream_subscriptions
+                    .fetch_sub(1, Ordering::Relaxed);
                 if let Some(conn) = entry.conn {
                     self.release_upstream(conn, sh);
                 }
@@ -375,19 +416,30 @@ impl Actor {
     fn start_subscribe(&mut self, topic: Topic) {
         let conn = self.pool.preferred();
         let timeout = self.config.request_timeout;
-        let Some(entry) = self.entry(&topic) else { return };
+        let Some(entry) = self.entry(&topic) else {
+            return;
+        };
         entry.generation += 1;
         let generation = entry.generation;
         entry.conn = None;
         let Some(conn) = conn else {
             entry.subscribing = false;
-            fail_waiting(entry, &RpcError::new(ErrorCode::UpstreamUnavailable, "no upstream server available"));
+            fail_waiting(
+                entry,
+                &RpcError::new(
+                    ErrorCode::UpstreamUnavailable,
+                    "no upstream server available",
+                ),
+            );
             return;
         };
         entry.subscribing = true;
         let (method, params) = match &topic {
             Topic::Headers => ("blockchain.headers.subscribe", "[]".to_string()),
-            Topic::Script(sh) => ("blockchain.scripthash.subscribe", format!("[{}]", jsonrpc::quote(sh))),
+            Topic::Script(sh) => (
+                "blockchain.scripthash.subscribe",
+                format!("[{}]", jsonrpc::quote(sh)),
+            ),
         };
         let (tx, rx) = oneshot::channel();
         let mut job = Job::new(
@@ -398,16 +450,20 @@ impl Actor {
         // The hub re-subscribes by itself; a retry elsewhere would answer
         // from a connection it does not know about.
         job.retryable = false;
-        self.stats.upstream_subscribe_requests.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .upstream_subscribe_requests
+            .fetch_add(1, Ordering::Relaxed);
         if let Err(job) = self.pool.dispatch_to(conn, job) {
-            job.responder
-                .fail(RpcError::new(ErrorCode::UpstreamUnavailable, "upstream connection went away"));
+            job.responder.fail(RpcError::new(
+                ErrorCode::UpstreamUnavailable,
+                "upstream connection went away",
+            ));
         }
         let back = self.self_tx.clone();
         tokio::spawn(async move {
-            let reply = rx
-                .await
-                .unwrap_or_else(|_| Err(RpcError::new(ErrorCode::UpstreamUnavailable, "no answer")));
+            let reply = rx.await.unwrap_or_else(|_| {
+                Err(RpcError::new(ErrorCode::UpstreamUnavailable, "no answer"))
+            });
             let _ = back.send(Command::Subscribed {
                 topic,
                 conn,
@@ -419,7 +475,9 @@ impl Actor {
 
     fn on_subscribed(&mut self, topic: Topic, conn: ConnId, generation: u64, reply: InternalReply) {
         let pool_has_conn = self.pool.is_up(conn);
-        let Some(entry) = self.entry(&topic) else { return };
+        let Some(entry) = self.entry(&topic) else {
+            return;
+        };
         if entry.generation != generation {
             return;
         }
@@ -501,17 +559,24 @@ impl Actor {
                     self.start_subscribe(topic);
                 }
             }
-            PoolEvent::Notification { conn, method, params } => self.on_notification(conn, &method, params.get()),
+            PoolEvent::Notification {
+                conn,
+                method,
+                params,
+            } => self.on_notification(conn, &method, params.get()),
         }
     }
 
     fn on_notification(&mut self, conn: ConnId, method: &str, params: &str) {
         match method {
             "blockchain.scripthash.subscribe" => {
-                let Ok((sh, status)) = serde_json::from_str::<(String, Option<String>)>(params) else {
+                let Ok((sh, status)) = serde_json::from_str::<(String, Option<String>)>(params)
+                else {
                     return;
                 };
-                let Some(entry) = self.scripts.get_mut(&sh) else { return };
+                let Some(entry) = self.scripts.get_mut(&sh) else {
+                    return;
+                };
                 if entry.conn != Some(conn) {
                     return;
                 }
@@ -531,7 +596,10 @@ impl Actor {
                 let Ok(list) = serde_json::from_str::<Vec<serde_json::Value>>(params) else {
                     return;
                 };
-                let Some(value) = list.first().and_then(|v| parse_value(&Topic::Headers, &v.to_string())) else {
+                let Some(value) = list
+                    .first()
+                    .and_then(|v| parse_value(&Topic::Headers, &v.to_string()))
+                else {
                     return;
                 };
                 if self.headers.value.as_ref() != Some(&value) {
@@ -550,8 +618,12 @@ impl Actor {
 
     /// Write the entry's current value to every subscriber, each in its form.
     fn fan_out(&mut self, topic: &Topic) {
-        let Some(entry) = self.entry(topic) else { return };
-        let Some(value) = entry.value.clone() else { return };
+        let Some(entry) = self.entry(topic) else {
+            return;
+        };
+        let Some(value) = entry.value.clone() else {
+            return;
+        };
         let mut lines: HashMap<&Form, Option<jsonrpc::Line>> = HashMap::new();
         let mut sent = 0u64;
         for sub in entry.subscribers.values() {
@@ -654,6 +726,8 @@ fn notification(topic: &Topic, form: &Form, value: &Value) -> Option<jsonrpc::Li
         (Topic::Headers, Form::Header(HeaderForm::Height)) => {
             jsonrpc::notification_line("blockchain.numblocks.subscribe", &format!("[{rendered}]"))
         }
-        (Topic::Headers, _) => jsonrpc::notification_line("blockchain.headers.subscribe", &format!("[{rendered}]")),
+        (Topic::Headers, _) => {
+            jsonrpc::notification_line("blockchain.headers.subscribe", &format!("[{rendered}]"))
+        }
     })
 }

@@ -170,7 +170,10 @@ fn classify_request(raw: &RawValue) -> Result<Request<'_>, Invalid<'_>> {
         Some(_) => {
             return Err(Invalid {
                 id,
-                error: RpcError::new(ErrorCode::InvalidParams, "params must be an array or object"),
+                error: RpcError::new(
+                    ErrorCode::InvalidParams,
+                    "params must be an array or object",
+                ),
             })
         }
         None => None,
@@ -194,7 +197,9 @@ pub fn parse_client_line(line: &[u8]) -> Result<ClientMessage<'_>, LineError> {
                 members.into_iter().map(classify_request).collect(),
             ))
         }
-        _ => Err(LineError::NotRequest("a request must be an object or a batch array")),
+        _ => Err(LineError::NotRequest(
+            "a request must be an object or a batch array",
+        )),
     }
 }
 
@@ -411,7 +416,11 @@ mod tests {
     fn missing_id_is_notification_but_null_id_is_kept() {
         assert!(single(r#"{"method":"server.ping"}"#).unwrap().id.is_none());
         assert_eq!(
-            single(r#"{"id":null,"method":"server.ping"}"#).unwrap().id.unwrap().get(),
+            single(r#"{"id":null,"method":"server.ping"}"#)
+                .unwrap()
+                .id
+                .unwrap()
+                .get(),
             "null"
         );
     }
@@ -427,27 +436,54 @@ mod tests {
         let e = single(r#"{"id":1}"#).unwrap_err();
         assert_eq!(e.error.code, ErrorCode::InvalidRequest);
         assert_eq!(e.id.unwrap().get(), "1");
-        assert_eq!(single(r#"{"id":1,"method":5}"#).unwrap_err().error.code, ErrorCode::InvalidRequest);
-        assert_eq!(single(r#"{"id":{},"method":"a"}"#).unwrap_err().error.code, ErrorCode::InvalidRequest);
         assert_eq!(
-            single(r#"{"id":1,"method":"a","params":"x"}"#).unwrap_err().error.code,
+            single(r#"{"id":1,"method":5}"#).unwrap_err().error.code,
+            ErrorCode::InvalidRequest
+        );
+        assert_eq!(
+            single(r#"{"id":{},"method":"a"}"#).unwrap_err().error.code,
+            ErrorCode::InvalidRequest
+        );
+        assert_eq!(
+            single(r#"{"id":1,"method":"a","params":"x"}"#)
+                .unwrap_err()
+                .error
+                .code,
             ErrorCode::InvalidParams
         );
     }
 
     #[test]
     fn line_errors() {
-        assert_eq!(parse_client_line(b"not json").unwrap_err(), LineError::Parse);
-        assert_eq!(parse_client_line(b"{\"id\":1,").unwrap_err(), LineError::Parse);
-        assert_eq!(parse_client_line(b"\xff\xfe").unwrap_err(), LineError::Parse);
-        assert!(matches!(parse_client_line(b"5").unwrap_err(), LineError::NotRequest(_)));
-        assert!(matches!(parse_client_line(b"[]").unwrap_err(), LineError::NotRequest(_)));
+        assert_eq!(
+            parse_client_line(b"not json").unwrap_err(),
+            LineError::Parse
+        );
+        assert_eq!(
+            parse_client_line(b"{\"id\":1,").unwrap_err(),
+            LineError::Parse
+        );
+        assert_eq!(
+            parse_client_line(b"\xff\xfe").unwrap_err(),
+            LineError::Parse
+        );
+        assert!(matches!(
+            parse_client_line(b"5").unwrap_err(),
+            LineError::NotRequest(_)
+        ));
+        assert!(matches!(
+            parse_client_line(b"[]").unwrap_err(),
+            LineError::NotRequest(_)
+        ));
     }
 
     #[test]
     fn batch_members_are_classified_separately() {
-        let msg = parse_client_line(br#"[{"id":1,"method":"a"}, 7, {"id":2,"method":"b"}]"#).unwrap();
-        let ClientMessage::Batch(members) = msg else { panic!() };
+        let msg =
+            parse_client_line(br#"[{"id":1,"method":"a"}, 7, {"id":2,"method":"b"}]"#).unwrap();
+        let ClientMessage::Batch(members) = msg else {
+            panic!()
+        };
         assert_eq!(members.len(), 3);
         assert!(members[0].is_ok());
         assert!(members[1].is_err());
@@ -456,7 +492,10 @@ mod tests {
 
     #[test]
     fn upstream_padded_response() {
-        let line = format!(r#"{{"jsonrpc":"2.0","result":["ElectrumX 2.0.0","1.4"],"id":7{}}}"#, " ".repeat(900));
+        let line = format!(
+            r#"{{"jsonrpc":"2.0","result":["ElectrumX 2.0.0","1.4"],"id":7{}}}"#,
+            " ".repeat(900)
+        );
         let msgs = parse_upstream_line(line.as_bytes()).unwrap();
         match &msgs[0] {
             UpstreamMessage::Response { id, outcome } => {
@@ -470,9 +509,17 @@ mod tests {
     #[test]
     fn upstream_error_null_is_success() {
         let msgs = parse_upstream_line(br#"{"result":5,"error":null,"id":3}"#).unwrap();
-        assert!(matches!(&msgs[0], UpstreamMessage::Response { id: 3, outcome: Ok(r) } if r.get() == "5"));
+        assert!(
+            matches!(&msgs[0], UpstreamMessage::Response { id: 3, outcome: Ok(r) } if r.get() == "5")
+        );
         let msgs = parse_upstream_line(br#"{"error":{"code":1,"message":"x"},"id":4}"#).unwrap();
-        assert!(matches!(&msgs[0], UpstreamMessage::Response { id: 4, outcome: Err(_) }));
+        assert!(matches!(
+            &msgs[0],
+            UpstreamMessage::Response {
+                id: 4,
+                outcome: Err(_)
+            }
+        ));
     }
 
     #[test]
@@ -481,7 +528,9 @@ mod tests {
             br#"[{"jsonrpc":"2.0","method":"blockchain.relayfee"}, {"result":null,"id":2}]"#,
         )
         .unwrap();
-        assert!(matches!(&msgs[0], UpstreamMessage::Notification { method, params: None } if method == "blockchain.relayfee"));
+        assert!(
+            matches!(&msgs[0], UpstreamMessage::Notification { method, params: None } if method == "blockchain.relayfee")
+        );
         assert!(matches!(&msgs[1], UpstreamMessage::Response { id: 2, .. }));
         let msgs = parse_upstream_line(br#"{"error":{"code":-32700},"id":null}"#).unwrap();
         assert!(matches!(msgs[0], UpstreamMessage::Unmatched));
@@ -489,7 +538,10 @@ mod tests {
 
     #[test]
     fn reply_lines() {
-        assert_eq!(result_line("\"x\"", "[1]"), br#"{"jsonrpc":"2.0","result":[1],"id":"x"}"#);
+        assert_eq!(
+            result_line("\"x\"", "[1]"),
+            br#"{"jsonrpc":"2.0","result":[1],"id":"x"}"#
+        );
         let err = RpcError::new(ErrorCode::ParseError, "invalid \"JSON\"");
         assert_eq!(
             String::from_utf8(error_line(NULL_ID, &err)).unwrap(),
@@ -497,7 +549,10 @@ mod tests {
         );
         let mut buf = Vec::new();
         finish_request(&mut buf, &request_prefix("server.ping", "[]"), 1234);
-        assert_eq!(buf, b"{\"jsonrpc\":\"2.0\",\"method\":\"server.ping\",\"params\":[],\"id\":1234}\n");
+        assert_eq!(
+            buf,
+            b"{\"jsonrpc\":\"2.0\",\"method\":\"server.ping\",\"params\":[],\"id\":1234}\n"
+        );
         assert_eq!(batch_line(vec![b"1".to_vec(), b"2".to_vec()]), b"[1,2]");
     }
 }

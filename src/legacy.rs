@@ -20,9 +20,9 @@ const CHUNK: u64 = 2016;
 /// Route a method the router has no special case for.
 pub fn route(router: &Router, method: &str, params: &str, responder: Responder) {
     let args: Option<Vec<Value>> = match method {
-        "blockchain.block.get_header" | "blockchain.block.get_chunk" | "blockchain.transaction.get" => {
-            serde_json::from_str(params).ok()
-        }
+        "blockchain.block.get_header"
+        | "blockchain.block.get_chunk"
+        | "blockchain.transaction.get" => serde_json::from_str(params).ok(),
         _ => None,
     };
     match (method, args.as_deref()) {
@@ -30,11 +30,17 @@ pub fn route(router: &Router, method: &str, params: &str, responder: Responder) 
             let Some(height) = h.as_u64() else {
                 return responder.fail(bad_height(h));
             };
-            translate(router, "blockchain.block.header", format!("[{height}]"), responder, move |raw| {
-                let hex: String = serde_json::from_str(raw).map_err(|_| unexpected(raw))?;
-                header::render(HeaderForm::Deserialized, height, &hex)
-                    .map_err(|e| RpcError::new(ErrorCode::InternalError, e))
-            });
+            translate(
+                router,
+                "blockchain.block.header",
+                format!("[{height}]"),
+                responder,
+                move |raw| {
+                    let hex: String = serde_json::from_str(raw).map_err(|_| unexpected(raw))?;
+                    header::render(HeaderForm::Deserialized, height, &hex)
+                        .map_err(|e| RpcError::new(ErrorCode::InternalError, e))
+                },
+            );
         }
         ("blockchain.block.get_chunk", Some([i, ..])) => {
             let Some(index) = i.as_u64() else {
@@ -70,7 +76,10 @@ fn bad_height(v: &Value) -> RpcError {
 
 fn unexpected(raw: &str) -> RpcError {
     let shown: String = raw.chars().take(80).collect();
-    RpcError::new(ErrorCode::InternalError, format!("unexpected upstream answer: {shown}"))
+    RpcError::new(
+        ErrorCode::InternalError,
+        format!("unexpected upstream answer: {shown}"),
+    )
 }
 
 /// Forward `method` upstream and turn its result into the legacy form with

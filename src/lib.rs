@@ -49,7 +49,10 @@ pub use app::{start, Server};
 pub use config::Config;
 
 /// Run the proxy until `shutdown` completes, then shut down gracefully.
-pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let server = start(config).await?;
     shutdown.await;
     tracing::info!("shutting down");

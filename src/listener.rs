@@ -95,7 +95,10 @@ impl Connection {
             Some(handle) => {
                 let config = handle.read().unwrap_or_else(|p| p.into_inner()).clone();
                 let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                let handshake = tokio::time::timeout(self.limits.first_line_timeout, acceptor.accept(self.stream));
+                let handshake = tokio::time::timeout(
+                    self.limits.first_line_timeout,
+                    acceptor.accept(self.stream),
+                );
                 let stream = tokio::select! {
                     _ = self.stops.drain.cancelled() => return,
                     r = handshake => match r {

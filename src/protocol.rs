@@ -40,7 +40,9 @@ impl std::str::FromStr for Version {
         let mut parts = s.trim().split('.');
         let mut next = |required: bool| -> Result<u32, ()> {
             match parts.next() {
-                Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.len() < 6 => {
+                Some(p)
+                    if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.len() < 6 =>
+                {
                     p.parse().map_err(|_| ())
                 }
                 Some(_) => Err(()),
@@ -113,7 +115,12 @@ pub fn version_result(server_name: &str, v: Version) -> String {
 }
 
 fn parse_one(v: &Value) -> Result<Version, RpcError> {
-    let bad = || RpcError::new(ErrorCode::BadRequest, format!("invalid protocol version: {v}"));
+    let bad = || {
+        RpcError::new(
+            ErrorCode::BadRequest,
+            format!("invalid protocol version: {v}"),
+        )
+    };
     match v {
         Value::String(s) => s.parse().map_err(|_| bad()),
         _ => Err(bad()),
@@ -149,16 +156,18 @@ pub fn negotiate(params: &str, current: Level, server_name: &str) -> Negotiated 
         // ElectrumX takes a missing version as its lowest; the oldest clients
         // that omit it are the legacy ones.
         None | Some(Value::Null) => (Version::new(1, 0), Version::new(1, 0)),
-        Some(Value::Array(pair)) if pair.len() == 2 => match (parse_one(&pair[0]), parse_one(&pair[1])) {
-            (Ok(a), Ok(b)) if a <= b => (a, b),
-            (Ok(_), Ok(_)) => {
-                return refuse(RpcError::new(
-                    ErrorCode::BadRequest,
-                    "invalid protocol version range: minimum above maximum",
-                ))
+        Some(Value::Array(pair)) if pair.len() == 2 => {
+            match (parse_one(&pair[0]), parse_one(&pair[1])) {
+                (Ok(a), Ok(b)) if a <= b => (a, b),
+                (Ok(_), Ok(_)) => {
+                    return refuse(RpcError::new(
+                        ErrorCode::BadRequest,
+                        "invalid protocol version range: minimum above maximum",
+                    ))
+                }
+                (Err(e), _) | (_, Err(e)) => return refuse(e),
             }
-            (Err(e), _) | (_, Err(e)) => return refuse(e),
-        },
+        }
         Some(v @ Value::String(_)) => match parse_one(&v) {
             Ok(v) => (v, v),
             Err(e) => return refuse(e),
@@ -219,20 +228,44 @@ mod tests {
 
     #[test]
     fn pre_1_0_is_legacy_with_a_plain_string() {
-        assert_eq!(accept(r#"["wallet","0.9"]"#), (Level::Legacy(Version(0, 9, 0)), format!("\"{NAME}\"")));
-        assert_eq!(accept(r#"["wallet","1.0"]"#), (Level::Legacy(Version(1, 0, 0)), format!("\"{NAME}\"")));
+        assert_eq!(
+            accept(r#"["wallet","0.9"]"#),
+            (Level::Legacy(Version(0, 9, 0)), format!("\"{NAME}\""))
+        );
+        assert_eq!(
+            accept(r#"["wallet","1.0"]"#),
+            (Level::Legacy(Version(1, 0, 0)), format!("\"{NAME}\""))
+        );
     }
 
     #[test]
     fn legacy_from_1_1_gets_a_pair() {
-        assert_eq!(accept(r#"["w","1.2"]"#), (Level::Legacy(Version(1, 2, 0)), format!("[\"{NAME}\",\"1.2\"]")));
+        assert_eq!(
+            accept(r#"["w","1.2"]"#),
+            (
+                Level::Legacy(Version(1, 2, 0)),
+                format!("[\"{NAME}\",\"1.2\"]")
+            )
+        );
     }
 
     #[test]
     fn ranges_pick_the_highest_common() {
-        assert_eq!(accept(r#"["w",["1.1","1.4"]]"#).0, Level::Modern(Version(1, 4, 0)));
-        assert_eq!(accept(r#"["", ["1.4", "1.6"]]"#), (Level::Modern(Version(1, 4, 2)), format!("[\"{NAME}\",\"1.4.2\"]")));
-        assert_eq!(accept(r#"["w","1.4.2"]"#).0, Level::Modern(Version(1, 4, 2)));
+        assert_eq!(
+            accept(r#"["w",["1.1","1.4"]]"#).0,
+            Level::Modern(Version(1, 4, 0))
+        );
+        assert_eq!(
+            accept(r#"["", ["1.4", "1.6"]]"#),
+            (
+                Level::Modern(Version(1, 4, 2)),
+                format!("[\"{NAME}\",\"1.4.2\"]")
+            )
+        );
+        assert_eq!(
+            accept(r#"["w","1.4.2"]"#).0,
+            Level::Modern(Version(1, 4, 2))
+        );
         // A single version above the maximum is a client whose minimum is
         // above ours only if it is its minimum too: "1.6" alone is min=max=1.6.
         assert_eq!(refuse(r#"["w","1.6"]"#), (ErrorCode::BadRequest, true));
@@ -240,21 +273,30 @@ mod tests {
 
     #[test]
     fn minimum_above_maximum_is_refused_and_disconnected() {
-        assert_eq!(refuse(r#"["w",["1.7","1.8"]]"#), (ErrorCode::BadRequest, true));
+        assert_eq!(
+            refuse(r#"["w",["1.7","1.8"]]"#),
+            (ErrorCode::BadRequest, true)
+        );
     }
 
     #[test]
     fn malformed_versions_are_errors_without_disconnect() {
         assert_eq!(refuse(r#"["w",14]"#), (ErrorCode::BadRequest, false));
         assert_eq!(refuse(r#"["w","one"]"#), (ErrorCode::BadRequest, false));
-        assert_eq!(refuse(r#"["w",["1.4","1.2"]]"#), (ErrorCode::BadRequest, false));
+        assert_eq!(
+            refuse(r#"["w",["1.4","1.2"]]"#),
+            (ErrorCode::BadRequest, false)
+        );
         assert_eq!(refuse(r#""x""#), (ErrorCode::InvalidParams, false));
     }
 
     #[test]
     fn missing_version_and_named_params() {
         assert_eq!(accept(r#"[]"#).0, Level::Legacy(Version(1, 0, 0)));
-        assert_eq!(accept(r#"{"client_name":"x","protocol_version":"1.4"}"#).0, Level::Modern(Version(1, 4, 0)));
+        assert_eq!(
+            accept(r#"{"client_name":"x","protocol_version":"1.4"}"#).0,
+            Level::Modern(Version(1, 4, 0))
+        );
     }
 
     #[test]
@@ -262,12 +304,18 @@ mod tests {
         let level = Level::Legacy(Version(0, 9, 0));
         assert_eq!(
             negotiate(r#"["w","1.4"]"#, level, NAME),
-            Negotiated::Accept { level, result: format!("\"{NAME}\"") }
+            Negotiated::Accept {
+                level,
+                result: format!("\"{NAME}\"")
+            }
         );
         let level = Level::Modern(Version(1, 4, 0));
         assert_eq!(
             negotiate(r#"["w",["1.7","1.8"]]"#, level, NAME),
-            Negotiated::Accept { level, result: format!("[\"{NAME}\",\"1.4\"]") }
+            Negotiated::Accept {
+                level,
+                result: format!("[\"{NAME}\",\"1.4\"]")
+            }
         );
     }
 }

@@ -240,7 +240,8 @@ impl Batch {
             }
         };
         if let Some(slots) = done {
-            self.out.send(jsonrpc::batch_line(slots.into_iter().flatten()));
+            self.out
+                .send(jsonrpc::batch_line(slots.into_iter().flatten()));
             self.out.end_request();
         }
     }
@@ -261,7 +262,10 @@ mod tests {
         let r = Responder::client(&raw("\"abc\""), &out);
         assert_eq!(out.pending(), 1);
         r.deliver(Ok(&raw("[1,2]")));
-        assert_eq!(rx.recv().await.unwrap(), br#"{"jsonrpc":"2.0","result":[1,2],"id":"abc"}"#);
+        assert_eq!(
+            rx.recv().await.unwrap(),
+            br#"{"jsonrpc":"2.0","result":[1,2],"id":"abc"}"#
+        );
         assert_eq!(out.pending(), 0);
     }
 
@@ -272,7 +276,9 @@ mod tests {
         let batch = Batch::new(vec![raw("1"), raw("2")], &out);
         batch.slot(1).deliver(Ok(&raw("\"b\"")));
         assert!(rx.try_recv().is_err());
-        batch.slot(0).fail(RpcError::new(crate::jsonrpc::ErrorCode::InternalError, "x"));
+        batch
+            .slot(0)
+            .fail(RpcError::new(crate::jsonrpc::ErrorCode::InternalError, "x"));
         let line = String::from_utf8(rx.recv().await.unwrap()).unwrap();
         assert_eq!(
             line,

@@ -99,13 +99,21 @@ impl Router {
         }
     }
 
-    fn handle_batch(&self, st: &mut SessionState, members: Vec<Result<Request<'_>, jsonrpc::Invalid<'_>>>) {
+    fn handle_batch(
+        &self,
+        st: &mut SessionState,
+        members: Vec<Result<Request<'_>, jsonrpc::Invalid<'_>>>,
+    ) {
         if members.len() > self.max_batch {
             st.out.send(jsonrpc::error_line(
                 jsonrpc::NULL_ID,
                 &RpcError::new(
                     ErrorCode::InvalidRequest,
-                    format!("batch of {} requests exceeds the limit of {}", members.len(), self.max_batch),
+                    format!(
+                        "batch of {} requests exceeds the limit of {}",
+                        members.len(),
+                        self.max_batch
+                    ),
                 ),
             ));
             return;
@@ -119,7 +127,11 @@ impl Router {
                 Err(inv) => Some(inv.id.map(|i| i.to_owned()).unwrap_or_else(null_id)),
             })
             .collect();
-        let batch = if ids.is_empty() { None } else { Some(Batch::new(ids, &st.out)) };
+        let batch = if ids.is_empty() {
+            None
+        } else {
+            Some(Batch::new(ids, &st.out))
+        };
         let mut slot = 0;
         for member in members {
             let answered = match &member {
@@ -145,7 +157,12 @@ impl Router {
     }
 
     /// Route one request. `responder` is `None` for client notifications.
-    fn handle_request(&self, st: &mut SessionState, req: &Request<'_>, responder: Option<Responder>) {
+    fn handle_request(
+        &self,
+        st: &mut SessionState,
+        req: &Request<'_>,
+        responder: Option<Responder>,
+    ) {
         let method = req.method.as_ref();
         let params = req.params_str();
         // Local answers first: they describe the proxy, not an upstream.
@@ -179,9 +196,12 @@ impl Router {
                 let form = header_form(st.level, params);
                 self.subscribe(st, Topic::Headers, Form::Header(form), responder);
             }
-            "blockchain.numblocks.subscribe" => {
-                self.subscribe(st, Topic::Headers, Form::Header(HeaderForm::Height), responder)
-            }
+            "blockchain.numblocks.subscribe" => self.subscribe(
+                st,
+                Topic::Headers,
+                Form::Header(HeaderForm::Height),
+                responder,
+            ),
             "blockchain.scripthash.subscribe" => match scripthash_param(params) {
                 Ok(sh) => self.subscribe(st, Topic::Script(sh), Form::Scripthash, responder),
                 Err(e) => responder.fail(e),
@@ -190,7 +210,9 @@ impl Router {
                 Ok(sh) => self.unsubscribe(st, Topic::Script(sh), Form::Scripthash, responder),
                 Err(e) => responder.fail(e),
             },
-            m if m.starts_with("blockchain.address.") => self.address_method(st, m, params, responder),
+            m if m.starts_with("blockchain.address.") => {
+                self.address_method(st, m, params, responder)
+            }
             m if SCRIPTHASH_READS.contains(&m) => {
                 let affinity = first_string(params).filter(|s| coin::is_scripthash(s));
                 self.forward(m, params, responder, affinity.as_deref());
@@ -209,18 +231,20 @@ impl Router {
     ) -> Option<Result<String, RpcError>> {
         let text = match method {
             "server.version" => {
-                return Some(match protocol::negotiate(params, st.level, &self.info.server_name) {
-                    Negotiated::Accept { level, result } => {
-                        st.level = level;
-                        Ok(result)
-                    }
-                    Negotiated::Refuse { error, disconnect } => {
-                        if disconnect {
-                            st.close = true;
+                return Some(
+                    match protocol::negotiate(params, st.level, &self.info.server_name) {
+                        Negotiated::Accept { level, result } => {
+                            st.level = level;
+                            Ok(result)
                         }
-                        Err(error)
-                    }
-                })
+                        Negotiated::Refuse { error, disconnect } => {
+                            if disconnect {
+                                st.close = true;
+                            }
+                            Err(error)
+                        }
+                    },
+                )
             }
             "server.ping" => "null".to_string(),
             "server.banner" => jsonrpc::quote(&self.info.banner),
@@ -239,7 +263,11 @@ impl Router {
     }
 
     fn features(&self) -> String {
-        let genesis = self.info.genesis_hash.clone().or_else(|| self.pool.genesis_hash());
+        let genesis = self
+            .info
+            .genesis_hash
+            .clone()
+            .or_else(|| self.pool.genesis_hash());
         serde_json::json!({
             "hosts": serde_json::from_str::<Value>(&self.info.hosts).unwrap_or(Value::Null),
             "genesis_hash": genesis,
@@ -253,13 +281,22 @@ impl Router {
         .to_string()
     }
 
-    pub(crate) fn subscribe(&self, st: &mut SessionState, topic: Topic, form: Form, responder: Responder) {
+    pub(crate) fn subscribe(
+        &self,
+        st: &mut SessionState,
+        topic: Topic,
+        form: Form,
+        responder: Responder,
+    ) {
         let key = (topic.clone(), form.clone());
         if !st.subs.contains(&key) {
             if st.subs.len() >= self.max_subs_per_session {
                 responder.fail(RpcError::new(
                     ErrorCode::LimitExceeded,
-                    format!("too many subscriptions in this session (limit {})", self.max_subs_per_session),
+                    format!(
+                        "too many subscriptions in this session (limit {})",
+                        self.max_subs_per_session
+                    ),
                 ));
                 return;
             }
@@ -274,18 +311,31 @@ impl Router {
     }
 
     /// `blockchain.address.*`: translated to the scripthash twin.
-    fn address_method(&self, st: &mut SessionState, method: &str, params: &str, responder: Responder) {
+    fn address_method(
+        &self,
+        st: &mut SessionState,
+        method: &str,
+        params: &str,
+        responder: Responder,
+    ) {
         let Some(address) = first_string(params) else {
-            return responder.fail(RpcError::new(ErrorCode::InvalidParams, "expected an address as the first parameter"));
+            return responder.fail(RpcError::new(
+                ErrorCode::InvalidParams,
+                "expected an address as the first parameter",
+            ));
         };
         let sh = match coin::address_to_scripthash(&address, self.info.address_versions) {
             Ok(sh) => sh,
-            Err(e) => return responder.fail(RpcError::new(ErrorCode::InvalidParams, e.to_string())),
+            Err(e) => {
+                return responder.fail(RpcError::new(ErrorCode::InvalidParams, e.to_string()))
+            }
         };
         let suffix = &method["blockchain.address.".len()..];
         match suffix {
             "subscribe" => self.subscribe(st, Topic::Script(sh), Form::Address(address), responder),
-            "unsubscribe" => self.unsubscribe(st, Topic::Script(sh), Form::Address(address), responder),
+            "unsubscribe" => {
+                self.unsubscribe(st, Topic::Script(sh), Form::Address(address), responder)
+            }
             "get_balance" | "get_history" | "get_mempool" | "listunspent" => {
                 let method = format!("blockchain.scripthash.{suffix}");
                 let params = format!("[{}]", jsonrpc::quote(&sh));
@@ -300,7 +350,13 @@ impl Router {
 
     /// Forward to an upstream, preferring the connection that holds the
     /// subscription of `affinity` (a scripthash).
-    pub(crate) fn forward(&self, method: &str, params: &str, responder: Responder, affinity: Option<&str>) {
+    pub(crate) fn forward(
+        &self,
+        method: &str,
+        params: &str,
+        responder: Responder,
+        affinity: Option<&str>,
+    ) {
         let mut job = Job::new(
             jsonrpc::request_prefix(method, params),
             responder,
@@ -353,8 +409,14 @@ pub(crate) fn first_string(params: &str) -> Option<String> {
 fn scripthash_param(params: &str) -> Result<String, RpcError> {
     match first_string(params) {
         Some(sh) if coin::is_scripthash(&sh) => Ok(sh.to_ascii_lowercase()),
-        Some(sh) => Err(RpcError::new(ErrorCode::InvalidParams, format!("invalid scripthash: {sh}"))),
-        None => Err(RpcError::new(ErrorCode::InvalidParams, "expected a scripthash as the first parameter")),
+        Some(sh) => Err(RpcError::new(
+            ErrorCode::InvalidParams,
+            format!("invalid scripthash: {sh}"),
+        )),
+        None => Err(RpcError::new(
+            ErrorCode::InvalidParams,
+            "expected a scripthash as the first parameter",
+        )),
     }
 }
 
@@ -365,18 +427,42 @@ mod tests {
     #[test]
     fn header_forms_follow_the_level() {
         assert_eq!(header_form(Level::Unnegotiated, "[]"), HeaderForm::Hybrid);
-        assert_eq!(header_form(Level::Modern(Version::new(1, 4)), "[]"), HeaderForm::Modern);
-        assert_eq!(header_form(Level::Legacy(Version::new(0, 9)), "[true]"), HeaderForm::Deserialized);
-        assert_eq!(header_form(Level::Legacy(Version::new(1, 2)), "[true]"), HeaderForm::Modern);
-        assert_eq!(header_form(Level::Legacy(Version::new(1, 2)), "[]"), HeaderForm::Deserialized);
+        assert_eq!(
+            header_form(Level::Modern(Version::new(1, 4)), "[]"),
+            HeaderForm::Modern
+        );
+        assert_eq!(
+            header_form(Level::Legacy(Version::new(0, 9)), "[true]"),
+            HeaderForm::Deserialized
+        );
+        assert_eq!(
+            header_form(Level::Legacy(Version::new(1, 2)), "[true]"),
+            HeaderForm::Modern
+        );
+        assert_eq!(
+            header_form(Level::Legacy(Version::new(1, 2)), "[]"),
+            HeaderForm::Deserialized
+        );
     }
 
     #[test]
     fn scripthash_params() {
         let sh = "AB".repeat(32);
-        assert_eq!(scripthash_param(&format!("[\"{sh}\"]")).unwrap(), "ab".repeat(32));
-        assert_eq!(scripthash_param("[\"xyz\"]").unwrap_err().code, ErrorCode::InvalidParams);
-        assert_eq!(scripthash_param("[]").unwrap_err().code, ErrorCode::InvalidParams);
-        assert_eq!(scripthash_param("{}").unwrap_err().code, ErrorCode::InvalidParams);
+        assert_eq!(
+            scripthash_param(&format!("[\"{sh}\"]")).unwrap(),
+            "ab".repeat(32)
+        );
+        assert_eq!(
+            scripthash_param("[\"xyz\"]").unwrap_err().code,
+            ErrorCode::InvalidParams
+        );
+        assert_eq!(
+            scripthash_param("[]").unwrap_err().code,
+            ErrorCode::InvalidParams
+        );
+        assert_eq!(
+            scripthash_param("{}").unwrap_err().code,
+            ErrorCode::InvalidParams
+        );
     }
 }

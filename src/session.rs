@@ -108,9 +108,7 @@ where
         }
     };
     tracing::debug!(?end, pending = st.out.pending(), "session ends");
-    router
-        .hub
-        .session_closed(st.id, st.subs.drain().collect());
+    router.hub.session_closed(st.id, st.subs.drain().collect());
     // The writer finishes once every pending answer has been written (each
     // holds a clone of the queue's sender) or the hard stop comes.
     drop(st);
@@ -118,8 +116,12 @@ where
     let _ = writer.await;
 }
 
-async fn write_loop<W>(mut wr: W, mut rx: mpsc::Receiver<Line>, kill: CancellationToken, hard: CancellationToken)
-where
+async fn write_loop<W>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Line>,
+    kill: CancellationToken,
+    hard: CancellationToken,
+) where
     W: AsyncWrite + Unpin,
 {
     let mut buf: Vec<u8> = Vec::new();

@@ -69,7 +69,10 @@ fn is_dev_certificate(cert: &CertificateDer<'_>) -> bool {
 
 /// Parse a SHA-256 fingerprint written as hex, with or without `:`.
 pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], String> {
-    let clean: String = text.chars().filter(|c| *c != ':' && !c.is_whitespace()).collect();
+    let clean: String = text
+        .chars()
+        .filter(|c| *c != ':' && !c.is_whitespace())
+        .collect();
     let bytes = hex::decode(&clean).map_err(|_| "must be hex (colons allowed)".to_string())?;
     bytes
         .try_into()
@@ -109,7 +112,9 @@ pub fn client_config(entry: &UpstreamEntry) -> Result<Arc<rustls::ClientConfig>,
         match &entry.ca_file {
             Some(path) => {
                 for cert in read_certs(path)? {
-                    roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
                 }
             }
             None => {
@@ -164,7 +169,12 @@ impl ServerCertVerifier for Unverified {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -173,11 +183,18 @@ impl ServerCertVerifier for Unverified {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -212,6 +229,8 @@ mod tests {
             cert: "/nonexistent/c.pem".into(),
             key: "/nonexistent/k.pem".into(),
         };
-        assert!(server_config(&files).unwrap_err().contains("/nonexistent/c.pem"));
+        assert!(server_config(&files)
+            .unwrap_err()
+            .contains("/nonexistent/c.pem"));
     }
 }

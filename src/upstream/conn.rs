@@ -150,7 +150,10 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
     let reason = actor.run(&mut reader, &mut wr, rx).await;
     ctx.shared.ready.store(false, Ordering::Release);
     let _ = ctx.events.send(PoolEvent::Down { conn });
-    let unanswered = std::mem::take(&mut actor.pending).into_values().map(|p| p.job).collect();
+    let unanswered = std::mem::take(&mut actor.pending)
+        .into_values()
+        .map(|p| p.job)
+        .collect();
     Ended {
         reason,
         unanswered,
@@ -175,9 +178,19 @@ impl Actor<'_> {
         let version_params = serde_json::to_string(&(self.ctx.client_name, self.ctx.protocol))
             .expect("strings serialize");
         let mut buf = Vec::new();
-        jsonrpc::finish_request(&mut buf, &jsonrpc::request_prefix("server.version", &version_params), 0);
-        jsonrpc::finish_request(&mut buf, &jsonrpc::request_prefix("server.features", "[]"), 1);
-        wr.write_all(&buf).await.map_err(|e| format!("write: {e}"))?;
+        jsonrpc::finish_request(
+            &mut buf,
+            &jsonrpc::request_prefix("server.version", &version_params),
+            0,
+        );
+        jsonrpc::finish_request(
+            &mut buf,
+            &jsonrpc::request_prefix("server.features", "[]"),
+            1,
+        );
+        wr.write_all(&buf)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
 
         let mut info = UpstreamInfo::default();
         let mut got = [false, false];
@@ -191,19 +204,28 @@ impl Actor<'_> {
                 Frame::Line(l) => l,
                 Frame::Eof => return Err("closed during handshake".into()),
             };
-            let msgs = jsonrpc::parse_upstream_line(&line).map_err(|_| "invalid JSON in handshake".to_string())?;
+            let msgs = jsonrpc::parse_upstream_line(&line)
+                .map_err(|_| "invalid JSON in handshake".to_string())?;
             for msg in msgs {
                 match msg {
-                    UpstreamMessage::Response { id: 0, outcome: Ok(r) } => {
+                    UpstreamMessage::Response {
+                        id: 0,
+                        outcome: Ok(r),
+                    } => {
                         got[0] = true;
-                        if let Ok((software, proto)) = serde_json::from_str::<(String, String)>(r.get()) {
+                        if let Ok((software, proto)) =
+                            serde_json::from_str::<(String, String)>(r.get())
+                        {
                             info.server_version = Some(software);
                             info.protocol = Some(proto);
                         } else if let Ok(software) = serde_json::from_str::<String>(r.get()) {
                             info.server_version = Some(software);
                         }
                     }
-                    UpstreamMessage::Response { id: 0, outcome: Err(e) } => {
+                    UpstreamMessage::Response {
+                        id: 0,
+                        outcome: Err(e),
+                    } => {
                         return Err(format!("server.version refused: {}", e.get()));
                     }
                     UpstreamMessage::Response { id: 1, outcome } => {
@@ -223,12 +245,22 @@ impl Actor<'_> {
                 }
             }
         }
-        *self.ctx.shared.info.lock().unwrap_or_else(|p| p.into_inner()) = info;
+        *self
+            .ctx
+            .shared
+            .info
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = info;
         self.last_read = Instant::now();
         Ok(())
     }
 
-    async fn run(&mut self, reader: &mut Reader, wr: &mut Writer, rx: &mut mpsc::Receiver<Job>) -> String {
+    async fn run(
+        &mut self,
+        reader: &mut Reader,
+        wr: &mut Writer,
+        rx: &mut mpsc::Receiver<Job>,
+    ) -> String {
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
@@ -295,21 +327,33 @@ impl Actor<'_> {
             // Nobody waits for it, or it is already too late: do not spend
             // upstream work on it.
             self.ctx.shared.release();
-            job.responder.fail(RpcError::new(ErrorCode::UpstreamTimeout, "request timed out before it was sent"));
+            job.responder.fail(RpcError::new(
+                ErrorCode::UpstreamTimeout,
+                "request timed out before it was sent",
+            ));
             return;
         }
         let id = self.next_id;
         self.next_id += 1;
         jsonrpc::finish_request(buf, &job.prefix, id);
         self.deadlines.push(Reverse((job.deadline, id)));
-        self.pending.insert(id, Pending { job, sent: Instant::now() });
+        self.pending.insert(
+            id,
+            Pending {
+                job,
+                sent: Instant::now(),
+            },
+        );
     }
 
     fn on_line(&mut self, line: &[u8]) {
         let msgs = match jsonrpc::parse_upstream_line(line) {
             Ok(m) => m,
             Err(_) => {
-                tracing::warn!(upstream = self.ctx.label, "upstream sent invalid JSON: ignored");
+                tracing::warn!(
+                    upstream = self.ctx.label,
+                    "upstream sent invalid JSON: ignored"
+                );
                 return;
             }
         };
@@ -333,7 +377,10 @@ impl Actor<'_> {
                     });
                 }
                 UpstreamMessage::Unmatched => {
-                    tracing::debug!(upstream = self.ctx.label, "upstream answer with an unknown id");
+                    tracing::debug!(
+                        upstream = self.ctx.label,
+                        "upstream answer with an unknown id"
+                    );
                 }
             }
         }
@@ -345,7 +392,9 @@ impl Actor<'_> {
     fn expire(&mut self) -> Option<String> {
         let now = Instant::now();
         if let Some(oldest) = self.pending.values().next() {
-            if now.duration_since(oldest.sent) >= self.ctx.stall_after && self.last_read < oldest.sent {
+            if now.duration_since(oldest.sent) >= self.ctx.stall_after
+                && self.last_read < oldest.sent
+            {
                 return Some(format!(
                     "stalled: nothing received for {:.1}s with requests outstanding",
                     self.last_read.elapsed().as_secs_f64()

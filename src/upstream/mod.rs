@@ -65,8 +65,12 @@ impl Job {
 /// What connections report to whoever keeps state on them (the hub).
 #[derive(Debug)]
 pub enum PoolEvent {
-    Up { conn: ConnId },
-    Down { conn: ConnId },
+    Up {
+        conn: ConnId,
+    },
+    Down {
+        conn: ConnId,
+    },
     Notification {
         conn: ConnId,
         method: String,
@@ -129,7 +133,8 @@ impl Pool {
         let mut rxs = Vec::new();
         let mut dialers = Vec::new();
         for (i, entry) in entries.iter().enumerate() {
-            let dialer = Dialer::new(entry.clone()).map_err(|e| format!("coins.{coin}.upstreams[{i}]: {e}"))?;
+            let dialer = Dialer::new(entry.clone())
+                .map_err(|e| format!("coins.{coin}.upstreams[{i}]: {e}"))?;
             dialers.push(dialer);
             for _ in 0..entry.min_connections.max(1) {
                 let (tx, rx) = mpsc::channel(QUEUE_PER_CONNECTION);
@@ -232,11 +237,22 @@ impl Pool {
             .iter()
             .enumerate()
             .map(|(i, e)| {
-                let slots: Vec<&Slot> = self.inner.slots.iter().filter(|s| s.upstream == i).collect();
+                let slots: Vec<&Slot> = self
+                    .inner
+                    .slots
+                    .iter()
+                    .filter(|s| s.upstream == i)
+                    .collect();
                 let info = slots
                     .iter()
                     .find(|s| s.shared.is_ready())
-                    .map(|s| s.shared.info.lock().unwrap_or_else(|p| p.into_inner()).clone())
+                    .map(|s| {
+                        s.shared
+                            .info
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clone()
+                    })
                     .unwrap_or_default();
                 UpstreamStatus {
                     url: e.url.to_string(),
@@ -331,9 +347,10 @@ impl Supervisor {
             };
             match dialed {
                 Ok(stream) => {
-                    self.shared
-                        .id
-                        .store(NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed), Ordering::Release);
+                    self.shared.id.store(
+                        NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
+                        Ordering::Release,
+                    );
                     let ctx = ConnCtx {
                         label: &self.label,
                         shared: &self.shared,
@@ -387,7 +404,10 @@ impl Supervisor {
         self.rx.close();
         while let Ok(job) = self.rx.try_recv() {
             self.shared.release();
-            job.responder.fail(RpcError::new(ErrorCode::UpstreamUnavailable, "shutting down"));
+            job.responder.fail(RpcError::new(
+                ErrorCode::UpstreamUnavailable,
+                "shutting down",
+            ));
         }
     }
 
@@ -396,9 +416,10 @@ impl Supervisor {
         job.last_conn = Some(self.index);
         match self.pool.upgrade() {
             Some(pool) => pool.dispatch(job),
-            None => job
-                .responder
-                .fail(RpcError::new(ErrorCode::UpstreamUnavailable, "shutting down")),
+            None => job.responder.fail(RpcError::new(
+                ErrorCode::UpstreamUnavailable,
+                "shutting down",
+            )),
         }
     }
 
@@ -417,7 +438,8 @@ impl Supervisor {
                 } else {
                     "upstream connection lost after the request was sent; it was not resent"
                 };
-                job.responder.fail(RpcError::new(ErrorCode::UpstreamUnavailable, msg));
+                job.responder
+                    .fail(RpcError::new(ErrorCode::UpstreamUnavailable, msg));
             }
         }
     }
@@ -425,7 +447,8 @@ impl Supervisor {
     fn fail_all(&self, jobs: Vec<Job>, why: &str) {
         for job in jobs {
             self.shared.release();
-            job.responder.fail(RpcError::new(ErrorCode::UpstreamUnavailable, why));
+            job.responder
+                .fail(RpcError::new(ErrorCode::UpstreamUnavailable, why));
         }
     }
 }

@@ -53,13 +53,21 @@ mod tests {
 
     #[test]
     fn least_outstanding_wins() {
-        let cs = [c(true, 5, 1, false), c(true, 2, 1, false), c(true, 3, 1, false)];
+        let cs = [
+            c(true, 5, 1, false),
+            c(true, 2, 1, false),
+            c(true, 3, 1, false),
+        ];
         assert_eq!(pick(&cs, None), Some(1));
     }
 
     #[test]
     fn not_ready_is_skipped_and_full_is_a_last_resort() {
-        let cs = [c(false, 0, 1, false), c(true, 10, 1, false), c(true, 9, 1, false)];
+        let cs = [
+            c(false, 0, 1, false),
+            c(true, 10, 1, false),
+            c(true, 9, 1, false),
+        ];
         assert_eq!(pick(&cs, None), Some(2));
         let cs = [c(false, 0, 1, false), c(true, 12, 1, false)];
         assert_eq!(pick(&cs, None), Some(1));

@@ -1,0 +1,610 @@
+//! A mock ElectrumX upstream for integration tests.
+//!
+//! It keeps a small chain (80-byte headers), per-scripthash histories and raw
+//! transactions, answers the protocol-1.4 methods from them, and computes
+//! statuses exactly as ElectrumX does, so a client can check a status against
+//! `get_history`. Tests steer it: change a history (subscribers are notified),
+//! mine a block, kill connections, stall, stop and restart on the same port.
+//! It counts every request by method, and the live scripthash subscriptions.
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// How the mock behaves.
+#[derive(Clone, Default)]
+pub struct MockOptions {
+    /// Like ElectrumX 2.0: a session whose first request is not
+    /// `server.version` gets an error and is closed.
+    pub strict: bool,
+    /// Pad every line with spaces inside the JSON to 1 KiB, like ElectrumX 2.0.
+    pub pad: bool,
+    /// Serve TLS with this configuration.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Initial chain length (default 100 blocks).
+    pub blocks: Option<usize>,
+    /// Genesis seed: two mocks with the same seed share a chain.
+    pub seed: u8,
+}
+
+pub fn sha256d(data: &[u8]) -> [u8; 32] {
+    let first = Sha256::digest(data);
+    Sha256::digest(first).into()
+}
+
+/// Display-order hex of a hash (byte-reversed).
+pub fn hash_hex(h: [u8; 32]) -> String {
+    let mut v = h.to_vec();
+    v.reverse();
+    hex::encode(v)
+}
+
+/// The txid of a raw transaction.
+pub fn txid_of(raw_hex: &str) -> String {
+    hash_hex(sha256d(&hex::decode(raw_hex).expect("hex")))
+}
+
+/// The Electrum status of a history: sha256 of "txid:height:" items, or null.
+pub fn status_of(history: &[(String, i64)]) -> Option<String> {
+    if history.is_empty() {
+        return None;
+    }
+    let mut s = String::new();
+    for (txid, height) in history {
+        s.push_str(&format!("{txid}:{height}:"));
+    }
+    Some(hex::encode(Sha256::digest(s.as_bytes())))
+}
+
+/// The status a client computes from a `get_history` result.
+pub fn status_from_history(result: &Value) -> Option<String> {
+    let items: Vec<(String, i64)> = result
+        .as_array()?
+        .iter()
+        .map(|i| {
+            (
+                i["tx_hash"].as_str().unwrap_or_default().to_string(),
+                i["height"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    status_of(&items)
+}
+
+fn make_header(prev: &[u8; 32], height: u64, seed: u8) -> Vec<u8> {
+    let mut h = Vec::with_capacity(80);
+    h.extend_from_slice(&0x2000_0000u32.to_le_bytes());
+    h.extend_from_slice(prev);
+    let merkle: [u8; 32] =
+        Sha256::digest([seed, (height & 0xff) as u8, (height >> 8) as u8]).into();
+    h.extend_from_slice(&merkle);
+    h.extend_from_slice(&(1_600_000_000u32 + height as u32 * 60).to_le_bytes());
+    h.extend_from_slice(&0x207f_ffffu32.to_le_bytes());
+    h.extend_from_slice(&(height as u32).to_le_bytes());
+    h
+}
+
+struct Chain {
+    headers: Vec<Vec<u8>>,
+    histories: HashMap<String, Vec<(String, i64)>>,
+    txs: HashMap<String, String>,
+    seed: u8,
+}
+
+impl Chain {
+    fn new(blocks: usize, seed: u8) -> Chain {
+        let mut c = Chain {
+            headers: Vec::new(),
+            histories: HashMap::new(),
+            txs: HashMap::new(),
+            seed,
+        };
+        for _ in 0..blocks.max(1) {
+            c.mine();
+        }
+        c
+    }
+    fn mine(&mut self) {
+        let prev = self.headers.last().map(|h| sha256d(h)).unwrap_or([0u8; 32]);
+        let height = self.headers.len() as u64;
+        self.headers.push(make_header(&prev, height, self.seed));
+    }
+    fn tip(&self) -> (u64, String) {
+        let h = self.headers.len() - 1;
+        (h as u64, hex::encode(&self.headers[h]))
+    }
+}
+
+struct Conn {
+    tx: mpsc::UnboundedSender<String>,
+    subs: HashSet<String>,
+    headers: bool,
+    kill: CancellationToken,
+}
+
+struct Shared {
+    opts: MockOptions,
+    chain: Mutex<Chain>,
+    counts: Mutex<HashMap<String, u64>>,
+    conns: Mutex<HashMap<u64, Conn>>,
+    next_conn: AtomicU64,
+    stalled: AtomicBool,
+    /// Artificial delay before each answer, in milliseconds.
+    delay_ms: AtomicU64,
+}
+
+/// A running mock upstream.
+pub struct Mock {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    listening: CancellationToken,
+}
+
+impl Mock {
+    pub async fn start() -> Mock {
+        Mock::start_with(MockOptions::default()).await
+    }
+
+    pub async fn start_with(opts: MockOptions) -> Mock {
+        let blocks = opts.blocks.unwrap_or(100);
+        let seed = opts.seed;
+        let shared = Arc::new(Shared {
+            opts,
+            chain: Mutex::new(Chain::new(blocks, seed)),
+            counts: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            stalled: AtomicBool::new(false),
+            delay_ms: AtomicU64::new(0),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let listening = CancellationToken::new();
+        tokio::spawn(accept_loop(listener, shared.clone(), listening.clone()));
+        Mock {
+            addr,
+            shared,
+            listening,
+        }
+    }
+
+    /// `tcp://127.0.0.1:PORT` (or `ssl://localhost:PORT` for a TLS mock).
+    pub fn url(&self) -> String {
+        if self.shared.opts.tls.is_some() {
+            format!("ssl://localhost:{}", self.addr.port())
+        } else {
+            format!("tcp://127.0.0.1:{}", self.addr.port())
+        }
+    }
+
+    /// Requests received for `method`.
+    pub fn count(&self, method: &str) -> u64 {
+        *self.shared.counts.lock().unwrap().get(method).unwrap_or(&0)
+    }
+
+    /// All requests received, handshakes and pings excluded.
+    pub fn requests(&self) -> u64 {
+        self.shared
+            .counts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, _)| {
+                !matches!(
+                    m.as_str(),
+                    "server.version" | "server.features" | "server.ping"
+                )
+            })
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
+    pub fn reset_counts(&self) {
+        self.shared.counts.lock().unwrap().clear();
+    }
+
+    /// Distinct scripthashes with a live subscription, over all connections.
+    pub fn subscriptions(&self) -> usize {
+        let conns = self.shared.conns.lock().unwrap();
+        let all: HashSet<&String> = conns.values().flat_map(|c| c.subs.iter()).collect();
+        all.len()
+    }
+
+    /// Live scripthash subscriptions summed over connections.
+    pub fn subscription_count_total(&self) -> usize {
+        self.shared
+            .conns
+            .lock()
+            .unwrap()
+            .values()
+            .map(|c| c.subs.len())
+            .sum()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.shared.conns.lock().unwrap().len()
+    }
+
+    pub fn tip(&self) -> (u64, String) {
+        self.shared.chain.lock().unwrap().tip()
+    }
+
+    pub fn header_hex(&self, height: usize) -> String {
+        hex::encode(&self.shared.chain.lock().unwrap().headers[height])
+    }
+
+    pub fn genesis_hash(&self) -> String {
+        hash_hex(sha256d(&self.shared.chain.lock().unwrap().headers[0]))
+    }
+
+    /// Replace a scripthash's history and notify its subscribers.
+    pub fn set_history(&self, scripthash: &str, history: Vec<(String, i64)>) {
+        let status = status_of(&history);
+        self.shared
+            .chain
+            .lock()
+            .unwrap()
+            .histories
+            .insert(scripthash.to_string(), history);
+        let line = json!({"jsonrpc":"2.0","method":"blockchain.scripthash.subscribe","params":[scripthash, status]});
+        for c in self.shared.conns.lock().unwrap().values() {
+            if c.subs.contains(scripthash) {
+                let _ = c.tx.send(line.to_string());
+            }
+        }
+    }
+
+    /// Replace a history without notifying anyone (a lagging or divergent view).
+    pub fn set_history_silently(&self, scripthash: &str, history: Vec<(String, i64)>) {
+        self.shared
+            .chain
+            .lock()
+            .unwrap()
+            .histories
+            .insert(scripthash.to_string(), history);
+    }
+
+    pub fn history(&self, scripthash: &str) -> Vec<(String, i64)> {
+        self.shared
+            .chain
+            .lock()
+            .unwrap()
+            .histories
+            .get(scripthash)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Store a raw transaction; returns its txid.
+    pub fn add_tx(&self, raw_hex: &str) -> String {
+        let txid = txid_of(raw_hex);
+        self.shared
+            .chain
+            .lock()
+            .unwrap()
+            .txs
+            .insert(txid.clone(), raw_hex.to_string());
+        txid
+    }
+
+    /// Mine `n` blocks and notify header subscribers of the new tip.
+    pub fn mine(&self, n: usize) {
+        let (height, hex) = {
+            let mut chain = self.shared.chain.lock().unwrap();
+            for _ in 0..n {
+                chain.mine();
+            }
+            chain.tip()
+        };
+        let line = json!({"jsonrpc":"2.0","method":"blockchain.headers.subscribe","params":[{"hex":hex,"height":height}]});
+        for c in self.shared.conns.lock().unwrap().values() {
+            if c.headers {
+                let _ = c.tx.send(line.to_string());
+            }
+        }
+    }
+
+    /// Accept, read, never answer (or back to normal with `false`).
+    pub fn set_stalled(&self, stalled: bool) {
+        self.shared.stalled.store(stalled, Ordering::SeqCst);
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        self.shared
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Drop every open connection (the listener keeps accepting).
+    pub fn kill_connections(&self) {
+        for (_, c) in self.shared.conns.lock().unwrap().drain() {
+            c.kill.cancel();
+        }
+    }
+
+    /// Stop listening and drop every connection: the upstream is gone.
+    pub fn stop(&self) {
+        self.listening.cancel();
+        self.kill_connections();
+    }
+
+    /// Listen again on the same port after `stop`.
+    pub async fn restart(&mut self) {
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        self.listening = CancellationToken::new();
+        tokio::spawn(accept_loop(
+            listener,
+            self.shared.clone(),
+            self.listening.clone(),
+        ));
+    }
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r { Ok(a) => a, Err(_) => continue },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            match shared.opts.tls.clone() {
+                Some(cfg) => {
+                    if let Ok(s) = tokio_rustls::TlsAcceptor::from(cfg).accept(stream).await {
+                        serve(s, shared).await;
+                    }
+                }
+                None => serve(stream, shared).await,
+            }
+        });
+    }
+}
+
+async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, shared: Arc<Shared>) {
+    let id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
+    let (rd, mut wr) = tokio::io::split(stream);
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let kill = CancellationToken::new();
+    shared.conns.lock().unwrap().insert(
+        id,
+        Conn {
+            tx: tx.clone(),
+            subs: HashSet::new(),
+            headers: false,
+            kill: kill.clone(),
+        },
+    );
+    let pad = shared.opts.pad;
+    let writer_kill = kill.clone();
+    let writer = tokio::spawn(async move {
+        loop {
+            let line = tokio::select! {
+                _ = writer_kill.cancelled() => break,
+                l = rx.recv() => match l { Some(l) => l, None => break },
+            };
+            let mut line = line;
+            if pad && line.len() < 1023 {
+                // Pad inside the JSON, before the closing bracket.
+                let last = line.pop().unwrap();
+                line.push_str(&" ".repeat(1023 - line.len() - 1));
+                line.push(last);
+            }
+            line.push('\n');
+            if wr.write_all(line.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let mut lines = BufReader::new(rd).lines();
+    let mut identified = false;
+    loop {
+        let line = tokio::select! {
+            _ = kill.cancelled() => break,
+            l = lines.next_line() => match l { Ok(Some(l)) => l, _ => break },
+        };
+        let req: Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(_) => {
+                let _ = tx.send(json!({"jsonrpc":"2.0","error":{"code":-32700,"message":"invalid JSON"},"id":null}).to_string());
+                continue;
+            }
+        };
+        let method = req["method"].as_str().unwrap_or_default().to_string();
+        *shared
+            .counts
+            .lock()
+            .unwrap()
+            .entry(method.clone())
+            .or_insert(0) += 1;
+        if shared.stalled.load(Ordering::SeqCst) {
+            continue;
+        }
+        if shared.opts.strict && !identified && method != "server.version" {
+            let _ = tx.send(json!({"jsonrpc":"2.0","error":{"code":1,"message":"use server.version to identify client"},"id":req["id"]}).to_string());
+            break;
+        }
+        if method == "server.version" {
+            identified = true;
+        }
+        let delay = shared.delay_ms.load(Ordering::SeqCst);
+        let reply = answer(&shared, id, &req);
+        let Some(id_val) = req.get("id").cloned() else {
+            continue;
+        };
+        let line = match reply {
+            Ok(result) => json!({"jsonrpc":"2.0","result":result,"id":id_val}),
+            Err((code, msg)) => {
+                json!({"jsonrpc":"2.0","error":{"code":code,"message":msg},"id":id_val})
+            }
+        }
+        .to_string();
+        if delay > 0 {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                let _ = tx.send(line);
+            });
+        } else {
+            let _ = tx.send(line);
+        }
+    }
+    kill.cancel();
+    shared.conns.lock().unwrap().remove(&id);
+    drop(tx);
+    let _ = writer.await;
+}
+
+type Answer = Result<Value, (i64, String)>;
+
+fn answer(shared: &Shared, conn: u64, req: &Value) -> Answer {
+    let method = req["method"].as_str().unwrap_or_default();
+    let params = req.get("params").cloned().unwrap_or(json!([]));
+    let p = |i: usize| params.get(i).cloned().unwrap_or(Value::Null);
+    let sh = || {
+        p(0).as_str()
+            .map(str::to_string)
+            .ok_or((1, "bad scripthash".to_string()))
+    };
+    let mut chain = shared.chain.lock().unwrap();
+    match method {
+        "server.version" => Ok(json!(["MockX 1.0", "1.4"])),
+        "server.features" => Ok(json!({
+            "genesis_hash": hash_hex(sha256d(&chain.headers[0])),
+            "protocol_min": "1.4", "protocol_max": "1.4.2", "hash_function": "sha256",
+            "server_version": "MockX 1.0", "hosts": {}, "pruning": null
+        })),
+        "server.ping" => Ok(Value::Null),
+        "blockchain.headers.subscribe" => {
+            if let Some(c) = shared.conns.lock().unwrap().get_mut(&conn) {
+                c.headers = true;
+            }
+            let (height, hex) = chain.tip();
+            Ok(json!({"hex": hex, "height": height}))
+        }
+        "blockchain.block.header" => {
+            let h = p(0).as_u64().ok_or((1, "bad height".to_string()))? as usize;
+            chain
+                .headers
+                .get(h)
+                .map(|x| json!(hex::encode(x)))
+                .ok_or((1, format!("height {h} out of range")))
+        }
+        "blockchain.block.headers" => {
+            let start = p(0).as_u64().ok_or((1, "bad height".to_string()))? as usize;
+            let count = p(1).as_u64().unwrap_or(0) as usize;
+            let end = (start + count.min(2016)).min(chain.headers.len());
+            let hex: String = chain
+                .headers
+                .get(start..end)
+                .unwrap_or(&[])
+                .iter()
+                .map(hex::encode)
+                .collect();
+            Ok(json!({"hex": hex, "count": end.saturating_sub(start), "max": 2016}))
+        }
+        "blockchain.scripthash.subscribe" => {
+            let sh = sh()?;
+            if let Some(c) = shared.conns.lock().unwrap().get_mut(&conn) {
+                c.subs.insert(sh.clone());
+            }
+            Ok(json!(status_of(
+                chain.histories.get(&sh).map(Vec::as_slice).unwrap_or(&[])
+            )))
+        }
+        "blockchain.scripthash.unsubscribe" => {
+            let sh = sh()?;
+            let removed = shared
+                .conns
+                .lock()
+                .unwrap()
+                .get_mut(&conn)
+                .map(|c| c.subs.remove(&sh))
+                .unwrap_or(false);
+            Ok(json!(removed))
+        }
+        "blockchain.scripthash.get_history" => {
+            let h = chain.histories.get(&sh()?).cloned().unwrap_or_default();
+            Ok(json!(h
+                .iter()
+                .map(|(t, height)| json!({"tx_hash": t, "height": height}))
+                .collect::<Vec<_>>()))
+        }
+        "blockchain.scripthash.get_mempool" => {
+            let h = chain.histories.get(&sh()?).cloned().unwrap_or_default();
+            Ok(json!(h
+                .iter()
+                .filter(|(_, height)| *height <= 0)
+                .map(|(t, height)| json!({"tx_hash": t, "height": height, "fee": 100}))
+                .collect::<Vec<_>>()))
+        }
+        "blockchain.scripthash.get_balance" => {
+            let h = chain.histories.get(&sh()?).cloned().unwrap_or_default();
+            let confirmed = h.iter().filter(|(_, x)| *x > 0).count() as u64 * 1000;
+            let unconfirmed = h.iter().filter(|(_, x)| *x <= 0).count() as u64 * 1000;
+            Ok(json!({"confirmed": confirmed, "unconfirmed": unconfirmed}))
+        }
+        "blockchain.scripthash.listunspent" => {
+            let h = chain.histories.get(&sh()?).cloned().unwrap_or_default();
+            Ok(json!(h
+                .iter()
+                .map(|(t, height)| json!({"tx_hash": t, "tx_pos": 0, "height": height, "value": 1000}))
+                .collect::<Vec<_>>()))
+        }
+        "blockchain.transaction.get" => {
+            let txid = p(0).as_str().unwrap_or_default().to_string();
+            if p(1).as_bool() == Some(true) {
+                return Err((
+                    2,
+                    "verbose transactions are not supported by the mock".into(),
+                ));
+            }
+            chain.txs.get(&txid).map(|h| json!(h)).ok_or((
+                2,
+                format!("no such mempool or blockchain transaction: {txid}"),
+            ))
+        }
+        "blockchain.transaction.broadcast" => {
+            let raw = p(0).as_str().unwrap_or_default().to_string();
+            if hex::decode(&raw).is_err() || raw.is_empty() {
+                return Err((1, "the transaction was rejected by network rules".into()));
+            }
+            let txid = txid_of(&raw);
+            chain.txs.insert(txid.clone(), raw);
+            Ok(json!(txid))
+        }
+        "blockchain.transaction.get_merkle" => {
+            let height = p(1).as_u64().unwrap_or(0);
+            Ok(json!({"block_height": height, "merkle": [hash_hex([7u8; 32])], "pos": 1}))
+        }
+        "blockchain.transaction.id_from_pos" => {
+            Ok(json!(hash_hex([p(1).as_u64().unwrap_or(0) as u8; 32])))
+        }
+        "blockchain.estimatefee" => Ok(json!(0.0001)),
+        "blockchain.relayfee" => Ok(json!(0.00001)),
+        "mempool.get_fee_histogram" => Ok(json!([[12.5, 100000], [5.0, 200000]])),
+        _ => {
+            let _ = &mut chain;
+            Err((-32601, format!("unknown method \"{method}\"")))
+        }
+    }
+}
