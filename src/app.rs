@@ -75,6 +75,12 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
             name,
             &coin.upstreams,
             &config.server,
+            crate::upstream::health::HealthRules {
+                interval: Duration::from_millis(config.server.health_interval_ms),
+                rise: config.server.health_rise,
+                fall: config.server.health_fall,
+                max_lag: coin.max_lag,
+            },
             &coin.upstream_protocol,
             &stops.hard,
             &background,

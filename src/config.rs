@@ -83,6 +83,15 @@ pub struct ServerConfig {
     pub upstream_stall_secs: u64,
     /// Seconds allowed to connect (and finish TLS) to an upstream.
     pub upstream_connect_timeout_secs: u64,
+    /// Seconds an extra upstream connection (beyond `min_connections`) may
+    /// stay idle before it is closed.
+    pub upstream_idle_close_secs: u64,
+    /// Milliseconds between two health checks of the upstreams.
+    pub health_interval_ms: u64,
+    /// Good health checks in a row before an upstream returns to rotation.
+    pub health_rise: u32,
+    /// Bad health checks in a row before an upstream leaves rotation.
+    pub health_fall: u32,
     /// Software name reported by `server.version` and `server.features`.
     pub server_name: String,
 }
@@ -100,6 +109,10 @@ impl Default for ServerConfig {
             upstream_ping_secs: 60,
             upstream_stall_secs: 20,
             upstream_connect_timeout_secs: 10,
+            upstream_idle_close_secs: 60,
+            health_interval_ms: 1000,
+            health_rise: 3,
+            health_fall: 2,
             server_name: format!("electrum-lb {}", env!("CARGO_PKG_VERSION")),
         }
     }
@@ -148,6 +161,10 @@ pub struct CoinConfig {
     /// Base58check version byte of P2SH addresses (built-in for known coins).
     #[serde(default)]
     pub p2sh_version: Option<u8>,
+    /// Blocks an upstream may trail the best tip among this coin's upstreams
+    /// before it leaves rotation.
+    #[serde(default = "default_max_lag")]
+    pub max_lag: u64,
     /// Most subscriptions one session may hold.
     #[serde(default = "default_max_subs_per_session")]
     pub max_subscriptions_per_session: usize,
@@ -158,6 +175,9 @@ pub struct CoinConfig {
 
 fn default_upstream_protocol() -> String {
     "1.4".into()
+}
+fn default_max_lag() -> u64 {
+    2
 }
 fn default_max_subs_per_session() -> usize {
     // ElectrumX's default MAX_SUBS_PER_SESSION is 50,000.
@@ -497,6 +517,13 @@ impl Config {
             return Err((
                 "server.upstream_*_secs".into(),
                 "upstream_ping_secs, upstream_stall_secs and upstream_connect_timeout_secs must be at least 1".into(),
+            ));
+        }
+        if s.health_interval_ms < 10 || s.upstream_idle_close_secs == 0 {
+            return Err((
+                "server.health_interval_ms".into(),
+                "health_interval_ms must be at least 10 and upstream_idle_close_secs at least 1"
+                    .into(),
             ));
         }
         if s.max_batch == 0 {

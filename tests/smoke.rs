@@ -6,6 +6,9 @@ use support::*;
 
 #[tokio::test]
 async fn forwards_and_answers_locally() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("debug")
+        .try_init();
     let mock = mock::Mock::start().await;
     let server = proxy_for(&[mock.url()]).await;
     let mut c = Client::connect(tcp_addr(&server, "test")).await;

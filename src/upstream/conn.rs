@@ -7,8 +7,11 @@
 //! When the socket dies, every pending job is handed back to the supervisor
 //! (which retries what may be retried and fails the rest); nothing is leaked.
 //!
-//! It does not choose upstreams (that is `select`) or reconnect (that is the
-//! supervisor in `pool`).
+//! It also subscribes to the tip at handshake and keeps the connection's
+//! height current, which health uses to spot a lagging upstream.
+//!
+//! It does not choose upstreams (that is `select`), judge health (`health`)
+//! or reconnect (`supervisor`).
 
 use super::connect::BoxStream;
 use super::{ConnId, Job, PoolEvent};
@@ -47,6 +50,13 @@ pub struct ConnShared {
     pub max_in_flight: usize,
     /// What the upstream reported in its handshake.
     pub info: Mutex<UpstreamInfo>,
+    /// The upstream's tip height as this connection last heard it (0: unknown).
+    pub tip: AtomicU64,
+    /// Whether the supervisor keeps this slot connected (slots beyond an
+    /// upstream's `min_connections` open on demand and close when idle).
+    pub active: AtomicBool,
+    /// Wakes a dormant slot's supervisor.
+    pub wake: tokio::sync::Notify,
 }
 
 /// What an upstream told us about itself.
@@ -65,7 +75,14 @@ impl ConnShared {
             in_flight: AtomicUsize::new(0),
             max_in_flight,
             info: Mutex::new(UpstreamInfo::default()),
+            tip: AtomicU64::new(0),
+            active: AtomicBool::new(true),
+            wake: tokio::sync::Notify::new(),
         }
+    }
+
+    pub fn tip(&self) -> u64 {
+        self.tip.load(Ordering::Relaxed)
     }
 
     pub fn conn_id(&self) -> ConnId {
@@ -93,6 +110,7 @@ pub struct Pending {
 
 /// What a connection needs from its supervisor.
 pub struct ConnCtx<'a> {
+    pub coin: &'a str,
     pub label: &'a str,
     pub shared: &'a Arc<ConnShared>,
     pub events: &'a mpsc::UnboundedSender<PoolEvent>,
@@ -102,6 +120,9 @@ pub struct ConnCtx<'a> {
     /// A connection with a request this old and nothing received since it
     /// was sent is declared stalled and dropped (its requests are retried).
     pub stall_after: Duration,
+    /// Close the connection after this long without a job (`None` for the
+    /// connections an upstream always keeps).
+    pub idle_close: Option<Duration>,
     pub shutdown: &'a CancellationToken,
 }
 
@@ -120,11 +141,12 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
     let mut reader = LineReader::new(rd, UPSTREAM_MAX_LINE);
     let mut actor = Actor {
         ctx: &ctx,
-        next_id: 2,
+        next_id: 3,
         pending: BTreeMap::new(),
         deadlines: BinaryHeap::new(),
         last_read: Instant::now(),
         last_write: Instant::now(),
+        last_job: Instant::now(),
     };
 
     if let Err(reason) = actor.handshake(&mut reader, &mut wr).await {
@@ -138,6 +160,7 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
     {
         let info = ctx.shared.info.lock().unwrap_or_else(|p| p.into_inner());
         tracing::info!(
+            coin = ctx.coin,
             upstream = ctx.label,
             server = info.server_version.as_deref().unwrap_or("?"),
             protocol = info.protocol.as_deref().unwrap_or("?"),
@@ -168,7 +191,11 @@ struct Actor<'a> {
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     last_read: Instant,
     last_write: Instant,
+    last_job: Instant,
 }
+
+/// Why `Actor::run` returned without an error.
+pub const IDLE: &str = "idle";
 
 type Reader = LineReader<tokio::io::ReadHalf<BoxStream>>;
 type Writer = tokio::io::WriteHalf<BoxStream>;
@@ -188,14 +215,19 @@ impl Actor<'_> {
             &jsonrpc::request_prefix("server.features", "[]"),
             1,
         );
+        jsonrpc::finish_request(
+            &mut buf,
+            &jsonrpc::request_prefix("blockchain.headers.subscribe", "[]"),
+            2,
+        );
         wr.write_all(&buf)
             .await
             .map_err(|e| format!("write: {e}"))?;
 
         let mut info = UpstreamInfo::default();
-        let mut got = [false, false];
+        let mut got = [false, false, false];
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-        while !(got[0] && got[1]) {
+        while !got.iter().all(|g| *g) {
             let frame = tokio::time::timeout_at(deadline, reader.next_frame())
                 .await
                 .map_err(|_| "no answer to server.version".to_string())?
@@ -240,6 +272,12 @@ impl Actor<'_> {
                             }
                         }
                     }
+                    UpstreamMessage::Response { id: 2, outcome } => {
+                        got[2] = true;
+                        if let Some(h) = outcome.ok().and_then(|r| tip_height(r.get())) {
+                            self.ctx.shared.tip.store(h, Ordering::Relaxed);
+                        }
+                    }
                     // Pre-identification chatter (relayfee/estimatefee) and anything else.
                     _ => {}
                 }
@@ -265,6 +303,7 @@ impl Actor<'_> {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
         let max = self.ctx.shared.max_in_flight;
+        self.last_job = Instant::now();
         loop {
             tokio::select! {
                 _ = self.ctx.shutdown.cancelled() => return "shutting down".into(),
@@ -278,6 +317,7 @@ impl Actor<'_> {
                 },
                 job = rx.recv(), if self.pending.len() < max => {
                     let Some(job) = job else { return "pool closed".into() };
+                    self.last_job = Instant::now();
                     self.enqueue(&mut buf, job);
                     while self.pending.len() < max {
                         match rx.try_recv() {
@@ -300,6 +340,11 @@ impl Actor<'_> {
                 _ = sweep.tick() => {
                     if let Some(stalled) = self.expire() {
                         return stalled;
+                    }
+                    if let Some(idle) = self.ctx.idle_close {
+                        if self.pending.is_empty() && rx.is_empty() && self.last_job.elapsed() >= idle {
+                            return IDLE.into();
+                        }
                     }
                     if self.last_write.elapsed() >= self.ctx.ping_interval {
                         let (tx, _rx) = tokio::sync::oneshot::channel();
@@ -366,6 +411,16 @@ impl Actor<'_> {
                     }
                 }
                 UpstreamMessage::Notification { method, params } => {
+                    if method == "blockchain.headers.subscribe" {
+                        let height = params.and_then(|p| {
+                            serde_json::from_str::<Vec<&RawValue>>(p.get())
+                                .ok()
+                                .and_then(|v| v.first().and_then(|h| tip_height(h.get())))
+                        });
+                        if let Some(h) = height {
+                            self.ctx.shared.tip.store(h, Ordering::Relaxed);
+                        }
+                    }
                     let params: Box<RawValue> = match params {
                         Some(p) => p.to_owned(),
                         None => RawValue::from_string("[]".into()).expect("valid JSON"),
@@ -424,5 +479,29 @@ impl Actor<'_> {
             self.deadlines = live;
         }
         None
+    }
+}
+
+/// The height in a `blockchain.headers.subscribe` result or notification
+/// (modern `height` or pre-1.3 `block_height`).
+fn tip_height(json: &str) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Tip {
+        height: Option<u64>,
+        block_height: Option<u64>,
+    }
+    let t: Tip = serde_json::from_str(json).ok()?;
+    t.height.or(t.block_height)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tip_heights() {
+        assert_eq!(tip_height(r#"{"hex":"00","height":7}"#), Some(7));
+        assert_eq!(tip_height(r#"{"block_height":8,"version":1}"#), Some(8));
+        assert_eq!(tip_height("[]"), None);
     }
 }

@@ -1,8 +1,10 @@
 //! Choosing a connection for a new request: a pure function, unit-tested.
 //!
-//! Rules: only ready connections; primaries first, backups only while no
-//! primary is ready; among those, the fewest outstanding requests relative to
-//! the upstream's weight. A connection at its in-flight limit can still be
+//! Rules: only ready connections; among them, healthy primaries first, then
+//! healthy backups (used only while no primary is healthy), and only when
+//! no upstream is healthy at all, whatever is still connected (serving from
+//! a lagging upstream beats failing every request). Within the chosen tier,
+//! the fewest outstanding requests relative to the upstream's weight. A connection at its in-flight limit can still be
 //! picked: its queue holds the request until a slot frees up (the pool's
 //! growth, not selection, answers saturation).
 
@@ -10,6 +12,8 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate {
     pub ready: bool,
+    /// The upstream is in rotation (see `health`).
+    pub healthy: bool,
     pub in_flight: usize,
     pub max_in_flight: usize,
     pub weight: u32,
@@ -20,14 +24,22 @@ pub struct Candidate {
 /// `skip` excludes one index (the connection a retried request came from).
 pub fn pick(candidates: &[Candidate], skip: Option<usize>) -> Option<usize> {
     let usable = |i: usize, c: &Candidate| c.ready && Some(i) != skip;
-    let any_primary = candidates
+    // Tier 0: healthy primaries; 1: healthy backups; 2: anything connected.
+    let tier = |c: &Candidate| match (c.healthy, c.backup) {
+        (true, false) => 0,
+        (true, true) => 1,
+        (false, _) => 2,
+    };
+    let best_tier = candidates
         .iter()
         .enumerate()
-        .any(|(i, c)| usable(i, c) && !c.backup);
+        .filter(|(i, c)| usable(*i, c))
+        .map(|(_, c)| tier(c))
+        .min()?;
     candidates
         .iter()
         .enumerate()
-        .filter(|(i, c)| usable(*i, c) && c.backup != any_primary)
+        .filter(|(i, c)| usable(*i, c) && tier(c) == best_tier)
         // Compare in_flight / weight without division: a/wa < b/wb <=> a*wb < b*wa.
         .min_by(|(_, a), (_, b)| {
             let la = (a.in_flight as u64 + 1) * b.weight as u64;
@@ -44,6 +56,7 @@ mod tests {
     fn c(ready: bool, in_flight: usize, weight: u32, backup: bool) -> Candidate {
         Candidate {
             ready,
+            healthy: true,
             in_flight,
             max_in_flight: 10,
             weight,
@@ -90,6 +103,16 @@ mod tests {
         assert_eq!(pick(&cs, None), Some(1));
         // A busy primary does not open the backups.
         let cs = [c(true, 10, 1, false), c(true, 0, 1, true)];
+        assert_eq!(pick(&cs, None), Some(0));
+    }
+
+    #[test]
+    fn unhealthy_only_as_a_last_resort() {
+        let mut lagging = c(true, 0, 1, false);
+        lagging.healthy = false;
+        let cs = [lagging, c(true, 5, 1, true)];
+        assert_eq!(pick(&cs, None), Some(1));
+        let cs = [lagging, c(false, 0, 1, false)];
         assert_eq!(pick(&cs, None), Some(0));
     }
 
