@@ -136,9 +136,13 @@ struct Shared {
     counts: Mutex<HashMap<String, u64>>,
     conns: Mutex<HashMap<u64, Conn>>,
     next_conn: AtomicU64,
+    /// TCP connections accepted (TLS handshakes included, failed or not).
+    accepted: AtomicU64,
     stalled: AtomicBool,
     /// Artificial delay before each answer, in milliseconds.
     delay_ms: AtomicU64,
+    /// Speak protocol 1.6 (see [`Mock::set_protocol_1_6`]).
+    protocol_1_6: AtomicBool,
 }
 
 /// A running mock upstream.
@@ -162,8 +166,10 @@ impl Mock {
             counts: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
+            accepted: AtomicU64::new(0),
             stalled: AtomicBool::new(false),
             delay_ms: AtomicU64::new(0),
+            protocol_1_6: AtomicBool::new(false),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -227,6 +233,11 @@ impl Mock {
             .values()
             .map(|c| c.subs.len())
             .sum()
+    }
+
+    /// TCP connections accepted so far, whatever became of them.
+    pub fn accepted(&self) -> u64 {
+        self.shared.accepted.load(Ordering::SeqCst)
     }
 
     pub fn connections(&self) -> usize {
@@ -323,6 +334,14 @@ impl Mock {
             .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
+    /// Behave like an ElectrumX that negotiated protocol 1.6: `server.version`
+    /// answers "1.6", `blockchain.relayfee` is an unknown method,
+    /// `mempool.get_info` answers (`minrelaytxfee` 0.00002) and
+    /// `blockchain.block.headers` returns a `headers` list instead of `hex`.
+    pub fn set_protocol_1_6(&self, on: bool) {
+        self.shared.protocol_1_6.store(on, Ordering::SeqCst);
+    }
+
     /// Drop every open connection (the listener keeps accepting).
     pub fn kill_connections(&self) {
         for (_, c) in self.shared.conns.lock().unwrap().drain() {
@@ -365,6 +384,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cancellat
             _ = stop.cancelled() => return,
             r = listener.accept() => match r { Ok(a) => a, Err(_) => continue },
         };
+        shared.accepted.fetch_add(1, Ordering::SeqCst);
         let shared = shared.clone();
         tokio::spawn(async move {
             match shared.opts.tls.clone() {
@@ -486,6 +506,34 @@ fn answer(shared: &Shared, conn: u64, req: &Value) -> Answer {
             .ok_or((1, "bad scripthash".to_string()))
     };
     let mut chain = shared.chain.lock().unwrap();
+    if shared.protocol_1_6.load(Ordering::SeqCst) {
+        match method {
+            "server.version" => return Ok(json!(["MockX 1.0", "1.6"])),
+            "blockchain.relayfee" => {
+                return Err((-32601, format!("unknown method \"{method}\"")));
+            }
+            "mempool.get_info" => {
+                return Ok(json!({
+                    "mempoolminfee": 0.00003, "minrelaytxfee": 0.00002,
+                    "incrementalrelayfee": 0.00001
+                }));
+            }
+            "blockchain.block.headers" => {
+                let start = p(0).as_u64().ok_or((1, "bad height".to_string()))? as usize;
+                let count = p(1).as_u64().unwrap_or(0) as usize;
+                let end = (start + count.min(2016)).min(chain.headers.len());
+                let headers: Vec<String> = chain
+                    .headers
+                    .get(start..end)
+                    .unwrap_or(&[])
+                    .iter()
+                    .map(hex::encode)
+                    .collect();
+                return Ok(json!({"headers": headers, "count": headers.len(), "max": 2016}));
+            }
+            _ => {}
+        }
+    }
     match method {
         "server.version" => Ok(json!(["MockX 1.0", "1.4"])),
         "server.features" => Ok(json!({
@@ -572,6 +620,11 @@ fn answer(shared: &Shared, conn: u64, req: &Value) -> Answer {
         }
         "blockchain.transaction.get" => {
             let txid = p(0).as_str().unwrap_or_default().to_string();
+            // ElectrumX refuses a `verbose` that is not a boolean (such as
+            // protocol 1.0's height argument).
+            if shared.opts.strict && !p(1).is_null() && !p(1).is_boolean() {
+                return Err((1, "\"verbose\" must be a boolean".into()));
+            }
             if p(1).as_bool() == Some(true) {
                 return Err((
                     2,
