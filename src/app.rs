@@ -6,11 +6,15 @@
 //! finish within the grace period; then stop upstreams), and the [`Server`]
 //! handle that tests and `main` hold.
 
+use crate::admin::AdminState;
 use crate::config::{CoinConfig, Config, Scheme};
 use crate::hub::{Hub, HubConfig};
 use crate::listener::{Listener, TlsHandle};
+use crate::metrics::Metrics;
 use crate::router::{CoinInfo, Router};
 use crate::session::{SessionLimits, Stops};
+use crate::upstream::health::HealthRules;
+use crate::upstream::pool::PoolOptions;
 use crate::upstream::{Pool, UpstreamStatus};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -29,6 +33,9 @@ pub struct CoinHandle {
 /// A running proxy.
 pub struct Server {
     pub coins: BTreeMap<String, CoinHandle>,
+    /// Bound address of the side HTTP port.
+    pub metrics_addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
     stops: Stops,
     /// Sessions (and their connections).
     sessions: TaskTracker,
@@ -60,8 +67,15 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         idle_timeout: config.server.idle_timeout(),
     };
 
+    let metrics = Metrics::new();
+    // Bind the side port first: a port conflict is reported before anything runs.
+    let admin_listener = crate::admin::bind(config.metrics.listen)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let metrics_addr = admin_listener.local_addr()?;
     let mut coins = BTreeMap::new();
     for (name, coin) in &config.coins {
+        let coin_metrics = metrics.coin(name);
         let mut listeners = Vec::new();
         for entry in &coin.listen {
             let addr = entry.url.socket_addr().map_err(anyhow::Error::msg)?;
@@ -75,13 +89,16 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
             name,
             &coin.upstreams,
             &config.server,
-            crate::upstream::health::HealthRules {
-                interval: Duration::from_millis(config.server.health_interval_ms),
-                rise: config.server.health_rise,
-                fall: config.server.health_fall,
-                max_lag: coin.max_lag,
+            PoolOptions {
+                rules: HealthRules {
+                    interval: Duration::from_millis(config.server.health_interval_ms),
+                    rise: config.server.health_rise,
+                    fall: config.server.health_fall,
+                    max_lag: coin.max_lag,
+                },
+                protocol: coin.upstream_protocol.clone(),
+                metrics: Some(coin_metrics.clone()),
             },
-            &coin.upstream_protocol,
             &stops.hard,
             &background,
         )
@@ -107,6 +124,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
             request_timeout: config.server.request_timeout(),
             max_batch: config.server.max_batch,
             max_subs_per_session: coin.max_subscriptions_per_session,
+            metrics: coin_metrics,
         });
         for l in listeners {
             let tls = match l.scheme {
@@ -129,7 +147,23 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
             },
         );
     }
+    let admin = Arc::new(AdminState {
+        metrics: metrics.clone(),
+        routers: coins
+            .iter()
+            .map(|(n, c)| (n.clone(), c.router.clone()))
+            .collect(),
+    });
+    background.spawn(crate::admin::serve(
+        admin_listener,
+        admin,
+        stops.hard.clone(),
+        background.clone(),
+    ));
+    tracing::info!(listen = %metrics_addr, "metrics, /healthz and /readyz served");
     Ok(Server {
+        metrics_addr,
+        metrics,
         coins,
         stops,
         sessions,

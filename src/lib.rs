@@ -29,6 +29,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod codec;
 pub mod coin;
@@ -38,6 +39,7 @@ pub mod hub;
 pub mod jsonrpc;
 pub mod legacy;
 pub mod listener;
+pub mod metrics;
 pub mod protocol;
 pub mod reply;
 pub mod router;

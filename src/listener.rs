@@ -91,7 +91,10 @@ impl Connection {
     async fn run(self) {
         tracing::debug!("connection accepted");
         match self.tls {
-            None => session::run(self.stream, self.router, self.limits, self.stops).await,
+            None => {
+                let _open = self.router.metrics.session_opened("tcp");
+                session::run(self.stream, self.router, self.limits, self.stops).await
+            }
             Some(handle) => {
                 let config = handle.read().unwrap_or_else(|p| p.into_inner()).clone();
                 let acceptor = tokio_rustls::TlsAcceptor::from(config);
@@ -113,6 +116,7 @@ impl Connection {
                         }
                     },
                 };
+                let _open = self.router.metrics.session_opened("ssl");
                 session::run(stream, self.router, self.limits, self.stops).await
             }
         }

@@ -7,10 +7,12 @@
 //! task per request, no copy of the result into an intermediate tree.
 
 use crate::jsonrpc::{self, Line, RpcError};
+use crate::metrics::{CoinMetrics, Outcome};
 use serde_json::value::RawValue;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// An upstream's answer, borrowed from the line it arrived on:
@@ -38,6 +40,8 @@ pub struct Outbound {
     kill: CancellationToken,
     /// Requests of this session that still await an answer.
     pending: Arc<AtomicUsize>,
+    /// Where answered requests are counted (none in unit tests).
+    metrics: Option<Arc<CoinMetrics>>,
 }
 
 impl Outbound {
@@ -46,6 +50,26 @@ impl Outbound {
             tx,
             kill,
             pending: Arc::new(AtomicUsize::new(0)),
+            metrics: None,
+        }
+    }
+
+    /// Count this session's answered requests in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<CoinMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    pub fn metrics(&self) -> Option<&Arc<CoinMetrics>> {
+        self.metrics.as_ref()
+    }
+
+    fn record(&self, meta: &Meta, outcome: Outcome, err: Option<&RpcError>) {
+        if let Some(m) = &self.metrics {
+            m.request(meta.method, outcome, meta.started.elapsed());
+            if let Some(e) = err {
+                m.error(e.code);
+            }
         }
     }
 
@@ -85,11 +109,32 @@ impl Outbound {
     }
 }
 
+/// What is recorded about a client request when it is answered.
+#[derive(Debug, Clone, Copy)]
+pub struct Meta {
+    /// Index into `metrics::METHODS`.
+    pub method: u8,
+    pub started: Instant,
+}
+
+impl Meta {
+    pub fn new(method: &str) -> Meta {
+        Meta {
+            method: crate::metrics::method_index(method),
+            started: Instant::now(),
+        }
+    }
+}
+
 /// Where one forwarded request's answer goes.
 #[derive(Debug)]
 pub enum Responder {
     /// Straight to a client, under its original id.
-    Client { id: Box<RawValue>, out: Outbound },
+    Client {
+        id: Box<RawValue>,
+        out: Outbound,
+        meta: Meta,
+    },
     /// Into one slot of a client batch.
     Slot { index: usize, batch: Arc<Batch> },
     /// To the proxy itself (hub, translations, probes).
@@ -98,23 +143,28 @@ pub enum Responder {
 
 impl Responder {
     /// A responder for a client request; counts it as pending on the session.
-    pub fn client(id: &RawValue, out: &Outbound) -> Responder {
+    pub fn client(id: &RawValue, out: &Outbound, method: &str) -> Responder {
         out.begin_request();
         Responder::Client {
             id: id.to_owned(),
             out: out.clone(),
+            meta: Meta::new(method),
         }
     }
 
     /// Deliver an upstream answer.
     pub fn deliver(self, outcome: UpstreamOutcome<'_>) {
         match self {
-            Responder::Client { id, out } => {
+            Responder::Client { id, out, meta } => {
+                out.record(&meta, outcome_kind(&outcome), None);
                 out.send(outcome_line(&id, outcome));
                 out.end_request();
             }
             Responder::Slot { index, batch } => {
                 let id = batch.id(index);
+                batch
+                    .out
+                    .record(&batch.meta(index), outcome_kind(&outcome), None);
                 let line = outcome_line(&id, outcome);
                 batch.fill(index, line);
             }
@@ -131,12 +181,16 @@ impl Responder {
     /// Deliver the proxy's own error instead of an answer.
     pub fn fail(self, err: RpcError) {
         match self {
-            Responder::Client { id, out } => {
+            Responder::Client { id, out, meta } => {
+                out.record(&meta, Outcome::ProxyError, Some(&err));
                 out.send(jsonrpc::error_line(id.get(), &err));
                 out.end_request();
             }
             Responder::Slot { index, batch } => {
                 let id = batch.id(index);
+                batch
+                    .out
+                    .record(&batch.meta(index), Outcome::ProxyError, Some(&err));
                 batch.fill(index, jsonrpc::error_line(id.get(), &err));
             }
             Responder::Internal(tx) => {
@@ -149,12 +203,14 @@ impl Responder {
     /// cache), given as JSON text.
     pub fn deliver_text(self, result: &str) {
         match self {
-            Responder::Client { id, out } => {
+            Responder::Client { id, out, meta } => {
+                out.record(&meta, Outcome::Ok, None);
                 out.send(jsonrpc::result_line(id.get(), result));
                 out.end_request();
             }
             Responder::Slot { index, batch } => {
                 let id = batch.id(index);
+                batch.out.record(&batch.meta(index), Outcome::Ok, None);
                 batch.fill(index, jsonrpc::result_line(id.get(), result));
             }
             Responder::Internal(tx) => {
@@ -176,6 +232,13 @@ impl Responder {
     }
 }
 
+fn outcome_kind(outcome: &UpstreamOutcome<'_>) -> Outcome {
+    match outcome {
+        Ok(_) => Outcome::Ok,
+        Err(_) => Outcome::UpstreamError,
+    }
+}
+
 fn outcome_line(id: &RawValue, outcome: UpstreamOutcome<'_>) -> Line {
     match outcome {
         Ok(result) => jsonrpc::result_line(id.get(), result.get()),
@@ -188,6 +251,9 @@ fn outcome_line(id: &RawValue, outcome: UpstreamOutcome<'_>) -> Line {
 #[derive(Debug)]
 pub struct Batch {
     ids: Vec<Box<RawValue>>,
+    /// Method of each answered member, for metrics.
+    methods: Vec<u8>,
+    started: Instant,
     state: Mutex<BatchState>,
     out: Outbound,
 }
@@ -199,12 +265,20 @@ struct BatchState {
 }
 
 impl Batch {
-    /// A batch whose answered members have these ids, in request order.
-    pub fn new(ids: Vec<Box<RawValue>>, out: &Outbound) -> Arc<Batch> {
+    /// A batch whose answered members have these ids and methods, in
+    /// request order.
+    pub fn new(members: Vec<(Box<RawValue>, &str)>, out: &Outbound) -> Arc<Batch> {
         out.begin_request();
-        let n = ids.len();
+        let n = members.len();
+        let methods = members
+            .iter()
+            .map(|(_, m)| crate::metrics::method_index(m))
+            .collect();
+        let ids = members.into_iter().map(|(id, _)| id).collect();
         Arc::new(Batch {
             ids,
+            methods,
+            started: Instant::now(),
             state: Mutex::new(BatchState {
                 slots: (0..n).map(|_| None).collect(),
                 remaining: n,
@@ -215,6 +289,13 @@ impl Batch {
 
     fn id(&self, index: usize) -> Box<RawValue> {
         self.ids[index].clone()
+    }
+
+    fn meta(&self, index: usize) -> Meta {
+        Meta {
+            method: self.methods[index],
+            started: self.started,
+        }
     }
 
     /// The responder for member `index`.
@@ -259,7 +340,7 @@ mod tests {
     async fn client_reply_restores_id() {
         let (tx, mut rx) = mpsc::channel(4);
         let out = Outbound::new(tx, CancellationToken::new());
-        let r = Responder::client(&raw("\"abc\""), &out);
+        let r = Responder::client(&raw("\"abc\""), &out, "server.ping");
         assert_eq!(out.pending(), 1);
         r.deliver(Ok(&raw("[1,2]")));
         assert_eq!(
@@ -273,7 +354,7 @@ mod tests {
     async fn batch_waits_for_every_slot_and_keeps_order() {
         let (tx, mut rx) = mpsc::channel(4);
         let out = Outbound::new(tx, CancellationToken::new());
-        let batch = Batch::new(vec![raw("1"), raw("2")], &out);
+        let batch = Batch::new(vec![(raw("1"), "a"), (raw("2"), "b")], &out);
         batch.slot(1).deliver(Ok(&raw("\"b\"")));
         assert!(rx.try_recv().is_err());
         batch

@@ -42,6 +42,7 @@ pub struct Router {
     pub request_timeout: Duration,
     pub max_batch: usize,
     pub max_subs_per_session: usize,
+    pub metrics: std::sync::Arc<crate::metrics::CoinMetrics>,
 }
 
 /// What one session has settled so far.
@@ -49,7 +50,9 @@ pub struct SessionState {
     pub id: SessionId,
     pub level: Level,
     pub out: Outbound,
-    /// Everything this session subscribed to, for limits and cleanup.
+    /// Unused: the hub keeps each session's subscriptions (for its limit
+    /// and for cleanup when the session closes). Kept so that
+    /// `hub.session_closed(id, subs)` callers compile; always empty.
     pub subs: HashSet<(Topic, Form)>,
     /// Set when the session must be closed once its queue is flushed.
     pub close: bool,
@@ -80,22 +83,24 @@ impl Router {
     pub fn handle_line(&self, st: &mut SessionState, line: &[u8]) {
         match jsonrpc::parse_client_line(line) {
             Ok(ClientMessage::Single(Ok(req))) => {
-                let responder = req.id.map(|id| Responder::client(id, &st.out));
+                let responder = req.id.map(|id| Responder::client(id, &st.out, &req.method));
                 self.handle_request(st, &req, responder);
             }
             Ok(ClientMessage::Single(Err(invalid))) => {
                 let id = invalid.id.map(|i| i.get()).unwrap_or(jsonrpc::NULL_ID);
-                st.out.send(jsonrpc::error_line(id, &invalid.error));
+                send_error(st, id, &invalid.error);
             }
             Ok(ClientMessage::Batch(members)) => self.handle_batch(st, members),
-            Err(LineError::Parse) => st.out.send(jsonrpc::error_line(
+            Err(LineError::Parse) => send_error(
+                st,
                 jsonrpc::NULL_ID,
                 &RpcError::new(ErrorCode::ParseError, "invalid JSON"),
-            )),
-            Err(LineError::NotRequest(why)) => st.out.send(jsonrpc::error_line(
+            ),
+            Err(LineError::NotRequest(why)) => send_error(
+                st,
                 jsonrpc::NULL_ID,
                 &RpcError::new(ErrorCode::InvalidRequest, why),
-            )),
+            ),
         }
     }
 
@@ -123,8 +128,8 @@ impl Router {
         let ids: Vec<_> = members
             .iter()
             .filter_map(|m| match m {
-                Ok(r) => r.id.map(|i| i.to_owned()),
-                Err(inv) => Some(inv.id.map(|i| i.to_owned()).unwrap_or_else(null_id)),
+                Ok(r) => r.id.map(|i| (i.to_owned(), r.method.as_ref())),
+                Err(inv) => Some((inv.id.map(|i| i.to_owned()).unwrap_or_else(null_id), "")),
             })
             .collect();
         let batch = if ids.is_empty() {
@@ -214,7 +219,9 @@ impl Router {
                 self.address_method(st, m, params, responder)
             }
             m if SCRIPTHASH_READS.contains(&m) => {
-                let affinity = first_string(params).filter(|s| coin::is_scripthash(s));
+                let affinity = first_string(params)
+                    .filter(|s| coin::is_scripthash(s))
+                    .map(|s| s.to_ascii_lowercase());
                 self.forward(m, params, responder, affinity.as_deref());
             }
             _ => legacy::route(self, method, params, responder),
@@ -281,6 +288,8 @@ impl Router {
         .to_string()
     }
 
+    /// Subscribe through the hub, which keeps each session's subscriptions
+    /// and enforces both the per-session and the per-coin limit.
     pub(crate) fn subscribe(
         &self,
         st: &mut SessionState,
@@ -288,25 +297,17 @@ impl Router {
         form: Form,
         responder: Responder,
     ) {
-        let key = (topic.clone(), form.clone());
-        if !st.subs.contains(&key) {
-            if st.subs.len() >= self.max_subs_per_session {
-                responder.fail(RpcError::new(
-                    ErrorCode::LimitExceeded,
-                    format!(
-                        "too many subscriptions in this session (limit {})",
-                        self.max_subs_per_session
-                    ),
-                ));
-                return;
-            }
-            st.subs.insert(key);
-        }
-        self.hub.subscribe(st.id, &st.out, topic, form, responder);
+        self.hub.subscribe(
+            st.id,
+            &st.out,
+            topic,
+            form,
+            self.max_subs_per_session,
+            responder,
+        );
     }
 
     fn unsubscribe(&self, st: &mut SessionState, topic: Topic, form: Form, responder: Responder) {
-        st.subs.remove(&(topic.clone(), form.clone()));
         self.hub.unsubscribe(st.id, topic, form, responder);
     }
 
@@ -372,6 +373,15 @@ impl Router {
         }
         self.pool.dispatch(job);
     }
+}
+
+/// An error line the proxy writes without a request to answer (the line
+/// could not be read as one), counted in the metrics.
+fn send_error(st: &SessionState, id: &str, err: &RpcError) {
+    if let Some(m) = st.out.metrics() {
+        m.error(err.code);
+    }
+    st.out.send(jsonrpc::error_line(id, err));
 }
 
 /// The header shape a session gets from `blockchain.headers.subscribe`.

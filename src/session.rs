@@ -73,8 +73,16 @@ where
     let (rd, wr) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel::<Line>(limits.queue);
     let kill = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(wr, rx, kill.clone(), stops.hard.clone()));
-    let mut st = SessionState::new(next_session_id(), Outbound::new(tx, kill.clone()));
+    let writer = tokio::spawn(write_loop(
+        wr,
+        rx,
+        kill.clone(),
+        stops.hard.clone(),
+        router.metrics.bytes_out.clone(),
+    ));
+    let metrics = router.metrics.clone();
+    let out = Outbound::new(tx, kill.clone()).with_metrics(metrics.clone());
+    let mut st = SessionState::new(next_session_id(), out);
     let mut reader = LineReader::new(rd, limits.max_line);
     let mut timeout = limits.first_line_timeout;
 
@@ -87,6 +95,7 @@ where
         match frame {
             Err(_) => break End::Idle,
             Ok(Ok(Frame::Line(line))) => {
+                metrics.bytes_in.inc_by(line.len() as u64 + 1);
                 timeout = limits.idle_timeout;
                 router.handle_line(&mut st, &line);
                 if st.close {
@@ -95,6 +104,7 @@ where
             }
             Ok(Ok(Frame::Eof)) => break End::ClientClosed,
             Ok(Err(CodecError::TooLong { max })) => {
+                metrics.limit_hit();
                 st.out.send(jsonrpc::error_line(
                     jsonrpc::NULL_ID,
                     &RpcError::new(
@@ -121,6 +131,7 @@ async fn write_loop<W>(
     mut rx: mpsc::Receiver<Line>,
     kill: CancellationToken,
     hard: CancellationToken,
+    bytes_out: prometheus::IntCounter,
 ) where
     W: AsyncWrite + Unpin,
 {
@@ -153,6 +164,7 @@ async fn write_loop<W>(
         if written.is_err() {
             break;
         }
+        bytes_out.inc_by(buf.len() as u64);
         if buf.capacity() > WRITE_BATCH * 2 {
             buf = Vec::new();
         } else {

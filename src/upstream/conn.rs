@@ -123,6 +123,7 @@ pub struct ConnCtx<'a> {
     /// Close the connection after this long without a job (`None` for the
     /// connections an upstream always keeps).
     pub idle_close: Option<Duration>,
+    pub latency: Option<&'a prometheus::Histogram>,
     pub shutdown: &'a CancellationToken,
 }
 
@@ -407,6 +408,9 @@ impl Actor<'_> {
                 UpstreamMessage::Response { id, outcome } => {
                     if let Some(p) = self.pending.remove(&id) {
                         self.ctx.shared.release();
+                        if let Some(h) = self.ctx.latency {
+                            h.observe(p.sent.elapsed().as_secs_f64());
+                        }
                         p.job.responder.deliver(outcome);
                     }
                 }

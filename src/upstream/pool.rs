@@ -23,6 +23,14 @@ use tokio_util::task::TaskTracker;
 /// Queued jobs one connection holds beyond its in-flight limit.
 const QUEUE_PER_CONNECTION: usize = 4096;
 
+/// Per-coin settings of a pool beyond the `[server]` table.
+pub struct PoolOptions {
+    pub rules: HealthRules,
+    /// Protocol version asked of every upstream.
+    pub protocol: String,
+    pub metrics: Option<Arc<crate::metrics::CoinMetrics>>,
+}
+
 /// One upstream server and its rotation state.
 pub(super) struct Upstream {
     pub entry: UpstreamEntry,
@@ -59,8 +67,7 @@ impl Pool {
         coin: &str,
         entries: &[UpstreamEntry],
         server: &ServerConfig,
-        rules: HealthRules,
-        protocol: &str,
+        options: PoolOptions,
         shutdown: &CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<(Pool, mpsc::UnboundedReceiver<PoolEvent>), String> {
@@ -101,7 +108,7 @@ impl Pool {
         });
         let settings = SupervisorSettings {
             client_name: server.server_name.clone(),
-            protocol: protocol.to_string(),
+            protocol: options.protocol.clone(),
             connect_timeout: Duration::from_secs(server.upstream_connect_timeout_secs),
             ping_interval: Duration::from_secs(server.upstream_ping_secs),
             stall_after: Duration::from_secs(server.upstream_stall_secs),
@@ -121,12 +128,16 @@ impl Pool {
                 events: inner.events.clone(),
                 rx,
                 settings: settings.clone(),
+                latency: options
+                    .metrics
+                    .as_ref()
+                    .map(|m| m.upstream_latency(&upstream.label)),
                 shutdown: shutdown.clone(),
             };
             tracker.spawn(sup.run());
         }
         let pool = Pool { inner };
-        tracker.spawn(health::run(pool.clone(), rules, shutdown.clone()));
+        tracker.spawn(health::run(pool.clone(), options.rules, shutdown.clone()));
         Ok((pool, events_rx))
     }
 
@@ -141,7 +152,8 @@ impl Pool {
     }
 
     /// Send a job to the connection `conn` if it is still up; `Err` gives
-    /// the job back otherwise.
+    /// the job back otherwise (by value: no allocation on this path).
+    #[allow(clippy::result_large_err)]
     pub fn dispatch_to(&self, conn: ConnId, job: Job) -> Result<(), Job> {
         match self.inner.slot_of(conn) {
             Some(index) => {

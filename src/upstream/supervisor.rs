@@ -47,6 +47,8 @@ pub(super) struct Supervisor {
     pub events: mpsc::UnboundedSender<PoolEvent>,
     pub rx: mpsc::Receiver<Job>,
     pub settings: SupervisorSettings,
+    /// Upstream request latency, observed by the connection.
+    pub latency: Option<prometheus::Histogram>,
     pub shutdown: CancellationToken,
 }
 
@@ -79,6 +81,7 @@ impl Supervisor {
                         ping_interval: self.settings.ping_interval,
                         stall_after: self.settings.stall_after,
                         idle_close: self.elastic.then_some(self.settings.idle_close),
+                        latency: self.latency.as_ref(),
                         shutdown: &self.shutdown,
                     };
                     let ended = conn::serve(stream, &mut self.rx, ctx).await;

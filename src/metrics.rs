@@ -1,0 +1,360 @@
+//! Prometheus metrics: one registry per process, handles resolved once.
+//!
+//! Owns: metric names and labels, the bounded set of `method` label values
+//! (anything unknown is `other`, so clients cannot blow up cardinality), the
+//! per-coin handle bundle [`CoinMetrics`] that sessions and connections clone
+//! (the hot path never looks up a label), and rendering the text exposition,
+//! including values read from pools and hubs at scrape time.
+
+use crate::jsonrpc::ErrorCode;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// Every method the `method` label may name; the last is the catch-all.
+pub const METHODS: &[&str] = &[
+    "server.version",
+    "server.ping",
+    "server.banner",
+    "server.features",
+    "server.donation_address",
+    "server.peers.subscribe",
+    "server.add_peer",
+    "blockchain.headers.subscribe",
+    "blockchain.numblocks.subscribe",
+    "blockchain.block.header",
+    "blockchain.block.headers",
+    "blockchain.block.get_header",
+    "blockchain.block.get_chunk",
+    "blockchain.estimatefee",
+    "blockchain.relayfee",
+    "blockchain.scripthash.get_balance",
+    "blockchain.scripthash.get_history",
+    "blockchain.scripthash.get_mempool",
+    "blockchain.scripthash.listunspent",
+    "blockchain.scripthash.subscribe",
+    "blockchain.scripthash.unsubscribe",
+    "blockchain.address.get_balance",
+    "blockchain.address.get_history",
+    "blockchain.address.get_mempool",
+    "blockchain.address.listunspent",
+    "blockchain.address.subscribe",
+    "blockchain.address.unsubscribe",
+    "blockchain.transaction.get",
+    "blockchain.transaction.get_merkle",
+    "blockchain.transaction.id_from_pos",
+    "blockchain.transaction.broadcast",
+    "mempool.get_fee_histogram",
+    "mempool.get_info",
+    "other",
+];
+
+/// Index of a method in [`METHODS`] (`other` for anything unknown).
+pub fn method_index(method: &str) -> u8 {
+    METHODS
+        .iter()
+        .position(|m| *m == method)
+        .unwrap_or(METHODS.len() - 1) as u8
+}
+
+/// How a client request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A result (from an upstream, the hub, or the proxy itself).
+    Ok,
+    /// The upstream's own error object, relayed.
+    UpstreamError,
+    /// The proxy's error (no upstream, timeout, limit, bad request).
+    ProxyError,
+}
+
+const OUTCOMES: [&str; 3] = ["ok", "upstream_error", "proxy_error"];
+const ERROR_KINDS: [&str; 6] = [
+    "parse",
+    "invalid",
+    "limit",
+    "timeout",
+    "no_upstream",
+    "internal",
+];
+
+fn error_kind(code: ErrorCode) -> usize {
+    match code {
+        ErrorCode::ParseError => 0,
+        ErrorCode::InvalidRequest
+        | ErrorCode::InvalidParams
+        | ErrorCode::MethodNotFound
+        | ErrorCode::BadRequest => 1,
+        ErrorCode::LimitExceeded => 2,
+        ErrorCode::UpstreamTimeout => 3,
+        ErrorCode::UpstreamUnavailable => 4,
+        ErrorCode::InternalError | ErrorCode::DaemonError => 5,
+    }
+}
+
+/// The process-wide registry and metric families.
+pub struct Metrics {
+    pub registry: Registry,
+    sessions_open: IntGaugeVec,
+    sessions_total: IntCounterVec,
+    requests: IntCounterVec,
+    request_seconds: HistogramVec,
+    errors: IntCounterVec,
+    bytes_in: IntCounterVec,
+    bytes_out: IntCounterVec,
+    notifications: IntCounterVec,
+    pub(crate) upstream_up: IntGaugeVec,
+    pub(crate) upstream_height: IntGaugeVec,
+    pub(crate) upstream_in_flight: IntGaugeVec,
+    pub(crate) upstream_connections: IntGaugeVec,
+    upstream_seconds: HistogramVec,
+    pub(crate) subscriptions: IntGaugeVec,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace("electrum_lb")
+}
+
+/// Latency buckets from 100 us to 30 s.
+fn buckets() -> Vec<f64> {
+    vec![
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0, 30.0,
+    ]
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m.expect("valid metric");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("unique metric");
+                m
+            }};
+        }
+        let hist = |name: &str, help: &str, labels: &[&str]| {
+            HistogramVec::new(
+                HistogramOpts::new(name, help)
+                    .namespace("electrum_lb")
+                    .buckets(buckets()),
+                labels,
+            )
+        };
+        let m = Metrics {
+            sessions_open: reg!(IntGaugeVec::new(
+                opts("sessions_open", "Client sessions currently open."),
+                &["coin", "transport"]
+            )),
+            sessions_total: reg!(IntCounterVec::new(
+                opts("sessions_total", "Client sessions accepted."),
+                &["coin", "transport"]
+            )),
+            requests: reg!(IntCounterVec::new(
+                opts("requests_total", "Client requests answered, by method and outcome."),
+                &["coin", "method", "outcome"]
+            )),
+            request_seconds: reg!(hist(
+                "request_duration_seconds",
+                "Time from a client request to its answer.",
+                &["coin", "method"]
+            )),
+            errors: reg!(IntCounterVec::new(
+                opts("errors_total", "Errors the proxy answered or closed a session for, by kind."),
+                &["coin", "kind"]
+            )),
+            bytes_in: reg!(IntCounterVec::new(
+                opts("client_received_bytes_total", "Bytes received from clients."),
+                &["coin"]
+            )),
+            bytes_out: reg!(IntCounterVec::new(
+                opts("client_sent_bytes_total", "Bytes sent to clients."),
+                &["coin"]
+            )),
+            notifications: reg!(IntCounterVec::new(
+                opts("notifications_total", "Subscription notifications written to clients."),
+                &["coin"]
+            )),
+            upstream_up: reg!(IntGaugeVec::new(
+                opts("upstream_up", "1 when the upstream is connected and in rotation."),
+                &["coin", "upstream"]
+            )),
+            upstream_height: reg!(IntGaugeVec::new(
+                opts("upstream_height", "Tip height last reported by the upstream."),
+                &["coin", "upstream"]
+            )),
+            upstream_in_flight: reg!(IntGaugeVec::new(
+                opts("upstream_in_flight", "Requests queued or awaiting an answer on the upstream."),
+                &["coin", "upstream"]
+            )),
+            upstream_connections: reg!(IntGaugeVec::new(
+                opts("upstream_connections", "Open connections to the upstream."),
+                &["coin", "upstream"]
+            )),
+            upstream_seconds: reg!(hist(
+                "upstream_request_duration_seconds",
+                "Time from writing a request to an upstream to its answer.",
+                &["coin", "upstream"]
+            )),
+            subscriptions: reg!(IntGaugeVec::new(
+                opts(
+                    "subscriptions",
+                    "Subscriptions held: distinct upstream subscriptions (kind=upstream) and session subscriptions (kind=session)."
+                ),
+                &["coin", "kind"]
+            )),
+            registry,
+        };
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = m.registry.register(Box::new(pc));
+        }
+        Arc::new(m)
+    }
+
+    /// The handle bundle of a coin. Per-method series are resolved on first
+    /// use (so unused methods do not bloat every scrape) and never looked up
+    /// again.
+    pub fn coin(self: &Arc<Self>, coin: &str) -> Arc<CoinMetrics> {
+        let requests = METHODS.iter().map(|_| OnceLock::new()).collect();
+        let latency = METHODS.iter().map(|_| OnceLock::new()).collect();
+        Arc::new(CoinMetrics {
+            coin: coin.to_string(),
+            registry: self.clone(),
+            requests,
+            latency,
+            errors: ERROR_KINDS.map(|k| self.errors.with_label_values(&[coin, k])),
+            bytes_in: self.bytes_in.with_label_values(&[coin]),
+            bytes_out: self.bytes_out.with_label_values(&[coin]),
+            notifications: self.notifications.with_label_values(&[coin]),
+        })
+    }
+
+    /// The text exposition of everything.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Pre-resolved metric handles of one coin.
+pub struct CoinMetrics {
+    pub coin: String,
+    registry: Arc<Metrics>,
+    requests: Vec<OnceLock<[IntCounter; 3]>>,
+    latency: Vec<OnceLock<Histogram>>,
+    errors: [IntCounter; 6],
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
+    pub notifications: IntCounter,
+}
+
+impl std::fmt::Debug for CoinMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoinMetrics")
+            .field("coin", &self.coin)
+            .finish()
+    }
+}
+
+impl CoinMetrics {
+    /// Record one answered client request.
+    pub fn request(&self, method: u8, outcome: Outcome, elapsed: Duration) {
+        let i = method as usize;
+        let o = match outcome {
+            Outcome::Ok => 0,
+            Outcome::UpstreamError => 1,
+            Outcome::ProxyError => 2,
+        };
+        let method = METHODS[i];
+        let reg = &self.registry;
+        self.requests[i].get_or_init(|| {
+            OUTCOMES.map(|o| reg.requests.with_label_values(&[&self.coin, method, o]))
+        })[o]
+            .inc();
+        self.latency[i]
+            .get_or_init(|| reg.request_seconds.with_label_values(&[&self.coin, method]))
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Count an error the proxy produced.
+    pub fn error(&self, code: ErrorCode) {
+        self.errors[error_kind(code)].inc();
+    }
+
+    /// Count a session closed for an oversized line.
+    pub fn limit_hit(&self) {
+        self.errors[2].inc();
+    }
+
+    /// A session of this transport opened; the guard closes it.
+    pub fn session_opened(&self, transport: &str) -> SessionGuard {
+        self.registry
+            .sessions_total
+            .with_label_values(&[&self.coin, transport])
+            .inc();
+        let open = self
+            .registry
+            .sessions_open
+            .with_label_values(&[&self.coin, transport]);
+        open.inc();
+        SessionGuard { open }
+    }
+
+    /// The latency histogram of requests to one upstream.
+    pub fn upstream_latency(&self, upstream: &str) -> Histogram {
+        self.registry
+            .upstream_seconds
+            .with_label_values(&[&self.coin, upstream])
+    }
+}
+
+/// Decrements `sessions_open` when the session ends.
+pub struct SessionGuard {
+    open: IntGauge,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_methods_are_other() {
+        assert_eq!(METHODS[method_index("server.ping") as usize], "server.ping");
+        assert_eq!(METHODS[method_index("x.y.z") as usize], "other");
+        assert_eq!(METHODS[method_index("") as usize], "other");
+    }
+
+    #[test]
+    fn renders_with_prefix_and_labels() {
+        let m = Metrics::new();
+        let c = m.coin("btc");
+        c.request(
+            method_index("server.ping"),
+            Outcome::Ok,
+            Duration::from_millis(1),
+        );
+        c.error(ErrorCode::ParseError);
+        let _g = c.session_opened("tcp");
+        let text = m.render();
+        assert!(text.contains(
+            "electrum_lb_requests_total{coin=\"btc\",method=\"server.ping\",outcome=\"ok\"} 1"
+        ));
+        assert!(text.contains("electrum_lb_errors_total{coin=\"btc\",kind=\"parse\"} 1"));
+        assert!(text.contains("electrum_lb_sessions_open{coin=\"btc\",transport=\"tcp\"} 1"));
+        assert!(text.contains("electrum_lb_request_duration_seconds_bucket"));
+    }
+}
