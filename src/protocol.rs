@@ -179,6 +179,11 @@ pub fn negotiate(params: &str, current: Level, server_name: &str) -> Negotiated 
             ))
         }
     };
+    // A bare version is both the client's minimum and maximum (ElectrumX's
+    // rule): "1.6" alone asks for 1.6 semantics (`headers` lists, no
+    // `blockchain.relayfee`), which answering 1.4.2 would silently break, so
+    // it is refused like any minimum above ours. Below our minimum nothing is
+    // refused: those are the legacy wallets this proxy keeps working.
     if client_min > PROTOCOL_MAX {
         return Negotiated::Refuse {
             error: RpcError::new(
@@ -299,6 +304,103 @@ mod tests {
         );
     }
 
+    /// Every case the legacy-wallets issue lists, with the exact answer.
+    #[test]
+    fn the_issue_cases() {
+        let pair = |v: &str| format!("[\"{NAME}\",\"{v}\"]");
+        let plain = format!("\"{NAME}\"");
+        let cases = [
+            (
+                r#"["w","0.9"]"#,
+                Level::Legacy(Version(0, 9, 0)),
+                plain.clone(),
+            ),
+            (
+                r#"["w","1.0"]"#,
+                Level::Legacy(Version(1, 0, 0)),
+                plain.clone(),
+            ),
+            (
+                r#"["w","1.2"]"#,
+                Level::Legacy(Version(1, 2, 0)),
+                pair("1.2"),
+            ),
+            (
+                r#"["w",["1.1","1.4"]]"#,
+                Level::Modern(Version(1, 4, 0)),
+                pair("1.4"),
+            ),
+            (
+                r#"["w","1.4.2"]"#,
+                Level::Modern(Version(1, 4, 2)),
+                pair("1.4.2"),
+            ),
+            // BDK's electrum-client 0.25.
+            (
+                r#"["",["1.4","1.6"]]"#,
+                Level::Modern(Version(1, 4, 2)),
+                pair("1.4.2"),
+            ),
+            // A legacy range entirely below our minimum is still served.
+            (
+                r#"["w",["0.8","0.9"]]"#,
+                Level::Legacy(Version(0, 9, 0)),
+                plain.clone(),
+            ),
+            (
+                r#"["w",["1.0","1.2"]]"#,
+                Level::Legacy(Version(1, 2, 0)),
+                pair("1.2"),
+            ),
+            // Extra arguments are tolerated (protocol 1.6 requires it).
+            (
+                r#"["w","1.4","x"]"#,
+                Level::Modern(Version(1, 4, 0)),
+                pair("1.4"),
+            ),
+            // A null version is a missing one.
+            (
+                r#"["w",null]"#,
+                Level::Legacy(Version(1, 0, 0)),
+                plain.clone(),
+            ),
+        ];
+        for (params, level, result) in cases {
+            assert_eq!(accept(params), (level, result), "{params}");
+        }
+        // "1.6" alone is min = max = 1.6: above our maximum, refused and closed.
+        for params in [r#"["w","1.6"]"#, r#"["w",["1.7","1.8"]]"#, r#"["w","1.5"]"#] {
+            assert_eq!(refuse(params), (ErrorCode::BadRequest, true), "{params}");
+            let Negotiated::Refuse { error, .. } = negotiate(params, Level::Unnegotiated, NAME)
+            else {
+                unreachable!()
+            };
+            assert!(error.message.contains("1.4.2"), "{}", error.message);
+        }
+        // Non-strings are errors the session survives.
+        for params in [
+            r#"["w",14]"#,
+            r#"["w",1.4]"#,
+            r#"["w",true]"#,
+            r#"["w",{"v":"1.4"}]"#,
+            r#"["w",["1.4",1.6]]"#,
+            r#"["w",["1.4"]]"#,
+        ] {
+            assert_eq!(refuse(params), (ErrorCode::BadRequest, false), "{params}");
+        }
+    }
+
+    #[test]
+    fn a_failed_negotiation_leaves_the_session_unnegotiated() {
+        // The session's level only changes on Accept, so the next call
+        // negotiates afresh rather than replaying a keep-alive.
+        assert!(matches!(
+            negotiate(r#"["w",14]"#, Level::Unnegotiated, NAME),
+            Negotiated::Refuse { .. }
+        ));
+        assert_eq!(accept(r#"["w","0.9"]"#).0, Level::Legacy(Version(0, 9, 0)));
+    }
+
     #[test]
     fn repeated_call_is_a_keep_alive() {
         let level = Level::Legacy(Version(0, 9, 0));
@@ -317,5 +419,24 @@ mod tests {
                 result: format!("[\"{NAME}\",\"1.4\"]")
             }
         );
+        // Whatever the repeated call carries, even garbage or a version the
+        // first call would have refused, it never errs nor disconnects.
+        let level = Level::Legacy(Version(1, 2, 0));
+        for params in [
+            r#"["w","0.9"]"#,
+            r#"["w","1.6"]"#,
+            r#"["w",14]"#,
+            "{}",
+            "[]",
+        ] {
+            assert_eq!(
+                negotiate(params, level, NAME),
+                Negotiated::Accept {
+                    level,
+                    result: format!("[\"{NAME}\",\"1.2\"]")
+                },
+                "{params}"
+            );
+        }
     }
 }
