@@ -49,7 +49,8 @@ pub enum Form {
 /// Counters the metrics module reads.
 #[derive(Debug, Default)]
 pub struct HubStats {
-    /// Distinct subscriptions held upstream (scripthashes, plus the tip).
+    /// Distinct scripthash subscriptions held for sessions (each is one
+    /// subscription upstream once established).
     pub upstream_subscriptions: AtomicUsize,
     /// Subscriptions held by sessions (one per session, topic and form).
     pub session_subscriptions: AtomicUsize,
@@ -57,6 +58,8 @@ pub struct HubStats {
     pub notifications: AtomicU64,
     /// Upstream subscribe requests sent (first subscriptions and failovers).
     pub upstream_subscribe_requests: AtomicU64,
+    /// Upstream `blockchain.scripthash.unsubscribe` requests sent.
+    pub upstream_unsubscribe_requests: AtomicU64,
 }
 
 /// The handle sessions and the router use. Cheap to clone.
@@ -73,6 +76,8 @@ enum Command {
         out: Outbound,
         topic: Topic,
         form: Form,
+        /// Most scripthash subscriptions this session may hold.
+        limit: usize,
         responder: Responder,
     },
     Unsubscribe {
@@ -83,7 +88,6 @@ enum Command {
     },
     SessionClosed {
         session: SessionId,
-        subs: Vec<(Topic, Form)>,
     },
     Subscribed {
         topic: Topic,
@@ -123,19 +127,25 @@ impl Hub {
             stats: hub.stats.clone(),
             headers: Entry::default(),
             scripts: HashMap::new(),
+            sessions: HashMap::new(),
             tip: None,
+            next_generation: 1,
         };
         tracker.spawn(actor.run(rx, events, shutdown.clone()));
         hub
     }
 
     /// Subscribe a session; `responder` gets the current status or tip.
+    /// `limit` is the most scripthash subscriptions the session may hold;
+    /// the hub keeps the count, so a refused or failed subscription never
+    /// counts against it.
     pub fn subscribe(
         &self,
         session: SessionId,
         out: &Outbound,
         topic: Topic,
         form: Form,
+        limit: usize,
         responder: Responder,
     ) {
         let cmd = Command::Subscribe {
@@ -143,6 +153,7 @@ impl Hub {
             out: out.clone(),
             topic,
             form,
+            limit,
             responder,
         };
         if let Err(mpsc::error::SendError(Command::Subscribe { responder, .. })) = self.tx.send(cmd)
@@ -172,11 +183,11 @@ impl Hub {
         }
     }
 
-    /// Drop everything a closed session held.
-    pub fn session_closed(&self, session: SessionId, subs: Vec<(Topic, Form)>) {
-        if !subs.is_empty() {
-            let _ = self.tx.send(Command::SessionClosed { session, subs });
-        }
+    /// Drop everything a closed session held. The hub keeps its own index of
+    /// each session's subscriptions; `_subs` is ignored (kept so callers
+    /// that still pass the session's list compile).
+    pub fn session_closed(&self, session: SessionId, _subs: Vec<(Topic, Form)>) {
+        let _ = self.tx.send(Command::SessionClosed { session });
     }
 
     /// The connection holding the subscription of this scripthash, if any.
@@ -196,6 +207,11 @@ enum Value {
     },
 }
 
+/// One topic: its subscribers and where its upstream subscription lives.
+///
+/// Invariants: every `(session, form)` in `waiting` is also in
+/// `subscribers` and in the actor's session index; a scripthash entry with no
+/// subscribers is removed at once.
 #[derive(Default)]
 struct Entry {
     subscribers: HashMap<SessionId, Subscriber>,
@@ -203,16 +219,33 @@ struct Entry {
     /// Where the upstream subscription lives; `None` while (re)subscribing or
     /// while no upstream is available.
     conn: Option<ConnId>,
-    /// Bumped on each upstream subscribe, so stale answers are ignored.
-    generation: u64,
-    subscribing: bool,
+    /// The upstream subscribe in flight: its connection and generation.
+    /// Answers with another generation are stale.
+    pending: Option<(ConnId, u64)>,
+    /// A notification that arrived on the pending connection before the
+    /// hub saw the subscribe's answer: it is newer than that answer.
+    early: Option<Value>,
     /// Subscribers that wait for the first answer.
-    waiting: Vec<(Responder, Form, SessionId)>,
+    waiting: Vec<Waiter>,
+}
+
+struct Waiter {
+    responder: Responder,
+    form: Form,
+    session: SessionId,
 }
 
 struct Subscriber {
     out: Outbound,
     forms: Vec<Form>,
+}
+
+/// What one session holds, for its limit and for cleanup when it closes.
+#[derive(Default)]
+struct SessionSubs {
+    keys: std::collections::HashSet<(Topic, Form)>,
+    /// How many of `keys` are scripthash subscriptions (the limited kind).
+    scripts: usize,
 }
 
 struct Actor {
@@ -223,7 +256,9 @@ struct Actor {
     stats: Arc<HubStats>,
     headers: Entry,
     scripts: HashMap<String, Entry>,
+    sessions: HashMap<SessionId, SessionSubs>,
     tip: Option<(u64, String)>,
+    next_generation: u64,
 }
 
 /// How often orphaned subscriptions (no upstream was available) are retried.
@@ -248,8 +283,8 @@ impl Actor {
         }
         // Whoever still waits gets an answer.
         for entry in std::iter::once(&mut self.headers).chain(self.scripts.values_mut()) {
-            for (responder, _, _) in entry.waiting.drain(..) {
-                responder.fail(RpcError::new(
+            for w in entry.waiting.drain(..) {
+                w.responder.fail(RpcError::new(
                     ErrorCode::UpstreamUnavailable,
                     "shutting down",
                 ));
@@ -271,8 +306,9 @@ impl Actor {
                 out,
                 topic,
                 form,
+                limit,
                 responder,
-            } => self.subscribe(session, out, topic, form, responder),
+            } => self.subscribe(session, out, topic, form, limit, responder),
             Command::Unsubscribe {
                 session,
                 topic,
@@ -282,9 +318,13 @@ impl Actor {
                 let existed = self.remove(session, &topic, &form);
                 responder.deliver_text(if existed { "true" } else { "false" });
             }
-            Command::SessionClosed { session, subs } => {
-                for (topic, form) in subs {
-                    self.remove(session, &topic, &form);
+            Command::SessionClosed { session } => {
+                let Some(subs) = self.sessions.remove(&session) else {
+                    return;
+                };
+                for (topic, form) in subs.keys {
+                    self.detach(session, &topic, &form);
+                    self.drop_if_unused(&topic);
                 }
             }
             Command::Subscribed {
@@ -302,61 +342,105 @@ impl Actor {
         out: Outbound,
         topic: Topic,
         form: Form,
+        limit: usize,
         responder: Responder,
     ) {
-        if let Topic::Script(sh) = &topic {
-            if !self.scripts.contains_key(sh) {
-                if self.scripts.len() >= self.config.max_topics {
+        let key = (topic, form);
+        let held = self.sessions.get(&session);
+        let already = held.is_some_and(|s| s.keys.contains(&key));
+        let (topic, form) = key;
+        if !already {
+            if let Topic::Script(sh) = &topic {
+                if held.map_or(0, |s| s.scripts) >= limit {
                     responder.fail(RpcError::new(
                         ErrorCode::LimitExceeded,
-                        format!(
-                            "this server holds its maximum of {} subscriptions for {}",
-                            self.config.max_topics, self.config.coin
-                        ),
+                        format!("too many subscriptions in this session (limit {limit})"),
                     ));
                     return;
                 }
-                self.scripts.insert(sh.clone(), Entry::default());
-                self.stats
-                    .upstream_subscriptions
-                    .fetch_add(1, Ordering::Relaxed);
+                if !self.scripts.contains_key(sh) {
+                    if self.scripts.len() >= self.config.max_topics {
+                        responder.fail(RpcError::new(
+                            ErrorCode::LimitExceeded,
+                            format!(
+                                "this server holds its maximum of {} subscriptions for {}",
+                                self.config.max_topics, self.config.coin
+                            ),
+                        ));
+                        return;
+                    }
+                    self.scripts.insert(sh.clone(), Entry::default());
+                    self.stats
+                        .upstream_subscriptions
+                        .fetch_add(1, Ordering::Relaxed);
+                }
             }
+            let subs = self.sessions.entry(session).or_default();
+            if matches!(topic, Topic::Script(_)) {
+                subs.scripts += 1;
+            }
+            subs.keys.insert((topic.clone(), form.clone()));
+            self.stats
+                .session_subscriptions
+                .fetch_add(1, Ordering::Relaxed);
         }
         let tip = self.tip.clone();
         let entry = self.entry(&topic).expect("entry exists");
-        let sub = entry
-            .subscribers
-            .entry(session)
-            .or_insert_with(|| Subscriber {
-                out,
-                forms: Vec::new(),
-            });
-        let added = !sub.forms.contains(&form);
-        if added {
-            sub.forms.push(form.clone());
+        if !already {
+            entry
+                .subscribers
+                .entry(session)
+                .or_insert_with(|| Subscriber {
+                    out,
+                    forms: Vec::new(),
+                })
+                .forms
+                .push(form.clone());
         }
         let fallback = match (&topic, tip) {
             (Topic::Headers, Some((height, hex))) => Some(Value::Tip { height, hex }),
             _ => None,
         };
         let value = entry.value.clone().or(fallback);
-        let needs_upstream = entry.conn.is_none() && !entry.subscribing;
+        let needs_upstream = entry.conn.is_none() && entry.pending.is_none();
         match value {
             Some(v) => answer(responder, &form, &v),
-            None => entry.waiting.push((responder, form, session)),
-        }
-        if added {
-            self.stats
-                .session_subscriptions
-                .fetch_add(1, Ordering::Relaxed);
+            None => entry.waiting.push(Waiter {
+                responder,
+                form,
+                session,
+            }),
         }
         if needs_upstream {
             self.start_subscribe(topic);
         }
     }
 
-    /// Remove one form of one session; drop the entry with its last subscriber.
+    /// Remove one form of one session (an unsubscribe); drop the entry with
+    /// its last subscriber. Returns whether the session held it.
     fn remove(&mut self, session: SessionId, topic: &Topic, form: &Form) -> bool {
+        let key = (topic.clone(), form.clone());
+        let mut indexed = false;
+        if let Some(subs) = self.sessions.get_mut(&session) {
+            if subs.keys.remove(&key) {
+                indexed = true;
+                if matches!(topic, Topic::Script(_)) {
+                    subs.scripts -= 1;
+                }
+                if subs.keys.is_empty() {
+                    self.sessions.remove(&session);
+                }
+            }
+        }
+        let detached = self.detach(session, topic, form);
+        self.drop_if_unused(topic);
+        indexed || detached
+    }
+
+    /// Take `(session, form)` out of a topic's entry (not out of the session
+    /// index). A subscribe of it still waiting for the upstream is answered
+    /// with an error.
+    fn detach(&mut self, session: SessionId, topic: &Topic, form: &Form) -> bool {
         let Some(entry) = self.entry(topic) else {
             return false;
         };
@@ -370,25 +454,48 @@ impl Actor {
                 entry.subscribers.remove(&session);
             }
         }
+        let mut i = 0;
+        while i < entry.waiting.len() {
+            if entry.waiting[i].session == session && entry.waiting[i].form == *form {
+                entry.waiting.swap_remove(i).responder.fail(RpcError::new(
+                    ErrorCode::UpstreamUnavailable,
+                    "unsubscribed before the upstream answered",
+                ));
+            } else {
+                i += 1;
+            }
+        }
         if existed {
             self.stats
                 .session_subscriptions
                 .fetch_sub(1, Ordering::Relaxed);
         }
-        if let Topic::Script(sh) = topic {
-            let entry = &self.scripts[sh];
-            if entry.subscribers.is_empty() && entry.waiting.is_empty() {
-                let entry = self.scripts.remove(sh).expect("present");
-                self.affinity.remove(sh);
-                self.stats
-                    .upstream_subscriptions
-                    .fetch_sub(1, Ordering::Relaxed);
-                if let Some(conn) = entry.conn {
-                    self.release_upstream(conn, sh);
-                }
-            }
-        }
         existed
+    }
+
+    /// Drop a scripthash entry nobody holds any more, and release its
+    /// upstream subscription.
+    fn drop_if_unused(&mut self, topic: &Topic) {
+        let Topic::Script(sh) = topic else {
+            return;
+        };
+        let unused = self
+            .scripts
+            .get(sh)
+            .is_some_and(|e| e.subscribers.is_empty() && e.waiting.is_empty());
+        if !unused {
+            return;
+        }
+        let entry = self.scripts.remove(sh).expect("present");
+        self.affinity.remove(sh);
+        self.stats
+            .upstream_subscriptions
+            .fetch_sub(1, Ordering::Relaxed);
+        if let Some(conn) = entry.conn {
+            self.release_upstream(conn, sh);
+        }
+        // A subscribe still in flight is released when its answer arrives
+        // (see `on_subscribed`).
     }
 
     /// Tell the upstream it may forget a scripthash (protocol 1.4.2). An
@@ -406,6 +513,9 @@ impl Actor {
         // Keep the receiver alive until the answer arrives, or the connection
         // would skip the request as abandoned.
         if self.pool.dispatch_to(conn, job).is_ok() {
+            self.stats
+                .upstream_unsubscribe_requests
+                .fetch_add(1, Ordering::Relaxed);
             tokio::spawn(async move {
                 let _ = rx.await;
             });
@@ -416,24 +526,28 @@ impl Actor {
     fn start_subscribe(&mut self, topic: Topic) {
         let conn = self.pool.preferred();
         let timeout = self.config.request_timeout;
+        let generation = self.next_generation;
+        self.next_generation += 1;
         let Some(entry) = self.entry(&topic) else {
             return;
         };
-        entry.generation += 1;
-        let generation = entry.generation;
         entry.conn = None;
+        entry.early = None;
         let Some(conn) = conn else {
-            entry.subscribing = false;
-            fail_waiting(
-                entry,
-                &RpcError::new(
-                    ErrorCode::UpstreamUnavailable,
-                    "no upstream server available",
-                ),
+            entry.pending = None;
+            self.fail_waiting(
+                &topic,
+                |_| {
+                    RpcError::new(
+                        ErrorCode::UpstreamUnavailable,
+                        "no upstream server available",
+                    )
+                },
+                None,
             );
             return;
         };
-        entry.subscribing = true;
+        entry.pending = Some((conn, generation));
         let (method, params) = match &topic {
             Topic::Headers => ("blockchain.headers.subscribe", "[]".to_string()),
             Topic::Script(sh) => (
@@ -473,56 +587,111 @@ impl Actor {
         });
     }
 
+    /// Answer every waiter of `topic` with an error and unsubscribe it: a
+    /// subscriber that never got a status is not subscribed. `relay` is an
+    /// upstream error object, relayed verbatim instead when present.
+    fn fail_waiting(
+        &mut self,
+        topic: &Topic,
+        err: impl Fn(&Form) -> RpcError,
+        relay: Option<&serde_json::value::RawValue>,
+    ) {
+        let Some(entry) = self.entry(topic) else {
+            return;
+        };
+        let waiting = std::mem::take(&mut entry.waiting);
+        for w in waiting {
+            match relay {
+                Some(e) => w.responder.deliver(Err(e)),
+                None => w.responder.fail(err(&w.form)),
+            }
+            if let Some(subs) = self.sessions.get_mut(&w.session) {
+                if subs.keys.remove(&(topic.clone(), w.form.clone())) {
+                    if matches!(topic, Topic::Script(_)) {
+                        subs.scripts -= 1;
+                    }
+                    if subs.keys.is_empty() {
+                        self.sessions.remove(&w.session);
+                    }
+                }
+            }
+            self.detach(w.session, topic, &w.form);
+        }
+        self.drop_if_unused(topic);
+    }
+
     fn on_subscribed(&mut self, topic: Topic, conn: ConnId, generation: u64, reply: InternalReply) {
         let pool_has_conn = self.pool.is_up(conn);
-        let Some(entry) = self.entry(&topic) else {
-            return;
-        };
-        if entry.generation != generation {
+        let current = match &topic {
+            Topic::Headers => Some(&self.headers),
+            Topic::Script(sh) => self.scripts.get(sh),
+        }
+        .is_some_and(|e| e.pending == Some((conn, generation)));
+        if !current {
+            // A stale answer: the entry was dropped or moved meanwhile. An
+            // upstream subscription nobody uses any more is released.
+            if let (Topic::Script(sh), Ok(Answer::Result(_)), true) =
+                (&topic, &reply, pool_has_conn)
+            {
+                let in_use = self.scripts.get(sh).is_some_and(|e| {
+                    e.conn == Some(conn) || e.pending.is_some_and(|(c, _)| c == conn)
+                });
+                if !in_use {
+                    self.release_upstream(conn, sh);
+                }
+            }
             return;
         }
-        entry.subscribing = false;
+        let entry = self.entry(&topic).expect("current entry exists");
+        entry.pending = None;
+        let early = entry.early.take();
         let value = match &reply {
-            Ok(Answer::Result(raw)) => parse_value(&topic, raw.get()),
+            Ok(Answer::Result(raw)) if pool_has_conn => {
+                parse_value(&topic, raw.get()).map(|v| early.unwrap_or(v))
+            }
             _ => None,
         };
-        let Some(value) = value.filter(|_| pool_has_conn) else {
-            // An error answer is relayed to those waiting; a missing answer
-            // becomes the proxy's error. The entry is retried while it has
-            // subscribers.
-            let waiting: Vec<_> = entry.waiting.drain(..).collect();
-            let mut dropped = Vec::new();
-            for (responder, form, session) in waiting {
-                match &reply {
-                    Ok(Answer::Error(e)) => responder.deliver(Err(e)),
-                    Ok(Answer::Result(_)) if !pool_has_conn => responder.fail(RpcError::new(
+        let Some(value) = value else {
+            // Those waiting get the upstream's error, or the proxy's. The
+            // entry is retried while it has subscribers.
+            let relay = match &reply {
+                Ok(Answer::Error(e)) => Some(e.clone()),
+                _ => None,
+            };
+            self.fail_waiting(
+                &topic,
+                |_| match &reply {
+                    Ok(Answer::Result(_)) if !pool_has_conn => RpcError::new(
                         ErrorCode::UpstreamUnavailable,
                         "upstream connection lost while subscribing",
-                    )),
-                    Ok(Answer::Result(r)) => responder.fail(RpcError::new(
+                    ),
+                    Ok(Answer::Result(r)) => RpcError::new(
                         ErrorCode::InternalError,
                         format!("unexpected subscription answer from upstream: {}", r.get()),
-                    )),
-                    Err(e) => responder.fail(e.clone()),
-                }
-                dropped.push((session, form));
-            }
-            for (session, form) in dropped {
-                self.remove(session, &topic, &form);
-            }
+                    ),
+                    Ok(Answer::Error(_)) => {
+                        RpcError::new(ErrorCode::InternalError, "upstream refused")
+                    }
+                    Err(e) => e.clone(),
+                },
+                relay.as_deref(),
+            );
             return;
         };
         entry.conn = Some(conn);
         let changed = entry.value.as_ref().is_some_and(|old| *old != value);
         entry.value = Some(value.clone());
-        for (responder, form, _) in entry.waiting.drain(..) {
-            answer(responder, &form, &value);
-        }
+        let waiting = std::mem::take(&mut entry.waiting);
+        // Affinity first: a subscriber that asks for the history as soon as
+        // it has the status must reach this connection.
         if let Topic::Script(sh) = &topic {
             self.affinity.insert(sh.clone(), conn);
         }
         if let Value::Tip { height, hex } = &value {
             self.tip = Some((*height, hex.clone()));
+        }
+        for w in waiting {
+            answer(w.responder, &w.form, &value);
         }
         if changed {
             // The status moved while the subscription was being moved: tell
@@ -534,18 +703,20 @@ impl Actor {
     fn on_event(&mut self, ev: PoolEvent) {
         match ev {
             PoolEvent::Up { .. } => {
-                if self.headers.conn.is_none() && !self.headers.subscribing {
+                if self.headers.conn.is_none() && self.headers.pending.is_none() {
                     self.start_subscribe(Topic::Headers);
                 }
                 self.retry_orphans();
             }
             PoolEvent::Down { conn } => {
+                let on_conn =
+                    |e: &Entry| e.conn == Some(conn) || e.pending.is_some_and(|(c, _)| c == conn);
                 let mut moved = Vec::new();
-                if self.headers.conn == Some(conn) {
+                if on_conn(&self.headers) {
                     moved.push(Topic::Headers);
                 }
                 for (sh, entry) in &self.scripts {
-                    if entry.conn == Some(conn) {
+                    if on_conn(entry) {
                         moved.push(Topic::Script(sh.clone()));
                     }
                 }
@@ -568,52 +739,54 @@ impl Actor {
     }
 
     fn on_notification(&mut self, conn: ConnId, method: &str, params: &str) {
-        match method {
+        let (topic, value) = match method {
             "blockchain.scripthash.subscribe" => {
                 let Ok((sh, status)) = serde_json::from_str::<(String, Option<String>)>(params)
                 else {
                     return;
                 };
-                let Some(entry) = self.scripts.get_mut(&sh) else {
-                    return;
-                };
-                if entry.conn != Some(conn) {
-                    return;
-                }
                 let value = Value::Status(match status {
                     Some(s) => jsonrpc::quote(&s),
                     None => "null".into(),
                 });
-                if entry.value.as_ref() != Some(&value) {
-                    entry.value = Some(value);
-                    self.fan_out(&Topic::Script(sh));
-                }
+                (Topic::Script(sh.to_ascii_lowercase()), value)
             }
             "blockchain.headers.subscribe" => {
-                if self.headers.conn != Some(conn) {
-                    return;
-                }
-                let Ok(list) = serde_json::from_str::<Vec<serde_json::Value>>(params) else {
+                let Ok(list) = serde_json::from_str::<Vec<&serde_json::value::RawValue>>(params)
+                else {
                     return;
                 };
                 let Some(value) = list
                     .first()
-                    .and_then(|v| parse_value(&Topic::Headers, &v.to_string()))
+                    .and_then(|v| parse_value(&Topic::Headers, v.get()))
                 else {
                     return;
                 };
-                if self.headers.value.as_ref() != Some(&value) {
-                    if let Value::Tip { height, hex } = &value {
-                        self.tip = Some((*height, hex.clone()));
-                    }
-                    self.headers.value = Some(value);
-                    self.fan_out(&Topic::Headers);
-                }
+                (Topic::Headers, value)
             }
             // Unsolicited chatter (relayfee, estimatefee, peers): nobody
             // subscribed to it through the proxy.
-            _ => {}
+            _ => return,
+        };
+        let Some(entry) = self.entry(&topic) else {
+            return;
+        };
+        if entry.conn != Some(conn) {
+            if entry.pending.is_some_and(|(c, _)| c == conn) {
+                // Sent after the subscribe's answer, seen before it.
+                entry.early = Some(value);
+            }
+            return;
         }
+        if entry.value.as_ref() == Some(&value) {
+            return;
+        }
+        if let Value::Tip { height, hex } = &value {
+            self.tip = Some((*height, hex.clone()));
+        }
+        let entry = self.entry(&topic).expect("present");
+        entry.value = Some(value);
+        self.fan_out(&topic);
     }
 
     /// Write the entry's current value to every subscriber, each in its form.
@@ -645,29 +818,17 @@ impl Actor {
         if !self.pool.any_ready() {
             return;
         }
-        if self.headers.conn.is_none() && !self.headers.subscribing {
+        if self.headers.conn.is_none() && self.headers.pending.is_none() {
             self.start_subscribe(Topic::Headers);
         }
         let orphans: Vec<String> = self
             .scripts
             .iter()
-            .filter(|(_, e)| e.conn.is_none() && !e.subscribing)
+            .filter(|(_, e)| e.conn.is_none() && e.pending.is_none())
             .map(|(sh, _)| sh.clone())
             .collect();
         for sh in orphans {
             self.start_subscribe(Topic::Script(sh));
-        }
-    }
-}
-
-fn fail_waiting(entry: &mut Entry, err: &RpcError) {
-    for (responder, _, session) in entry.waiting.drain(..) {
-        responder.fail(err.clone());
-        // The subscriber never got a status: it is not subscribed.
-        if let Some(sub) = entry.subscribers.get(&session) {
-            if sub.forms.len() <= 1 {
-                entry.subscribers.remove(&session);
-            }
         }
     }
 }
