@@ -43,6 +43,8 @@ pub struct Server {
     background: TaskTracker,
     grace: Duration,
     tls: Option<TlsHandle>,
+    /// The configuration now in force (replaced by a successful reload).
+    config: std::sync::Mutex<Config>,
 }
 
 /// Start everything the configuration describes. Upstreams connect in the
@@ -170,7 +172,24 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         background,
         grace: config.server.shutdown_grace(),
         tls,
+        config: std::sync::Mutex::new(config.clone()),
     })
+}
+
+/// The `[server]` settings a pool generation is built from.
+fn upstream_settings(
+    s: &crate::config::ServerConfig,
+) -> (u64, u64, u64, u64, u64, u32, u32, String) {
+    (
+        s.upstream_ping_secs,
+        s.upstream_stall_secs,
+        s.upstream_connect_timeout_secs,
+        s.upstream_idle_close_secs,
+        s.health_interval_ms,
+        s.health_rise,
+        s.health_fall,
+        s.server_name.clone(),
+    )
 }
 
 fn coin_info(
@@ -235,6 +254,81 @@ impl Server {
             .iter()
             .map(|(name, c)| (name.clone(), c.router.pool.status()))
             .collect()
+    }
+
+    /// Apply a new configuration without dropping client sessions: TLS
+    /// certificates are re-read (new handshakes get them) and every coin
+    /// whose upstreams changed gets a new upstream set. Everything is checked
+    /// before anything changes: an error leaves the running proxy as it was.
+    /// Returns what could not be applied live (listeners, added or removed
+    /// coins, session limits): those need a restart.
+    pub fn reload(&self, new: Config) -> Result<Vec<String>, String> {
+        let mut current = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        let tls = match (&new.tls, &self.tls) {
+            (Some(files), Some(_)) => {
+                Some(crate::tls::server_config(files).map_err(|e| format!("[tls]: {e}"))?)
+            }
+            (Some(_), None) => {
+                return Err("[tls]: TLS listeners cannot be added by a reload; restart".into())
+            }
+            (None, _) => None,
+        };
+        // Check every upstream entry (TLS options, CA files) before applying.
+        for (name, coin) in &new.coins {
+            for (i, u) in coin.upstreams.iter().enumerate() {
+                crate::upstream::connect::Dialer::new(u.clone())
+                    .map_err(|e| format!("coins.{name}.upstreams[{i}]: {e}"))?;
+            }
+        }
+        let mut needs_restart = Vec::new();
+        if new.metrics.listen != current.metrics.listen {
+            needs_restart.push("metrics.listen".to_string());
+        }
+        for name in current.coins.keys().filter(|n| !new.coins.contains_key(*n)) {
+            needs_restart.push(format!("coins.{name} (removed)"));
+        }
+        for (name, coin) in &new.coins {
+            let Some(old) = current.coins.get(name) else {
+                needs_restart.push(format!("coins.{name} (added)"));
+                continue;
+            };
+            if old.listen != coin.listen {
+                needs_restart.push(format!("coins.{name}.listen"));
+            }
+            let changed = old.upstreams != coin.upstreams
+                || old.upstream_protocol != coin.upstream_protocol
+                || old.max_lag != coin.max_lag
+                || upstream_settings(&current.server) != upstream_settings(&new.server);
+            if changed {
+                let router = &self.coins[name].router;
+                let options = PoolOptions {
+                    rules: HealthRules {
+                        interval: Duration::from_millis(new.server.health_interval_ms),
+                        rise: new.server.health_rise,
+                        fall: new.server.health_fall,
+                        max_lag: coin.max_lag,
+                    },
+                    protocol: coin.upstream_protocol.clone(),
+                    metrics: Some(router.metrics.clone()),
+                };
+                router.pool.reconfigure(
+                    &coin.upstreams,
+                    &new.server,
+                    options,
+                    new.server.request_timeout(),
+                )?;
+                tracing::info!(coin = %name, upstreams = coin.upstreams.len(), "upstream set replaced");
+            }
+        }
+        if let Some(config) = tls {
+            self.set_tls(config);
+            tracing::info!("TLS certificate reloaded: new handshakes use it");
+        }
+        for what in &needs_restart {
+            tracing::warn!(setting = %what, "changed in the configuration but only applied on restart");
+        }
+        *current = new;
+        Ok(needs_restart)
     }
 
     /// Replace the certificate served to new TLS handshakes.

@@ -43,7 +43,7 @@ fn main() -> ExitCode {
     };
     tracing::info!(config = %args.config.display(), coins = ?config.coins.keys().collect::<Vec<_>>(), "starting");
     tracing::debug!(?config, "effective configuration");
-    match runtime.block_on(electrum_lb::run(config, shutdown_signal())) {
+    match runtime.block_on(serve(config, &args.config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -51,6 +51,34 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Run until SIGINT/SIGTERM; SIGHUP re-reads the configuration file.
+async fn serve(config: Config, path: &std::path::Path) -> anyhow::Result<()> {
+    let server = electrum_lb::start(config).await?;
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    loop {
+        #[cfg(unix)]
+        let reload = hup.recv();
+        #[cfg(not(unix))]
+        let reload = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = reload => {
+                tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+                match Config::load(path).map_err(|e| e.to_string()).and_then(|c| server.reload(c)) {
+                    Ok(_) => tracing::info!("configuration reloaded"),
+                    Err(e) => tracing::error!(error = %e, "reload rejected: the running configuration is unchanged"),
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
 }
 
 fn init_logging(format: cli::LogFormat) {

@@ -9,7 +9,8 @@
 //! the hub, which moves subscriptions off an upstream leaving rotation.
 //! Stalls and dead sockets are detected by the connections themselves.
 
-use super::pool::Pool;
+use super::pool::PoolInner;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -91,7 +92,7 @@ pub fn judge(tip: Option<u64>, best: u64, max_lag: u64) -> Finding {
 }
 
 /// Run the checks every `rules.interval` until shutdown.
-pub async fn run(pool: Pool, rules: HealthRules, shutdown: CancellationToken) {
+pub(super) async fn run(pool: Arc<PoolInner>, rules: HealthRules, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(rules.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

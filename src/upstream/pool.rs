@@ -13,6 +13,7 @@ use super::supervisor::{Supervisor, SupervisorSettings};
 use super::{select, ConnId, Job, PoolEvent, UpstreamStatus};
 use crate::config::{ServerConfig, UpstreamEntry};
 use crate::jsonrpc::{ErrorCode, RpcError};
+use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,6 +43,7 @@ pub(super) struct Upstream {
 /// One connection slot.
 pub(super) struct Slot {
     pub upstream: usize,
+    pub dialer: Dialer,
     pub tx: mpsc::Sender<Job>,
     pub shared: Arc<ConnShared>,
 }
@@ -51,12 +53,29 @@ pub(super) struct PoolInner {
     pub upstreams: Vec<Upstream>,
     pub slots: Vec<Slot>,
     pub events: mpsc::UnboundedSender<PoolEvent>,
+    pub settings: SupervisorSettings,
+    /// Stops this generation's supervisors and health loop.
+    pub stop: CancellationToken,
 }
 
-/// A coin's upstream pool. Cheap to clone.
+/// The current generation of a pool; replaced whole on reload.
+pub(super) type Cell = ArcSwap<PoolInner>;
+
+/// A coin's upstream pool. Cheap to clone. Its upstream set can be replaced
+/// at run time ([`Pool::reconfigure`]) without dropping client sessions.
 #[derive(Clone)]
 pub struct Pool {
-    pub(super) inner: Arc<PoolInner>,
+    cell: Arc<Cell>,
+    base: Arc<Base>,
+}
+
+/// What every generation of a pool shares.
+struct Base {
+    coin: String,
+    events: mpsc::UnboundedSender<PoolEvent>,
+    /// Parent of each generation's own stop token.
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
 }
 
 impl Pool {
@@ -72,92 +91,101 @@ impl Pool {
         tracker: &TaskTracker,
     ) -> Result<(Pool, mpsc::UnboundedReceiver<PoolEvent>), String> {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let mut slots = Vec::new();
-        let mut rxs = Vec::new();
-        let mut dialers = Vec::new();
-        let mut upstreams = Vec::new();
-        for (i, entry) in entries.iter().enumerate() {
-            let dialer = Dialer::new(entry.clone())
-                .map_err(|e| format!("coins.{coin}.upstreams[{i}]: {e}"))?;
-            dialers.push(dialer);
-            upstreams.push(Upstream {
-                entry: entry.clone(),
-                label: entry.url.to_string(),
-                healthy: AtomicBool::new(true),
-                health: Mutex::new(Health::default()),
-            });
-            for n in 0..entry.max_connections.max(1) {
-                let (tx, rx) = mpsc::channel(QUEUE_PER_CONNECTION);
-                let shared = Arc::new(ConnShared::new(entry.max_in_flight));
-                shared
-                    .active
-                    .store(n < entry.min_connections.max(1), Ordering::Release);
-                slots.push(Slot {
-                    upstream: i,
-                    tx,
-                    shared,
+        let base = Arc::new(Base {
+            coin: coin.to_string(),
+            events: events_tx,
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+        });
+        let (inner, pending) = build(&base, entries, server, &options)?;
+        let cell = Arc::new(ArcSwap::from(inner));
+        let pool = Pool { cell, base };
+        pool.launch(pending, &options);
+        Ok((pool, events_rx))
+    }
+
+    /// Replace the upstream set. New connections start at once; the old
+    /// generation stops taking requests, reports its connections down (the
+    /// hub moves their subscriptions) and is closed once `grace` has let its
+    /// in-flight requests finish.
+    pub fn reconfigure(
+        &self,
+        entries: &[UpstreamEntry],
+        server: &ServerConfig,
+        options: PoolOptions,
+        grace: Duration,
+    ) -> Result<(), String> {
+        let (inner, pending) = build(&self.base, entries, server, &options)?;
+        let old = self.cell.swap(inner);
+        self.launch(pending, &options);
+        for s in &old.slots {
+            if s.shared.is_ready() {
+                let _ = self.base.events.send(PoolEvent::Down {
+                    conn: s.shared.conn_id(),
                 });
-                rxs.push((rx, n >= entry.min_connections.max(1)));
             }
         }
-        let inner = Arc::new(PoolInner {
-            coin: coin.to_string(),
-            upstreams,
-            slots,
-            events: events_tx,
+        self.base.tracker.spawn(async move {
+            tokio::time::sleep(grace).await;
+            old.stop.cancel();
         });
-        let settings = SupervisorSettings {
-            client_name: server.server_name.clone(),
-            protocol: options.protocol.clone(),
-            connect_timeout: Duration::from_secs(server.upstream_connect_timeout_secs),
-            ping_interval: Duration::from_secs(server.upstream_ping_secs),
-            stall_after: Duration::from_secs(server.upstream_stall_secs),
-            idle_close: Duration::from_secs(server.upstream_idle_close_secs),
-        };
-        for (index, (rx, elastic)) in rxs.into_iter().enumerate() {
+        Ok(())
+    }
+
+    /// Start the supervisors and the health loop of the current generation.
+    fn launch(&self, pending: Vec<(mpsc::Receiver<Job>, bool)>, options: &PoolOptions) {
+        let inner = self.cell.load_full();
+        for (index, (rx, elastic)) in pending.into_iter().enumerate() {
             let slot = &inner.slots[index];
             let upstream = &inner.upstreams[slot.upstream];
             let sup = Supervisor {
-                coin: coin.to_string(),
+                coin: inner.coin.clone(),
                 label: upstream.label.clone(),
                 index,
                 elastic,
-                dialer: dialers[slot.upstream].clone(),
+                dialer: slot.dialer.clone(),
                 shared: slot.shared.clone(),
-                pool: Arc::downgrade(&inner),
-                events: inner.events.clone(),
+                pool: Arc::downgrade(&self.cell),
+                events: self.base.events.clone(),
                 rx,
-                settings: settings.clone(),
+                settings: inner.settings.clone(),
                 latency: options
                     .metrics
                     .as_ref()
                     .map(|m| m.upstream_latency(&upstream.label)),
-                shutdown: shutdown.clone(),
+                shutdown: inner.stop.clone(),
             };
-            tracker.spawn(sup.run());
+            self.base.tracker.spawn(sup.run());
         }
-        let pool = Pool { inner };
-        tracker.spawn(health::run(pool.clone(), options.rules, shutdown.clone()));
-        Ok((pool, events_rx))
+        self.base.tracker.spawn(health::run(
+            inner.clone(),
+            options.rules,
+            inner.stop.clone(),
+        ));
+    }
+
+    fn inner(&self) -> arc_swap::Guard<Arc<PoolInner>> {
+        self.cell.load()
     }
 
     pub fn coin(&self) -> &str {
-        &self.inner.coin
+        &self.base.coin
     }
 
     /// Send a job to the best connection, or fail it at once when no
     /// upstream is connected.
     pub fn dispatch(&self, job: Job) {
-        self.inner.dispatch(job)
+        self.inner().dispatch(job)
     }
 
     /// Send a job to the connection `conn` if it is still up; `Err` gives
     /// the job back otherwise (by value: no allocation on this path).
     #[allow(clippy::result_large_err)]
     pub fn dispatch_to(&self, conn: ConnId, job: Job) -> Result<(), Job> {
-        match self.inner.slot_of(conn) {
+        let inner = self.inner();
+        match inner.slot_of(conn) {
             Some(index) => {
-                self.inner.send_to(index, job);
+                inner.send_to(index, job);
                 Ok(())
             }
             None => Err(job),
@@ -166,32 +194,31 @@ impl Pool {
 
     /// The connection a new job would go to right now.
     pub fn preferred(&self) -> Option<ConnId> {
-        select::pick(&self.inner.candidates(), None).map(|i| self.inner.slots[i].shared.conn_id())
+        let inner = self.inner();
+        select::pick(&inner.candidates(), None).map(|i| inner.slots[i].shared.conn_id())
     }
 
     /// Whether at least one connection is ready.
     pub fn any_ready(&self) -> bool {
-        self.inner.slots.iter().any(|s| s.shared.is_ready())
+        self.inner().slots.iter().any(|s| s.shared.is_ready())
     }
 
     /// Whether at least one upstream is in rotation with a ready connection.
     pub fn any_healthy(&self) -> bool {
-        self.inner.slots.iter().any(|s| {
-            s.shared.is_ready()
-                && self.inner.upstreams[s.upstream]
-                    .healthy
-                    .load(Ordering::Acquire)
+        let inner = self.inner();
+        inner.slots.iter().any(|s| {
+            s.shared.is_ready() && inner.upstreams[s.upstream].healthy.load(Ordering::Acquire)
         })
     }
 
     /// Whether this connection is still established.
     pub fn is_up(&self, conn: ConnId) -> bool {
-        self.inner.slot_of(conn).is_some()
+        self.inner().slot_of(conn).is_some()
     }
 
     /// The first genesis hash any upstream reported.
     pub fn genesis_hash(&self) -> Option<String> {
-        self.inner.slots.iter().find_map(|s| {
+        self.inner().slots.iter().find_map(|s| {
             s.shared
                 .info
                 .lock()
@@ -202,17 +229,13 @@ impl Pool {
     }
 
     pub fn status(&self) -> Vec<UpstreamStatus> {
-        self.inner
+        let inner = self.inner();
+        inner
             .upstreams
             .iter()
             .enumerate()
             .map(|(i, u)| {
-                let slots: Vec<&Slot> = self
-                    .inner
-                    .slots
-                    .iter()
-                    .filter(|s| s.upstream == i)
-                    .collect();
+                let slots: Vec<&Slot> = inner.slots.iter().filter(|s| s.upstream == i).collect();
                 let ready: Vec<&&Slot> = slots.iter().filter(|s| s.shared.is_ready()).collect();
                 let info: UpstreamInfo = ready
                     .first()
@@ -240,10 +263,66 @@ impl Pool {
             })
             .collect()
     }
+}
 
+/// Build one generation: upstreams and slots (supervisors not started yet).
+#[allow(clippy::type_complexity)]
+fn build(
+    base: &Base,
+    entries: &[UpstreamEntry],
+    server: &ServerConfig,
+    options: &PoolOptions,
+) -> Result<(Arc<PoolInner>, Vec<(mpsc::Receiver<Job>, bool)>), String> {
+    let coin = &base.coin;
+    let mut slots = Vec::new();
+    let mut rxs = Vec::new();
+    let mut upstreams = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let dialer =
+            Dialer::new(entry.clone()).map_err(|e| format!("coins.{coin}.upstreams[{i}]: {e}"))?;
+        upstreams.push(Upstream {
+            entry: entry.clone(),
+            label: entry.url.to_string(),
+            healthy: AtomicBool::new(true),
+            health: Mutex::new(Health::default()),
+        });
+        let min = entry.min_connections.max(1);
+        for n in 0..entry.max_connections.max(1) {
+            let (tx, rx) = mpsc::channel(QUEUE_PER_CONNECTION);
+            let shared = Arc::new(ConnShared::new(entry.max_in_flight));
+            shared.active.store(n < min, Ordering::Release);
+            slots.push(Slot {
+                upstream: i,
+                tx,
+                shared,
+                dialer: dialer.clone(),
+            });
+            rxs.push((rx, n >= min));
+        }
+    }
+    let settings = SupervisorSettings {
+        client_name: server.server_name.clone(),
+        protocol: options.protocol.clone(),
+        connect_timeout: Duration::from_secs(server.upstream_connect_timeout_secs),
+        ping_interval: Duration::from_secs(server.upstream_ping_secs),
+        stall_after: Duration::from_secs(server.upstream_stall_secs),
+        idle_close: Duration::from_secs(server.upstream_idle_close_secs),
+    };
+    let inner = Arc::new(PoolInner {
+        coin: coin.clone(),
+        upstreams,
+        slots,
+        events: base.events.clone(),
+        settings,
+        stop: base.shutdown.child_token(),
+    });
+    Ok((inner, rxs))
+}
+
+impl PoolInner {
     /// One health check of every upstream (called by the health loop).
     pub fn check_health(&self, rules: &HealthRules) {
-        let inner = &self.inner;
+        let inner = self;
         let tips: Vec<Option<u64>> = (0..inner.upstreams.len())
             .map(|i| {
                 inner
@@ -292,9 +371,7 @@ impl Pool {
             }
         }
     }
-}
 
-impl PoolInner {
     fn candidates(&self) -> Vec<select::Candidate> {
         self.slots
             .iter()

@@ -8,7 +8,7 @@
 
 use super::conn::{self, ConnCtx, ConnShared};
 use super::connect::Dialer;
-use super::pool::PoolInner;
+use super::pool::Cell;
 use super::{Job, PoolEvent};
 use crate::jsonrpc::{ErrorCode, RpcError};
 use rand::Rng;
@@ -26,7 +26,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 #[derive(Clone)]
-pub(super) struct SupervisorSettings {
+pub struct SupervisorSettings {
     pub client_name: String,
     pub protocol: String,
     pub connect_timeout: Duration,
@@ -43,7 +43,8 @@ pub(super) struct Supervisor {
     pub elastic: bool,
     pub dialer: Dialer,
     pub shared: Arc<ConnShared>,
-    pub pool: Weak<PoolInner>,
+    /// The pool's current generation: redispatched jobs go there.
+    pub pool: Weak<Cell>,
     pub events: mpsc::UnboundedSender<PoolEvent>,
     pub rx: mpsc::Receiver<Job>,
     pub settings: SupervisorSettings,
@@ -165,7 +166,7 @@ impl Supervisor {
         self.shared.release();
         job.last_conn = Some(self.index);
         match self.pool.upgrade() {
-            Some(pool) => pool.dispatch(job),
+            Some(pool) => pool.load().dispatch(job),
             None => job.responder.fail(RpcError::new(
                 ErrorCode::UpstreamUnavailable,
                 "shutting down",
