@@ -7,6 +7,13 @@
 //! answers and hub notifications arrive through clones of it. A client whose
 //! queue fills is disconnected, never buffered without limit.
 //!
+//! Backpressure: the reader reads a line only while the queue has a free slot
+//! for the answer of every request still in flight plus one, so a client that
+//! pipelines faster than the writer drains (thousands of requests in one
+//! write) is slowed down instead of overflowing its own queue with answers.
+//! A client that stops reading then leaves the reader waiting for room; after
+//! the idle timeout it is disconnected.
+//!
 //! The session works on any `AsyncRead + AsyncWrite` (TCP, TLS, in-memory
 //! pipes in tests, a WebSocket adapter later); it knows nothing of sockets.
 
@@ -19,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 /// Limits one session runs under.
@@ -61,6 +68,8 @@ enum End {
     LineTooLong,
     ReadError(String),
     Disconnected,
+    /// No room for answers within the idle timeout: the client stopped reading.
+    SlowReader,
     Refused,
     Shutdown,
 }
@@ -73,12 +82,17 @@ where
     let (rd, wr) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel::<Line>(limits.queue);
     let kill = CancellationToken::new();
+    // Signalled by the writer whenever it has taken lines off the queue.
+    let room = Arc::new(Notify::new());
+    // Only to see how full the queue is; dropped before waiting for the writer.
+    let gauge = tx.clone();
     let writer = tokio::spawn(write_loop(
         wr,
         rx,
         kill.clone(),
         stops.hard.clone(),
         router.metrics.bytes_out.clone(),
+        room.clone(),
     ));
     let metrics = router.metrics.clone();
     let out = Outbound::new(tx, kill.clone()).with_metrics(metrics.clone());
@@ -87,6 +101,18 @@ where
     let mut timeout = limits.first_line_timeout;
 
     let end = loop {
+        if !has_room(&gauge, &st.out) {
+            let waited = tokio::select! {
+                _ = stops.drain.cancelled() => break End::Shutdown,
+                _ = kill.cancelled() => break End::Disconnected,
+                r = tokio::time::timeout(limits.idle_timeout, wait_for_room(&gauge, &st.out, &room)) => r,
+            };
+            if waited.is_err() {
+                // The writer is stuck on a client that does not read.
+                kill.cancel();
+                break End::SlowReader;
+            }
+        }
         let frame = tokio::select! {
             _ = stops.drain.cancelled() => break End::Shutdown,
             _ = kill.cancelled() => break End::Disconnected,
@@ -123,7 +149,22 @@ where
     // holds a clone of the queue's sender) or the hard stop comes.
     drop(st);
     drop(reader);
+    drop(gauge);
     let _ = writer.await;
+}
+
+/// Whether the queue can take the answers of every request in flight and
+/// the answer of one more line.
+fn has_room(queue: &mpsc::Sender<Line>, out: &Outbound) -> bool {
+    queue.capacity() > out.pending()
+}
+
+/// Wait until [`has_room`]: only the writer makes room (an answer arriving
+/// moves a line from "in flight" to "queued" and changes nothing).
+async fn wait_for_room(queue: &mpsc::Sender<Line>, out: &Outbound, room: &Notify) {
+    while !has_room(queue, out) {
+        room.notified().await;
+    }
 }
 
 async fn write_loop<W>(
@@ -132,6 +173,7 @@ async fn write_loop<W>(
     kill: CancellationToken,
     hard: CancellationToken,
     bytes_out: prometheus::IntCounter,
+    room: Arc<Notify>,
 ) where
     W: AsyncWrite + Unpin,
 {
@@ -156,6 +198,7 @@ async fn write_loop<W>(
                 Err(_) => break,
             }
         }
+        room.notify_one();
         let written = tokio::select! {
             _ = kill.cancelled() => break,
             _ = hard.cancelled() => break,

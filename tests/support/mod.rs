@@ -182,6 +182,12 @@ impl Client {
         self.writer.write_all(bytes).await.unwrap();
     }
 
+    /// Close the sending half only (like `nc` at the end of its input): the
+    /// proxy sees EOF but can still write.
+    pub async fn shutdown_write(&mut self) {
+        self.writer.shutdown().await.unwrap();
+    }
+
     pub async fn send(&mut self, v: &Value) {
         let mut line = v.to_string();
         line.push('\n');
@@ -328,4 +334,73 @@ pub fn scripthash(i: usize) -> String {
 pub fn txid(i: usize) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(format!("tx-{i}").as_bytes()))
+}
+
+/// `[server]` settings every test config gets unless it sets them itself.
+const TEST_SERVER_DEFAULTS: [(&str, &str); 3] = [
+    ("request_timeout_secs", "5"),
+    ("shutdown_grace_secs", "2"),
+    ("upstream_stall_secs", "2"),
+];
+
+/// A TOML config with any number of coins, each with TCP and TLS listeners
+/// on ports from the OS. A coin is `(name, upstreams, extra)`: `upstreams`
+/// are TOML values (see [`upstream_toml`]; a plain URL is `format!("{url:?}")`)
+/// and `extra` is appended to the coin table. `server_extra` is appended to
+/// the `[server]` table; keys it sets replace the test defaults
+/// (request timeout 5 s, grace 2 s, stall 2 s).
+pub fn config_multi(server_extra: &str, coins: &[(&str, Vec<String>, &str)]) -> String {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut text = format!(
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[tls]\ncert = \"{root}/certs/server.crt\"\nkey = \"{root}/certs/server.key\"\n\n[server]\n"
+    );
+    for (key, value) in TEST_SERVER_DEFAULTS {
+        let overridden = server_extra
+            .lines()
+            .any(|l| l.split('=').next().map(str::trim) == Some(key));
+        if !overridden {
+            text.push_str(&format!("{key} = {value}\n"));
+        }
+    }
+    text.push_str(server_extra);
+    text.push('\n');
+    for (name, upstreams, extra) in coins {
+        text.push_str(&format!(
+            "\n[coins.{name}]\nlisten = [\"tcp://127.0.0.1:0\", \"ssl://127.0.0.1:0\"]\nupstreams = [{}]\n{extra}\n",
+            upstreams.join(", ")
+        ));
+    }
+    text
+}
+
+/// An upstream entry in table form, e.g.
+/// `upstream_toml(&mock.url(), "max_connections = 1")`.
+pub fn upstream_toml(url: &str, options: &str) -> String {
+    if options.is_empty() {
+        format!("{{ url = {url:?} }}")
+    } else {
+        format!("{{ url = {url:?}, {options} }}")
+    }
+}
+
+/// A `tcp://127.0.0.1:PORT` URL where nothing listens (the port was bound
+/// and released).
+pub fn unreachable_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    format!("tcp://127.0.0.1:{port}")
+}
+
+/// A fresh directory for this test's files, under the target directory.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!(
+        "electrum-lb-test-{}-{name}-{n}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
