@@ -861,3 +861,166 @@ async fn subscription_limits_refuse_clearly_and_break_nothing() {
     assert_eq!(fence(&mut b).await, Vec::<Value>::new());
     server.shutdown().await;
 }
+
+/// The survivor's answer to the re-subscribe is slow, and the status changes
+/// in between: the change is seen by the hub before the (older) answer, and
+/// must still reach every subscriber. The same for the tip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_seen_before_the_resubscribe_answer_is_not_lost() {
+    const SCRIPTS: usize = 3;
+    let a = Mock::start().await;
+    let mut b = Mock::start().await;
+    let h0: Vec<History> = (0..SCRIPTS).map(|k| vec![(txid(k), 50)]).collect();
+    for (k, h) in h0.iter().enumerate() {
+        a.set_history_silently(&scripthash(k), h.clone());
+        b.set_history_silently(&scripthash(k), h.clone());
+    }
+    // Only `a` is up while the wallets subscribe: it holds everything.
+    b.stop();
+    let server = start_proxy(&config(&[("test", vec![a.url(), b.url()], "")])).await;
+    wait_ready(&server, "test").await;
+    let addr = tcp_addr(&server, "test");
+    let mut clients = Vec::new();
+    for (k, h) in h0.iter().enumerate() {
+        let mut c = Client::connect(addr).await;
+        let status = c
+            .call("blockchain.scripthash.subscribe", json!([scripthash(k)]))
+            .await;
+        assert_eq!(status, status_json(h));
+        c.call("blockchain.headers.subscribe", json!([])).await;
+        clients.push(c);
+    }
+    assert_eq!(a.subscriptions(), SCRIPTS);
+    b.restart().await;
+    wait_until(|| {
+        server.upstreams()["test"]
+            .iter()
+            .all(|u| u.ready_connections > 0)
+    })
+    .await;
+
+    // `b` answers late: its notifications overtake its answers.
+    b.set_delay(std::time::Duration::from_millis(800));
+    a.stop();
+    wait_until(|| b.subscriptions() == SCRIPTS).await;
+    let h1: Vec<History> = h0
+        .iter()
+        .enumerate()
+        .map(|(k, h)| {
+            let mut h = h.clone();
+            h.push((txid(100 + k), 0));
+            h
+        })
+        .collect();
+    for (k, h) in h1.iter().enumerate() {
+        b.set_history(&scripthash(k), h.clone());
+    }
+    for (k, c) in clients.iter_mut().enumerate() {
+        let params = next_notification(c, "blockchain.scripthash.subscribe").await;
+        assert_eq!(params, json!([scripthash(k), status_of(&h1[k])]));
+    }
+    b.set_delay(std::time::Duration::ZERO);
+    // And later changes arrive as usual.
+    let h2: History = vec![(txid(999), 0)];
+    b.set_history(&scripthash(0), h2.clone());
+    let params = next_notification(&mut clients[0], "blockchain.scripthash.subscribe").await;
+    assert_eq!(params, json!([scripthash(0), status_of(&h2)]));
+    for c in clients.iter_mut() {
+        let seen = fence(c).await;
+        // The tip did not move: at most nothing about headers.
+        assert!(
+            seen.iter()
+                .all(|v| v["method"] == "blockchain.headers.subscribe"
+                    && v["params"][0]["height"] == 99),
+            "{seen:?}"
+        );
+    }
+    server.shutdown().await;
+}
+
+/// A session that leaves, or unsubscribes, before the upstream answered its
+/// first subscribe leaves nothing behind: neither in the hub nor upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_before_the_first_answer_leaves_nothing_behind() {
+    let mock = Mock::start().await;
+    let server = proxy(&[("test", vec![mock.url()], "")]).await;
+    let addr = tcp_addr(&server, "test");
+    let stats = hub_stats(&server, "test");
+    mock.set_delay(std::time::Duration::from_millis(300));
+
+    let mut a = Client::connect(addr).await;
+    a.send(&json!({"jsonrpc":"2.0","id":1,"method":"blockchain.scripthash.subscribe","params":[scripthash(1)]}))
+        .await;
+    wait_until(|| mock.subscriptions() == 1).await;
+    drop(a);
+    wait_until(|| {
+        mock.subscriptions() == 0 && stats.upstream_subscriptions.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    assert_eq!(mock.count("blockchain.scripthash.unsubscribe"), 1);
+    assert_eq!(stats.session_subscriptions.load(Ordering::Relaxed), 0);
+
+    // Subscribe and unsubscribe back to back.
+    let mut b = Client::connect(addr).await;
+    b.send_raw(
+        format!(
+            "{}\n{}\n",
+            json!({"jsonrpc":"2.0","id":1,"method":"blockchain.scripthash.subscribe","params":[scripthash(2)]}),
+            json!({"jsonrpc":"2.0","id":2,"method":"blockchain.scripthash.unsubscribe","params":[scripthash(2)]})
+        )
+        .as_bytes(),
+    )
+    .await;
+    let mut answers = [b.recv().await, b.recv().await];
+    answers.sort_by_key(|v| v["id"].as_u64());
+    assert_eq!(error_of(&answers[0]).0, -32001, "{:?}", answers[0]);
+    assert_eq!(answers[1]["result"], json!(true));
+    wait_until(|| {
+        mock.subscriptions() == 0 && stats.upstream_subscriptions.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    mock.set_delay(std::time::Duration::ZERO);
+    // The session goes on.
+    let status = b
+        .call("blockchain.scripthash.subscribe", json!([scripthash(3)]))
+        .await;
+    assert_eq!(status, Value::Null);
+    assert_eq!(stats.upstream_subscriptions.load(Ordering::Relaxed), 1);
+    server.shutdown().await;
+}
+
+/// A subscribe while no upstream is available fails at once, and leaves no
+/// entry that would be subscribed upstream later for nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_without_upstreams_fails_and_leaves_no_orphan() {
+    let mut mock = Mock::start().await;
+    mock.stop();
+    let server = start_proxy(&config(&[("test", vec![mock.url()], "")])).await;
+    let addr = tcp_addr(&server, "test");
+    let stats = hub_stats(&server, "test");
+    let mut c = Client::connect(addr).await;
+    let r = c
+        .request("blockchain.scripthash.subscribe", json!([scripthash(1)]))
+        .await;
+    let (code, message) = error_of(&r);
+    assert_eq!(code, -32001);
+    assert!(message.contains("no upstream"), "{message}");
+    assert_eq!(stats.upstream_subscriptions.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.session_subscriptions.load(Ordering::Relaxed), 0);
+
+    mock.restart().await;
+    wait_ready(&server, "test").await;
+    let status = c
+        .call("blockchain.scripthash.subscribe", json!([scripthash(2)]))
+        .await;
+    assert_eq!(status, Value::Null);
+    assert_eq!(stats.upstream_subscriptions.load(Ordering::Relaxed), 1);
+    assert_eq!(mock.subscriptions(), 1);
+    // The refused one can be subscribed now.
+    let status = c
+        .call("blockchain.scripthash.subscribe", json!([scripthash(1)]))
+        .await;
+    assert_eq!(status, Value::Null);
+    assert_eq!(mock.subscriptions(), 2);
+    server.shutdown().await;
+}
