@@ -502,6 +502,44 @@ async fn histories_stay_consistent_with_the_announced_status() {
     server.shutdown().await;
 }
 
+/// A read of the scripthash already on its way upstream when the status
+/// changes must not answer a wallet that asks after the notification: the
+/// wallet's own read reflects the status it was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_in_flight_during_a_change_does_not_answer_later_readers() {
+    let mock = Mock::start().await;
+    let sh = scripthash(0);
+    let h0: History = vec![(txid(0), 10)];
+    mock.set_history_silently(&sh, h0.clone());
+    let server = proxy(&[("test", vec![mock.url()], "")]).await;
+    let addr = tcp_addr(&server, "test");
+    let mut wallet = Client::connect(addr).await;
+    let status = wallet
+        .call("blockchain.scripthash.subscribe", json!([sh]))
+        .await;
+    assert_eq!(status, status_json(&h0));
+
+    // Another session's read is answered late, with the old history.
+    mock.set_delay(std::time::Duration::from_millis(400));
+    let mut other = Client::connect(addr).await;
+    other
+        .send(&json!({"jsonrpc":"2.0","id":"early","method":"blockchain.scripthash.get_history","params":[sh]}))
+        .await;
+    wait_until(|| mock.count("blockchain.scripthash.get_history") == 1).await;
+    let h1: History = vec![(txid(0), 10), (txid(1), 0)];
+    mock.set_history(&sh, h1.clone());
+    let params = next_notification(&mut wallet, "blockchain.scripthash.subscribe").await;
+    assert_eq!(params, json!([sh, status_of(&h1)]));
+    let history = wallet
+        .call("blockchain.scripthash.get_history", json!([sh]))
+        .await;
+    assert_eq!(status_from_history(&history), status_of(&h1));
+    let early = other.recv().await;
+    assert_eq!(early["id"], json!("early"));
+    assert_eq!(status_from_history(&early["result"]), status_of(&h0));
+    server.shutdown().await;
+}
+
 /// The scripthash of a base58check address, computed independently of the
 /// proxy: the script from the version byte, sha256, byte-reversed.
 fn expected_scripthash(address: &str, p2pkh: u8, p2sh: u8) -> String {
