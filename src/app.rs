@@ -7,6 +7,7 @@
 //! handle that tests and `main` hold.
 
 use crate::admin::AdminState;
+use crate::cache::Cache;
 use crate::config::{CoinConfig, Config, Scheme};
 use crate::hub::{Hub, HubConfig};
 use crate::listener::{Listener, TlsHandle};
@@ -105,11 +106,13 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
             &background,
         )
         .map_err(anyhow::Error::msg)?;
+        let cache = Arc::new(Cache::new(&config.cache));
         let hub = Hub::start(
             HubConfig {
                 coin: name.clone(),
                 max_topics: coin.max_subscriptions_total,
                 request_timeout: config.server.request_timeout(),
+                cache: Some(cache.clone()),
             },
             pool.clone(),
             events,
@@ -127,6 +130,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
             max_batch: config.server.max_batch,
             max_subs_per_session: coin.max_subscriptions_per_session,
             metrics: coin_metrics,
+            cache,
         });
         for l in listeners {
             let tls = match l.scheme {
@@ -283,6 +287,9 @@ impl Server {
         let mut needs_restart = Vec::new();
         if new.metrics.listen != current.metrics.listen {
             needs_restart.push("metrics.listen".to_string());
+        }
+        if new.cache != current.cache {
+            needs_restart.push("cache".to_string());
         }
         for name in current.coins.keys().filter(|n| !new.coins.contains_key(*n)) {
             needs_restart.push(format!("coins.{name} (removed)"));

@@ -25,6 +25,33 @@ pub struct Config {
     pub server: ServerConfig,
     #[serde(default)]
     pub coins: BTreeMap<String, CoinConfig>,
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// `[cache]`: immutable answers kept in memory, per coin (see `cache`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Serve immutable answers from memory (coalescing stays on regardless).
+    pub enabled: bool,
+    /// Bytes each coin's cache may hold (keys, results and per-entry overhead).
+    pub max_bytes: u64,
+    /// Headers and proofs are cached once this many blocks below the tip.
+    pub reorg_margin: u64,
+    /// Seconds fee estimates are served from memory.
+    pub fee_ttl_secs: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_bytes: 64 * 1024 * 1024,
+            reorg_margin: 6,
+            fee_ttl_secs: 5,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

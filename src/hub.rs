@@ -60,6 +60,8 @@ pub struct HubStats {
     pub upstream_subscribe_requests: AtomicU64,
     /// Upstream `blockchain.scripthash.unsubscribe` requests sent.
     pub upstream_unsubscribe_requests: AtomicU64,
+    /// Height of the tip the hub last reported (0: none yet).
+    pub tip_height: AtomicU64,
 }
 
 /// The handle sessions and the router use. Cheap to clone.
@@ -103,6 +105,9 @@ pub struct HubConfig {
     pub coin: String,
     pub max_topics: usize,
     pub request_timeout: Duration,
+    /// Told of every new tip before any subscriber is (drops what a reorg
+    /// touched).
+    pub cache: Option<Arc<crate::cache::Cache>>,
 }
 
 impl Hub {
@@ -688,7 +693,7 @@ impl Actor {
             self.affinity.insert(sh.clone(), conn);
         }
         if let Value::Tip { height, hex } = &value {
-            self.tip = Some((*height, hex.clone()));
+            self.set_tip(*height, hex);
         }
         for w in waiting {
             answer(w.responder, &w.form, &value);
@@ -782,11 +787,19 @@ impl Actor {
             return;
         }
         if let Value::Tip { height, hex } = &value {
-            self.tip = Some((*height, hex.clone()));
+            self.set_tip(*height, hex);
         }
         let entry = self.entry(&topic).expect("present");
         entry.value = Some(value);
         self.fan_out(&topic);
+    }
+
+    fn set_tip(&mut self, height: u64, hex: &str) {
+        if let Some(cache) = &self.config.cache {
+            cache.on_tip(height, hex);
+        }
+        self.stats.tip_height.store(height, Ordering::Relaxed);
+        self.tip = Some((height, hex.to_string()));
     }
 
     /// Write the entry's current value to every subscriber, each in its form.

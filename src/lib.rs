@@ -16,7 +16,9 @@
 //! - [`router`]: the method table of a coin: local `server.*` answers
 //!   ([`protocol`] negotiates versions), subscriptions to the [`hub`],
 //!   translations in [`legacy`] and [`coin`] (addresses), [`header`] shapes,
-//!   and forwarding to the [`upstream`] pool.
+//!   and forwarding to the [`upstream`] pool through the [`cache`] (immutable
+//!   answers from memory; identical reads in flight share one request, see
+//!   [`coalesce`]).
 //! - [`upstream`]: per-upstream connection supervisors; `upstream::conn` is
 //!   the actor that rewrites ids; `upstream::select` picks a connection.
 //! - [`reply`]: how an answer gets back to whoever asked.
@@ -24,13 +26,15 @@
 //! ```text
 //! wallet --TCP/TLS--> listener --> session --> router --+-- local answer (server.*)
 //!                                     ^                 +-- hub (subscriptions) --+
-//!                                     |                 '-- forward -------------+--> pool --> conn --> ElectrumX
+//!                                     |                 '-- cache -- forward ----+--> pool --> conn --> ElectrumX
 //!                                     '---- bounded queue <--- answers / notifications <---'
 //! ```
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod app;
+pub mod cache;
+pub mod coalesce;
 pub mod codec;
 pub mod coin;
 pub mod config;

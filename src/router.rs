@@ -43,6 +43,9 @@ pub struct Router {
     pub max_batch: usize,
     pub max_subs_per_session: usize,
     pub metrics: std::sync::Arc<crate::metrics::CoinMetrics>,
+    /// Immutable answers and coalescing of identical reads; every forwarded
+    /// request passes through it.
+    pub cache: std::sync::Arc<crate::cache::Cache>,
 }
 
 /// What one session has settled so far.
@@ -218,6 +221,10 @@ impl Router {
             m if m.starts_with("blockchain.address.") => {
                 self.address_method(st, m, params, responder)
             }
+            // Answered by `legacy` without `forward`: cached here instead.
+            "blockchain.relayfee" => self.cache.serve(method, params, responder, |r| {
+                legacy::route(self, method, params, r)
+            }),
             m if SCRIPTHASH_READS.contains(&m) => {
                 let affinity = first_string(params)
                     .filter(|s| coin::is_scripthash(s))
@@ -351,6 +358,8 @@ impl Router {
 
     /// Forward to an upstream, preferring the connection that holds the
     /// subscription of `affinity` (a scripthash).
+    /// Forward a request upstream, unless the cache answers it or an
+    /// identical one is already in flight.
     pub(crate) fn forward(
         &self,
         method: &str,
@@ -358,6 +367,14 @@ impl Router {
         responder: Responder,
         affinity: Option<&str>,
     ) {
+        self.cache.serve(method, params, responder, |r| {
+            self.send(method, params, r, affinity)
+        });
+    }
+
+    /// Send a request to the pool (to the connection holding its
+    /// scripthash's subscription when there is one).
+    fn send(&self, method: &str, params: &str, responder: Responder, affinity: Option<&str>) {
         let mut job = Job::new(
             jsonrpc::request_prefix(method, params),
             responder,

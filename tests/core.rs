@@ -652,7 +652,8 @@ async fn client_that_disconnects_mid_request_leaks_nothing() {
         let mut c = Client::connect(addr).await;
         c.send(&json!({"id":1,"method":"blockchain.block.header","params":[i]}))
             .await;
-        c.send_raw(b"[{\"id\":2,\"method\":\"server.ping\"},{\"id\":3,\"method\":\"blockchain.estimatefee\",\"params\":[2]}]\n")
+        // Distinct fee targets: identical requests in flight would share one.
+        c.send_raw(format!("[{{\"id\":2,\"method\":\"server.ping\"}},{{\"id\":3,\"method\":\"blockchain.estimatefee\",\"params\":[{}]}}]\n", i + 2).as_bytes())
             .await;
         clients.push(c);
     }

@@ -761,8 +761,9 @@ async fn a_protocol_1_6_upstream_still_serves_relayfee_and_1_4_forms() {
     })
     .await
     .unwrap();
-    assert_eq!(mock.count("blockchain.relayfee"), 2);
-    assert_eq!(mock.count("mempool.get_info"), 2);
+    // BDK's relayfee, seconds after the wallet's, came from the fee cache.
+    assert_eq!(mock.count("blockchain.relayfee"), 1);
+    assert_eq!(mock.count("mempool.get_info"), 1);
     server.shutdown().await;
 }
 

@@ -28,6 +28,10 @@ health_interval_ms = 100
 health_rise = 3
 health_fall = 2
 {server_extra}
+# These tests count the requests each upstream receives: none may be
+# answered from the cache.
+[cache]
+enabled = false
 [coins.test]
 listen = ["tcp://127.0.0.1:0"]
 upstreams = [{}]
@@ -173,11 +177,12 @@ async fn lagging_upstream_stops_receiving_requests_until_it_catches_up() {
     let mut seen_b = false;
     for i in 0..30 {
         // Sequential requests alternate between equally idle upstreams only
-        // by load; send a few concurrently to give both a share.
+        // by load; send a few concurrently to give both a share (different
+        // heights: identical requests in flight would share one).
         let (x, y) = tokio::join!(c.request("blockchain.block.header", json!([i])), async {
             Client::connect(tcp_addr(&server, "test"))
                 .await
-                .request("blockchain.block.header", json!([i]))
+                .request("blockchain.block.header", json!([i + 30]))
                 .await
         });
         assert!(x.get("result").is_some() && y.get("result").is_some());

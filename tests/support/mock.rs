@@ -323,6 +323,31 @@ impl Mock {
         }
     }
 
+    /// A reorganisation: replace the last `depth` blocks (never genesis)
+    /// with a competing branch of the same length, and notify header
+    /// subscribers of its tip.
+    pub fn reorg(&self, depth: usize) {
+        let (height, hex) = {
+            let mut chain = self.shared.chain.lock().unwrap();
+            let len = chain.headers.len();
+            for h in len - depth.min(len - 1)..len {
+                let prev = sha256d(&chain.headers[h - 1]);
+                let mut header = make_header(&prev, h as u64, chain.seed);
+                // Another merkle root: another block at the same height.
+                let other: [u8; 32] = Sha256::digest(&chain.headers[h]).into();
+                header[36..68].copy_from_slice(&other);
+                chain.headers[h] = header;
+            }
+            chain.tip()
+        };
+        let line = json!({"jsonrpc":"2.0","method":"blockchain.headers.subscribe","params":[{"hex":hex,"height":height}]});
+        for c in self.shared.conns.lock().unwrap().values() {
+            if c.headers {
+                let _ = c.tx.send(line.to_string());
+            }
+        }
+    }
+
     /// Accept, read, never answer (or back to normal with `false`).
     pub fn set_stalled(&self, stalled: bool) {
         self.shared.stalled.store(stalled, Ordering::SeqCst);
