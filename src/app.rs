@@ -10,6 +10,7 @@ use crate::admin::AdminState;
 use crate::cache::Cache;
 use crate::config::{CoinConfig, Config, Scheme};
 use crate::hub::{Hub, HubConfig};
+use crate::limits::Limits;
 use crate::listener::{Listener, TlsHandle};
 use crate::metrics::Metrics;
 use crate::router::{CoinInfo, Router};
@@ -37,6 +38,8 @@ pub struct Server {
     /// Bound address of the side HTTP port.
     pub metrics_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
+    /// Connection slots and IP groups, shared by every coin.
+    pub limits: Arc<Limits>,
     stops: Stops,
     /// Sessions (and their connections).
     sessions: TaskTracker,
@@ -71,6 +74,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     };
 
     let metrics = Metrics::new();
+    let edge = Limits::new(&config.limits, &metrics.registry);
     // Bind the side port first: a port conflict is reported before anything runs.
     let admin_listener = crate::admin::bind(config.metrics.listen)
         .await
@@ -82,11 +86,11 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         let mut listeners = Vec::new();
         for entry in &coin.listen {
             let addr = entry.url.socket_addr().map_err(anyhow::Error::msg)?;
-            listeners.push(
-                Listener::bind(name, entry.url.scheme, addr)
-                    .await
-                    .map_err(anyhow::Error::msg)?,
-            );
+            let mut listener = Listener::bind(name, entry.url.scheme, addr)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            listener.proxy_protocol = entry.proxy_protocol;
+            listeners.push(listener);
         }
         let (pool, events) = Pool::start(
             name,
@@ -141,6 +145,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
                 router.clone(),
                 tls,
                 limits.clone(),
+                edge.for_coin(router.metrics.clone()),
                 stops.clone(),
                 sessions.clone(),
             ));
@@ -170,6 +175,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     Ok(Server {
         metrics_addr,
         metrics,
+        limits: edge,
         coins,
         stops,
         sessions,
@@ -290,6 +296,9 @@ impl Server {
         }
         if new.cache != current.cache {
             needs_restart.push("cache".to_string());
+        }
+        if new.limits != current.limits {
+            needs_restart.push("limits".to_string());
         }
         for name in current.coins.keys().filter(|n| !new.coins.contains_key(*n)) {
             needs_restart.push(format!("coins.{name} (removed)"));

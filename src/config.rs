@@ -23,6 +23,9 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     #[serde(default)]
     pub server: ServerConfig,
+    /// `[limits]`: abuse limits at the edge, checked as they are read.
+    #[serde(default, deserialize_with = "crate::limits::deserialize_checked")]
+    pub limits: crate::limits::LimitsConfig,
     #[serde(default)]
     pub coins: BTreeMap<String, CoinConfig>,
     #[serde(default)]

@@ -7,7 +7,8 @@
 //! - [`config`]: the TOML schema, defaults and validation.
 //! - [`app`]: wires one isolated set per coin (pool, hub, router, listeners)
 //!   and owns the shutdown order.
-//! - [`listener`]: accept loops; TLS handshakes happen in the spawned task.
+//! - [`listener`]: accept loops; PROXY protocol headers ([`proxy_protocol`])
+//!   and TLS handshakes are read in the spawned task, under [`limits`].
 //! - [`tls`]: rustls configuration for listeners and for `ssl://` upstreams.
 //! - [`session`]: one client, transport-agnostic: a reader loop and a writer
 //!   task joined by a bounded queue.
@@ -42,9 +43,11 @@ pub mod header;
 pub mod hub;
 pub mod jsonrpc;
 pub mod legacy;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod protocol;
+pub mod proxy_protocol;
 pub mod reply;
 pub mod router;
 pub mod session;

@@ -1,16 +1,24 @@
 //! Accept loops: one per configured listener.
 //!
-//! Owns: binding, accepting without ever waiting on one client, the TLS
-//! handshake (inside the spawned task, with a timeout) and starting a session
-//! in a tracing span that names the coin, the peer and the transport. It does
-//! not parse anything the client sends (that is `session` and `router`).
+//! Owns: binding, accepting without ever waiting on one client, and what
+//! happens before a session: a slot among `limits.max_sessions` (taken at
+//! accept), the PROXY protocol header on listeners that expect one, the
+//! client's admission into its IP group (refused with an error line, or a
+//! plain close on TLS), the TLS handshake (inside the spawned task, with a
+//! timeout) and starting the session in a tracing span that names the coin,
+//! the real client (`peer`), the balancer it came through (`via`) and the
+//! transport. It does not parse anything the client sends after the PROXY
+//! header (that is `session` and `router`).
 
 use crate::config::Scheme;
+use crate::limits::{CoinLimits, ConnPermit, GroupFull, Limit};
+use crate::proxy_protocol;
 use crate::router::Router;
 use crate::session::{self, SessionLimits, Stops};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -25,6 +33,8 @@ pub struct Listener {
     pub scheme: Scheme,
     pub socket: TcpListener,
     pub local_addr: SocketAddr,
+    /// Every connection starts with a PROXY protocol (v1 or v2) header.
+    pub proxy_protocol: bool,
 }
 
 impl Listener {
@@ -38,6 +48,7 @@ impl Listener {
             scheme,
             socket,
             local_addr,
+            proxy_protocol: false,
         })
     }
 
@@ -47,10 +58,11 @@ impl Listener {
         router: Arc<Router>,
         tls: Option<TlsHandle>,
         limits: SessionLimits,
+        edge: Arc<CoinLimits>,
         stops: Stops,
         tracker: TaskTracker,
     ) {
-        tracing::info!(coin = %self.coin, listen = %format!("{}://{}", self.scheme, self.local_addr), "listening");
+        tracing::info!(coin = %self.coin, proxy_protocol = self.proxy_protocol, listen = %format!("{}://{}", self.scheme, self.local_addr), "listening");
         loop {
             let accepted = tokio::select! {
                 _ = stops.drain.cancelled() => break,
@@ -65,10 +77,26 @@ impl Listener {
                     continue;
                 }
             };
+            // At max_sessions the connection is closed before anything is
+            // spent on it.
+            let Some(permit) = edge.connection() else {
+                tracing::debug!(coin = %self.coin, %peer, "max_sessions reached: connection refused");
+                continue;
+            };
             let _ = stream.set_nodelay(true);
-            let span = tracing::info_span!("session", coin = %self.coin, peer = %peer, transport = %self.scheme);
+            // `peer` is the real client, known after any PROXY header.
+            let span = tracing::info_span!(
+                "session",
+                coin = %self.coin,
+                peer = tracing::field::Empty,
+                via = tracing::field::Empty,
+                transport = %self.scheme
+            );
             let conn = Connection {
                 stream,
+                peer,
+                proxy_protocol: self.proxy_protocol,
+                permit,
                 tls: tls.clone(),
                 router: router.clone(),
                 limits: limits.clone(),
@@ -81,6 +109,10 @@ impl Listener {
 
 struct Connection {
     stream: TcpStream,
+    /// The socket's peer (the balancer, on a PROXY protocol listener).
+    peer: SocketAddr,
+    proxy_protocol: bool,
+    permit: ConnPermit,
     tls: Option<TlsHandle>,
     router: Arc<Router>,
     limits: SessionLimits,
@@ -88,12 +120,51 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(self) {
+    async fn run(mut self) {
+        let span = tracing::Span::current();
+        let mut client = self.peer;
+        if self.proxy_protocol {
+            let read = tokio::time::timeout(
+                self.limits.first_line_timeout,
+                proxy_protocol::read_header(&mut self.stream),
+            );
+            let header = tokio::select! {
+                _ = self.stops.drain.cancelled() => return,
+                r = read => r,
+            };
+            match header {
+                Ok(Ok(h)) => client = h.client(self.peer),
+                Ok(Err(e)) => {
+                    span.record("via", tracing::field::display(self.peer));
+                    tracing::debug!(error = %e, "PROXY header refused: closing");
+                    self.permit.coin().hit(Limit::ProxyHeader);
+                    return;
+                }
+                Err(_) => {
+                    span.record("via", tracing::field::display(self.peer));
+                    tracing::debug!("no PROXY header in time: closing");
+                    self.permit.coin().hit(Limit::ProxyHeader);
+                    return;
+                }
+            }
+            span.record("via", tracing::field::display(self.peer));
+        }
+        span.record("peer", tracing::field::display(client));
         tracing::debug!("connection accepted");
+        let gate = match self.permit.admit(client.ip()) {
+            Ok(gate) => gate,
+            Err(full) => {
+                tracing::debug!(group = %full.group, "too many sessions from this group: refused");
+                if self.tls.is_none() {
+                    refuse(self.stream, full).await;
+                }
+                return;
+            }
+        };
         match self.tls {
             None => {
                 let _open = self.router.metrics.session_opened("tcp");
-                session::run(self.stream, self.router, self.limits, self.stops).await
+                session::run(self.stream, self.router, self.limits, self.stops, gate).await
             }
             Some(handle) => {
                 let config = handle.read().unwrap_or_else(|p| p.into_inner()).clone();
@@ -112,13 +183,37 @@ impl Connection {
                         }
                         Err(_) => {
                             tracing::debug!("TLS handshake timed out");
+                            gate.refused(Limit::Handshake);
                             return;
                         }
                     },
                 };
                 let _open = self.router.metrics.session_opened("ssl");
-                session::run(stream, self.router, self.limits, self.stops).await
+                session::run(stream, self.router, self.limits, self.stops, gate).await
             }
         }
     }
+}
+
+/// Tell a plain-TCP client why it is refused, then close without a reset
+/// (reading what it sent meanwhile, briefly and boundedly, so the error line
+/// is not lost to a RST).
+async fn refuse(mut stream: TcpStream, full: GroupFull) {
+    const LINGER: Duration = Duration::from_secs(1);
+    let mut line = full.error_line();
+    line.push(b'\n');
+    let _ = tokio::time::timeout(LINGER, async {
+        stream.write_all(&line).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut left = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left -= n.min(left),
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }

@@ -12,6 +12,7 @@ use crate::header::HeaderForm;
 use crate::hub::{Form, Hub, SessionId, Topic};
 use crate::jsonrpc::{self, ClientMessage, ErrorCode, LineError, Request, RpcError};
 use crate::legacy;
+use crate::limits::{Limit, SessionGate};
 use crate::protocol::{self, Level, Negotiated, Version};
 use crate::reply::{Batch, Outbound, Responder};
 use crate::upstream::{Job, Pool};
@@ -59,6 +60,9 @@ pub struct SessionState {
     pub subs: HashSet<(Topic, Form)>,
     /// Set when the session must be closed once its queue is flushed.
     pub close: bool,
+    /// The session's budgets and slots (see `limits`); asked before each
+    /// request is routed.
+    pub gate: SessionGate,
 }
 
 impl SessionState {
@@ -69,6 +73,7 @@ impl SessionState {
             out,
             subs: HashSet::new(),
             close: false,
+            gate: SessionGate::unlimited(),
         }
     }
 }
@@ -84,6 +89,7 @@ const SCRIPTHASH_READS: [&str; 4] = [
 impl Router {
     /// Handle one line from a client.
     pub fn handle_line(&self, st: &mut SessionState, line: &[u8]) {
+        st.gate.received(line.len());
         match jsonrpc::parse_client_line(line) {
             Ok(ClientMessage::Single(Ok(req))) => {
                 let responder = req.id.map(|id| Responder::client(id, &st.out, &req.method));
@@ -91,19 +97,18 @@ impl Router {
             }
             Ok(ClientMessage::Single(Err(invalid))) => {
                 let id = invalid.id.map(|i| i.get()).unwrap_or(jsonrpc::NULL_ID);
-                send_error(st, id, &invalid.error);
+                let err = admit(st, "").err().unwrap_or(invalid.error);
+                send_error(st, id, &err);
             }
             Ok(ClientMessage::Batch(members)) => self.handle_batch(st, members),
-            Err(LineError::Parse) => send_error(
-                st,
-                jsonrpc::NULL_ID,
-                &RpcError::new(ErrorCode::ParseError, "invalid JSON"),
-            ),
-            Err(LineError::NotRequest(why)) => send_error(
-                st,
-                jsonrpc::NULL_ID,
-                &RpcError::new(ErrorCode::InvalidRequest, why),
-            ),
+            Err(e) => {
+                // Garbage costs like a request: a flood of it is refused too.
+                let err = admit(st, "").err().unwrap_or_else(|| match e {
+                    LineError::Parse => RpcError::new(ErrorCode::ParseError, "invalid JSON"),
+                    LineError::NotRequest(why) => RpcError::new(ErrorCode::InvalidRequest, why),
+                });
+                send_error(st, jsonrpc::NULL_ID, &err);
+            }
         }
     }
 
@@ -113,6 +118,7 @@ impl Router {
         members: Vec<Result<Request<'_>, jsonrpc::Invalid<'_>>>,
     ) {
         if members.len() > self.max_batch {
+            st.gate.refused(Limit::Batch);
             st.out.send(jsonrpc::error_line(
                 jsonrpc::NULL_ID,
                 &RpcError::new(
@@ -173,6 +179,18 @@ impl Router {
     ) {
         let method = req.method.as_ref();
         let params = req.params_str();
+        // Every request, notifications included, is paid for before it runs.
+        if let Err(e) = admit(st, method) {
+            match responder {
+                Some(r) => r.fail(e),
+                None => {
+                    if let Some(m) = st.out.metrics() {
+                        m.error(e.code);
+                    }
+                }
+            }
+            return;
+        }
         // Local answers first: they describe the proxy, not an upstream.
         if let Some(result) = self.local_answer(st, method, params, responder.is_some()) {
             if let Some(r) = responder {
@@ -390,6 +408,17 @@ impl Router {
         }
         self.pool.dispatch(job);
     }
+}
+
+/// Ask the session's gate about one request of `method` (`""` for a line
+/// that is not a request); a session refused too often is marked for closing.
+fn admit(st: &mut SessionState, method: &str) -> Result<(), RpcError> {
+    st.gate.admit(method).map_err(|refusal| {
+        if refusal.disconnect {
+            st.close = true;
+        }
+        refusal.error
+    })
 }
 
 /// An error line the proxy writes without a request to answer (the line

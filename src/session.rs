@@ -20,6 +20,7 @@
 use crate::codec::{CodecError, Frame, LineReader};
 use crate::hub::SessionId;
 use crate::jsonrpc::{self, ErrorCode, Line, RpcError};
+use crate::limits::{Limit, ReplyLimits, SessionGate};
 use crate::reply::Outbound;
 use crate::router::{Router, SessionState};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,9 +75,15 @@ enum End {
     Shutdown,
 }
 
-/// Serve one client until it leaves, misbehaves, or the proxy stops.
-pub async fn run<S>(stream: S, router: Arc<Router>, limits: SessionLimits, stops: Stops)
-where
+/// Serve one client until it leaves, misbehaves, or the proxy stops. The
+/// `gate` holds the session's slots and budgets (see `limits`).
+pub async fn run<S>(
+    stream: S,
+    router: Arc<Router>,
+    limits: SessionLimits,
+    stops: Stops,
+    gate: SessionGate,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
@@ -93,19 +100,26 @@ where
         stops.hard.clone(),
         router.metrics.bytes_out.clone(),
         room.clone(),
+        gate.reply_limits(),
     ));
     let metrics = router.metrics.clone();
     let out = Outbound::new(tx, kill.clone()).with_metrics(metrics.clone());
     let mut st = SessionState::new(next_session_id(), out);
+    let max_in_flight = gate.max_in_flight();
+    st.gate = gate;
     let mut reader = LineReader::new(rd, limits.max_line);
     let mut timeout = limits.first_line_timeout;
+    let mut first_line = true;
 
     let end = loop {
-        if !has_room(&gauge, &st.out) {
+        if !has_room(&gauge, &st.out, max_in_flight) {
+            if st.out.pending() >= max_in_flight {
+                st.gate.hit(Limit::InFlight);
+            }
             let waited = tokio::select! {
                 _ = stops.drain.cancelled() => break End::Shutdown,
                 _ = kill.cancelled() => break End::Disconnected,
-                r = tokio::time::timeout(limits.idle_timeout, wait_for_room(&gauge, &st.out, &room)) => r,
+                r = tokio::time::timeout(limits.idle_timeout, wait_for_room(&gauge, &st.out, max_in_flight, &room)) => r,
             };
             if waited.is_err() {
                 // The writer is stuck on a client that does not read.
@@ -119,10 +133,19 @@ where
             r = tokio::time::timeout(timeout, reader.next_frame()) => r,
         };
         match frame {
-            Err(_) => break End::Idle,
+            Err(_) => {
+                // Slowloris (no first line) or an idle wallet.
+                st.gate.refused(if first_line {
+                    Limit::FirstLine
+                } else {
+                    Limit::Idle
+                });
+                break End::Idle;
+            }
             Ok(Ok(Frame::Line(line))) => {
                 metrics.bytes_in.inc_by(line.len() as u64 + 1);
                 timeout = limits.idle_timeout;
+                first_line = false;
                 router.handle_line(&mut st, &line);
                 if st.close {
                     break End::Refused;
@@ -131,6 +154,7 @@ where
             Ok(Ok(Frame::Eof)) => break End::ClientClosed,
             Ok(Err(CodecError::TooLong { max })) => {
                 metrics.limit_hit();
+                st.gate.hit(Limit::Line);
                 st.out.send(jsonrpc::error_line(
                     jsonrpc::NULL_ID,
                     &RpcError::new(
@@ -154,15 +178,22 @@ where
 }
 
 /// Whether the queue can take the answers of every request in flight and
-/// the answer of one more line.
-fn has_room(queue: &mpsc::Sender<Line>, out: &Outbound) -> bool {
-    queue.capacity() > out.pending()
+/// the answer of one more line, and the session is under its in-flight
+/// limit (a session at the limit is not read until an answer leaves).
+fn has_room(queue: &mpsc::Sender<Line>, out: &Outbound, max_in_flight: usize) -> bool {
+    queue.capacity() > out.pending() && out.pending() < max_in_flight
 }
 
 /// Wait until [`has_room`]: only the writer makes room (an answer arriving
-/// moves a line from "in flight" to "queued" and changes nothing).
-async fn wait_for_room(queue: &mpsc::Sender<Line>, out: &Outbound, room: &Notify) {
-    while !has_room(queue, out) {
+/// moves a line from "in flight" to "queued" and changes nothing; below the
+/// in-flight limit, the writer taking that answer is the wake-up).
+async fn wait_for_room(
+    queue: &mpsc::Sender<Line>,
+    out: &Outbound,
+    max_in_flight: usize,
+    room: &Notify,
+) {
+    while !has_room(queue, out, max_in_flight) {
         room.notified().await;
     }
 }
@@ -174,6 +205,7 @@ async fn write_loop<W>(
     hard: CancellationToken,
     bytes_out: prometheus::IntCounter,
     room: Arc<Notify>,
+    limits: ReplyLimits,
 ) where
     W: AsyncWrite + Unpin,
 {
@@ -187,13 +219,18 @@ async fn write_loop<W>(
                 None => break,
             },
         };
-        buf.extend_from_slice(&first);
-        buf.push(b'\n');
+        // A reply over the size limit becomes an error with the same id.
+        if let Some(first) = limits.check(first) {
+            buf.extend_from_slice(&first);
+            buf.push(b'\n');
+        }
         while buf.len() < WRITE_BATCH {
             match rx.try_recv() {
                 Ok(m) => {
-                    buf.extend_from_slice(&m);
-                    buf.push(b'\n');
+                    if let Some(m) = limits.check(m) {
+                        buf.extend_from_slice(&m);
+                        buf.push(b'\n');
+                    }
                 }
                 Err(_) => break,
             }
@@ -208,6 +245,7 @@ async fn write_loop<W>(
             break;
         }
         bytes_out.inc_by(buf.len() as u64);
+        limits.sent(buf.len());
         if buf.capacity() > WRITE_BATCH * 2 {
             buf = Vec::new();
         } else {
