@@ -958,7 +958,8 @@ async fn client_that_stops_reading_is_disconnected() {
     })
     .await;
     let text = config_multi(
-        "session_queue = 8\nidle_timeout_secs = 2",
+        // A generous stall limit: the mock is slow to build 20 MB in debug builds.
+        "session_queue = 8\nidle_timeout_secs = 2\nupstream_stall_secs = 30\nrequest_timeout_secs = 30",
         &[("test", vec![format!("{:?}", mock.url())], "")],
     );
     let server = start_proxy(&text).await;
@@ -992,6 +993,7 @@ async fn client_that_stops_reading_is_disconnected() {
     }
     assert!(lines < REQUESTS, "all {lines} answers were buffered");
     wait_until(|| in_flight(&server, "test") == 0).await;
+    wait_ready(&server, "test").await;
     // Other sessions are served as before.
     let mut other = Client::connect(addr).await;
     assert_eq!(
