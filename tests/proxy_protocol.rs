@@ -267,3 +267,53 @@ async fn the_header_comes_before_the_tls_handshake() {
     assert_eq!(hits(&p.server, "group_sessions"), 2);
     p.server.shutdown().await;
 }
+
+/// A log sink for one test (the proxy runs on the test's own thread).
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn logs_name_the_real_client_and_the_balancer() {
+    let logs = Logs::default();
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("electrum_lb=debug")
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let mock = Mock::start().await;
+    let p = proxy(&mock).await;
+    let mut c = with_header(
+        p.tcp,
+        &then_ping(v1_header(sa("203.0.113.7:40000"), sa("192.0.2.1:50001"))),
+    )
+    .await;
+    pong(&mut c).await;
+    drop(c);
+    wait_until(|| logs.text().contains("session ends")).await;
+    let text = logs.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("connection accepted"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("peer=203.0.113.7:40000"), "{line}");
+    assert!(line.contains("via=127.0.0.1:"), "{line}");
+    p.server.shutdown().await;
+}
