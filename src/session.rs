@@ -53,6 +53,9 @@ pub struct Stops {
 /// Writes stop batching past this many bytes.
 const WRITE_BATCH: usize = 64 * 1024;
 
+/// How often a paused reader looks again without a wake-up.
+const RECHECK: Duration = Duration::from_millis(100);
+
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
 /// A fresh process-wide session id.
@@ -194,7 +197,10 @@ async fn wait_for_room(
     room: &Notify,
 ) {
     while !has_room(queue, out, max_in_flight) {
-        room.notified().await;
+        // An answer is queued before its request stops counting as in
+        // flight: on a multi-threaded runtime the writer's wake-up can come
+        // in between and be the last one, so look again now and then.
+        let _ = tokio::time::timeout(RECHECK, room.notified()).await;
     }
 }
 
