@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The interop suite in one command: real ElectrumX, a real node, BDK's
+# electrum-client and the Electrum wallet, all through electrum-lb, on
+# 127.0.0.1 only, in a temporary directory that is removed afterwards.
+#
+#   interop/run.sh                 install (cached), build, bring up, test, report, tear down
+#   INTEROP_KEEP=1 interop/run.sh  keep the state directory and its logs
+#   ELB_BIN=target/release/electrum-lb interop/run.sh   test another build
+#
+# Exits non-zero when a client saw something wrong or the Electrum wallet
+# logged a disconnect or a status mismatch; then the last lines of every
+# log are printed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+started=$SECONDS
+section() { echo "== interop: $1 (at $((SECONDS - started))s)"; }
+
+section "setup"
+interop/setup.sh
+py=${INTEROP_CACHE:-interop/.cache}/venv/bin/python
+
+section "build"
+if [[ -z ${ELB_BIN:-} ]]; then
+  cargo build --quiet --bin electrum-lb
+fi
+cargo test --quiet --test interop --no-run
+
+dir=$(mktemp -d "${TMPDIR:-/tmp}/electrum-lb-interop.XXXXXX")
+stack() { "$py" interop/stack.py --dir "$dir" "$@"; }
+finish() {
+  local rc=$?
+  trap - EXIT
+  stack down || true
+  echo "interop: stack down at $((SECONDS - started))s"
+  if [[ $rc -ne 0 ]]; then
+    stack tails || true
+  fi
+  if [[ -n ${INTEROP_KEEP:-} ]]; then
+    echo "interop: state and logs kept in $dir"
+  else
+    rm -rf "$dir"
+  fi
+  exit "$rc"
+}
+trap finish EXIT
+trap 'exit 130' INT TERM
+
+section "stack up"
+stack up
+# shellcheck disable=SC1091
+source "$dir/env"
+
+section "BDK electrum-client and the Electrum wallet through electrum-lb"
+cargo test --test interop -- --ignored --nocapture
+
+section "report"
+stack report
+echo "interop: passed in $((SECONDS - started))s"
