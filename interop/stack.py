@@ -255,6 +255,10 @@ health_interval_ms = 250
 
 [coins.{COIN}]
 listen = ["tcp://127.0.0.1:0", "ssl://127.0.0.1:0"]
+# regtest base58 versions, so the legacy blockchain.address.* methods (which
+# ElectrumX 2.0 no longer has) are translated by the proxy
+p2pkh_version = 111
+p2sh_version = 196
 upstreams = [
   "{self.electrumx_url(1)}",
   {{ url = "{self.electrumx_url(2)}", fingerprint = "{pin}" }},

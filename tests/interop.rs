@@ -18,7 +18,7 @@
 use electrum_client::bitcoin::consensus::encode::serialize_hex;
 use electrum_client::bitcoin::hashes::Hash;
 use electrum_client::bitcoin::{Address, BlockHash, NetworkKind, PubkeyHash, ScriptBuf, Txid};
-use electrum_client::{Client, ConfigBuilder, ElectrumApi, GetHistoryRes};
+use electrum_client::{Client, ConfigBuilder, ElectrumApi, GetHistoryRes, Param};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
@@ -435,6 +435,33 @@ fn real_electrumx_bdk_and_electrum_wallet() {
     assert_eq!(utxos, paid, "unspent outputs of the BDK address");
     assert!(unspent[2].is_empty());
     stack.step("BDK over TCP: batch history, balance and unspent agree with the node");
+
+    // The pre-1.3 address methods, which ElectrumX 2.0 answers with "unknown
+    // method": electrum-lb translates them to scripthash calls.
+    let by_address = |method: &str| {
+        query
+            .raw_call(method, [Param::String(address.clone())])
+            .unwrap_or_else(|e| panic!("{method}: {e}"))
+    };
+    let balance = by_address("blockchain.address.get_balance");
+    assert_eq!(balance["confirmed"], total(&paid), "{balance}");
+    assert_eq!(balance["unconfirmed"], 0, "{balance}");
+    let listed = by_address("blockchain.address.get_history");
+    let listed: Vec<(String, i64)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            let txid = h["tx_hash"].as_str().unwrap().to_string();
+            (txid, h["height"].as_i64().unwrap())
+        })
+        .collect();
+    let want: Vec<(String, i64)> = paid
+        .iter()
+        .map(|(t, _, h)| (t.to_string(), *h as i64))
+        .collect();
+    assert_eq!(listed, want, "blockchain.address.get_history");
+    stack.step("legacy blockchain.address.get_balance and get_history translated by the proxy");
 
     // The raw transaction and its merkle proof, checked against the node.
     for (txid, _, h) in &paid {
