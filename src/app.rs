@@ -51,6 +51,22 @@ pub struct Server {
     config: std::sync::Mutex<Config>,
 }
 
+/// Load every file the configuration names (TLS certificate and key, CA
+/// files of `ssl://` upstreams) without opening a socket: what `--check`
+/// and a reload verify before anything runs.
+pub fn preflight(config: &Config) -> Result<(), String> {
+    if let Some(files) = &config.tls {
+        crate::tls::server_config(files).map_err(|e| format!("tls: {e}"))?;
+    }
+    for (name, coin) in &config.coins {
+        for (i, u) in coin.upstreams.iter().enumerate() {
+            crate::upstream::connect::Dialer::new(u.clone())
+                .map_err(|e| format!("coins.{name}.upstreams[{i}]: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
 /// Start everything the configuration describes. Upstreams connect in the
 /// background; this returns once every listener is bound.
 pub async fn start(config: Config) -> anyhow::Result<Server> {

@@ -502,9 +502,14 @@ impl Config {
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| {
             let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+            let place = format!("line {line}, column {col}");
+            let key = match e.span().and_then(|s| key_at(text, s.start)) {
+                Some(key) => format!("{key} ({place})"),
+                None => place,
+            };
             ConfigError {
                 file: file.to_string(),
-                key: format!("line {line}, column {col}"),
+                key,
                 reason: e.message().to_string(),
             }
         })?;
@@ -647,6 +652,55 @@ impl Config {
     }
 }
 
+/// The dotted key whose value sits at `offset`: the last `[table]` header
+/// above it, plus the `key =` on its own line. `None` when the error is not
+/// inside a `key = value` line (a bad header, say), where line and column
+/// say enough.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line_end = text[offset..]
+        .find('\n')
+        .map(|i| offset + i)
+        .unwrap_or(text.len());
+    let line = &text[line_start..line_end];
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    if key.is_empty()
+        || key.starts_with('#')
+        || key.starts_with('[')
+        || key.contains(char::is_whitespace)
+    {
+        return None;
+    }
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && !l.starts_with("[["))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    // Inside an inline table (`{ url = ..., weight = "x" }`), name the
+    // member too: the last `name =` before the error.
+    let mut key = key.to_string();
+    let before = &text[line_start..offset];
+    if let Some(brace) = before.rfind('{') {
+        if let Some(eq) = before[brace..].rfind('=') {
+            let inner = before[brace..brace + eq]
+                .rsplit(|c: char| c == ',' || c == '{')
+                .next()
+                .unwrap_or("")
+                .trim();
+            if !inner.is_empty() && !inner.contains(char::is_whitespace) {
+                key = format!("{key}.{inner}");
+            }
+        }
+    }
+    Some(match table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key,
+    })
+}
+
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
@@ -715,9 +769,18 @@ upstreams = ["tcp://a:1", { url = "ssl://b:2", insecure = true, backup = true, w
             "[coins.x]\nlisten = [\"tcp://127.0.0.1:0\"]\nupstreams = [\"tcp://a:1\"]\nbogus = 1\n",
         );
         assert!(
-            e.starts_with("bad.toml: line 4, column 1: unknown field `bogus`"),
+            e.starts_with("bad.toml: coins.x.bogus (line 4, column 1): unknown field `bogus`"),
             "{e}"
         );
+        let e = err("[server]\nrequest_timeout_secs = \"soon\"\n[coins.x]\nlisten = [\"tcp://127.0.0.1:0\"]\nupstreams = [\"tcp://a:1\"]\n");
+        assert!(
+            e.starts_with(
+                "bad.toml: server.request_timeout_secs (line 2, column 24): invalid type"
+            ),
+            "{e}"
+        );
+        let e = err("[coins.x]\nlisten = [\"tcp://127.0.0.1:0\"]\nupstreams = [{ url = \"tcp://a:1\", weight = \"x\" }]\n");
+        assert!(e.starts_with("bad.toml: coins.x.upstreams.weight ("), "{e}");
         let e = err("[coins.x]\nlisten = [\"udp://127.0.0.1:0\"]\nupstreams = [\"tcp://a:1\"]\n");
         assert!(e.contains("unknown scheme `udp`"), "{e}");
         let e = err("[coins.x]\nlisten = [\"ssl://127.0.0.1:0\"]\nupstreams = [\"tcp://a:1\"]\n");

@@ -16,6 +16,13 @@ fn main() -> ExitCode {
         }
     };
     if args.check {
+        if let Err(e) = electrum_lb::app::preflight(&config) {
+            eprintln!(
+                "electrum-lb: invalid configuration: {}: {e}",
+                args.config.display()
+            );
+            return ExitCode::from(2);
+        }
         println!(
             "{}: configuration is valid ({} coin{})",
             args.config.display(),

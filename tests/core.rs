@@ -774,7 +774,6 @@ fn check_reports_a_broken_config_with_file_key_and_reason() {
 /// Known gap (reported, src/config.rs is not this test's to change): an error
 /// found while deserializing names only line and column, not the key.
 #[test]
-#[ignore = "config.rs: deserialization errors name line/column but not the key"]
 fn check_names_the_key_of_a_mistyped_value() {
     let dir = temp_dir("check-key");
     let coin = CHECK_COIN;
@@ -1054,4 +1053,24 @@ async fn pipelining_far_beyond_the_queue_is_answered_in_full() {
     let _wr = sender.await.unwrap();
     wait_until(|| in_flight(&server, "test") == 0).await;
     server.shutdown().await;
+}
+
+#[test]
+fn check_loads_the_files_the_config_names() {
+    let dir = temp_dir("check-files");
+    let text = format!(
+        "[tls]\ncert = \"/nonexistent/server.crt\"\nkey = \"/nonexistent/server.key\"\n{CHECK_COIN}"
+    );
+    let stderr = check_broken(&dir, "missing-cert.toml", &text);
+    assert!(
+        stderr.contains("tls") && stderr.contains("/nonexistent/server.crt"),
+        "{stderr}"
+    );
+    let text = "[coins.x]\nlisten = [\"tcp://127.0.0.1:0\"]\nupstreams = [{ url = \"ssl://a:1\", ca_file = \"/nonexistent/ca.pem\" }]\n";
+    let stderr = check_broken(&dir, "missing-ca.toml", text);
+    assert!(
+        stderr.contains("coins.x.upstreams[0]") && stderr.contains("/nonexistent/ca.pem"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }
