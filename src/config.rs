@@ -686,7 +686,7 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     if let Some(brace) = before.rfind('{') {
         if let Some(eq) = before[brace..].rfind('=') {
             let inner = before[brace..brace + eq]
-                .rsplit(|c: char| c == ',' || c == '{')
+                .rsplit([',', '{'])
                 .next()
                 .unwrap_or("")
                 .trim();
