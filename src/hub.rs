@@ -350,6 +350,9 @@ impl Actor {
         limit: usize,
         responder: Responder,
     ) {
+        if let (Topic::Headers, Form::Header(shape)) = (&topic, &form) {
+            self.replace_header_shape(session, *shape);
+        }
         let key = (topic, form);
         let held = self.sessions.get(&session);
         let already = held.is_some_and(|s| s.keys.contains(&key));
@@ -418,6 +421,38 @@ impl Actor {
         }
         if needs_upstream {
             self.start_subscribe(topic);
+        }
+    }
+
+    /// A session holds one header subscription, as on ElectrumX: subscribing
+    /// again in another shape (before and after negotiating, or a 1.2 client
+    /// toggling `raw`) replaces the shape instead of adding a second stream
+    /// of notifications. `numblocks.subscribe` is a different method and
+    /// stays apart. A waiter of the old shape is still answered in it.
+    fn replace_header_shape(&mut self, session: SessionId, shape: HeaderForm) {
+        let is_shape = |h: &HeaderForm| *h != HeaderForm::Height;
+        if !is_shape(&shape) {
+            return;
+        }
+        let Some(subs) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let stale: Vec<Form> = subs
+            .keys
+            .iter()
+            .filter_map(|(t, f)| match (t, f) {
+                (Topic::Headers, Form::Header(h)) if is_shape(h) && *h != shape => Some(f.clone()),
+                _ => None,
+            })
+            .collect();
+        for form in stale {
+            subs.keys.remove(&(Topic::Headers, form.clone()));
+            self.stats
+                .session_subscriptions
+                .fetch_sub(1, Ordering::Relaxed);
+            if let Some(sub) = self.headers.subscribers.get_mut(&session) {
+                sub.forms.retain(|f| *f != form);
+            }
         }
     }
 
