@@ -388,6 +388,33 @@ fn spawn_binary(config: &Path) -> (std::process::Child, std::sync::mpsc::Receive
     (child, rx)
 }
 
+/// Wait until every needle has matched a log line, in any order (lines come
+/// from different tasks); returns the matching lines in needle order.
+fn wait_lines(rx: &std::sync::mpsc::Receiver<String>, needles: &[&str]) -> Vec<String> {
+    let mut found: Vec<Option<String>> = vec![None; needles.len()];
+    while found.iter().any(Option::is_none) {
+        let line = rx
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("no log lines with all of {needles:?} (found {found:?})"));
+        for (i, n) in needles.iter().enumerate() {
+            if found[i].is_none() && line.contains(n) {
+                found[i] = Some(line.clone());
+            }
+        }
+    }
+    found.into_iter().flatten().collect()
+}
+
+/// Kills the child process when the test ends, even by a panic.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Wait for a log line containing `needle`.
 fn wait_line(rx: &std::sync::mpsc::Receiver<String>, needle: &str) -> String {
     loop {
@@ -417,8 +444,10 @@ async fn sighup_reloads_the_certificate_and_a_broken_config_changes_nothing() {
     let mock = Mock::start().await;
     let path = dir.join("electrum-lb.toml");
     std::fs::write(&path, config_in(&dir, &mock.url())).unwrap();
-    let (mut child, logs) = spawn_binary(&path);
-    let line = wait_line(&logs, "listen=ssl://");
+    let (child, logs) = spawn_binary(&path);
+    let child = KillOnDrop(child);
+    let lines = wait_lines(&logs, &["listen=ssl://", "upstream connection up"]);
+    let line = &lines[0];
     let ssl: SocketAddr = line
         .rsplit("ssl://")
         .next()
@@ -426,25 +455,23 @@ async fn sighup_reloads_the_certificate_and_a_broken_config_changes_nothing() {
         .trim()
         .parse()
         .unwrap();
-    wait_line(&logs, "upstream connection up");
     assert_eq!(served_cert(ssl).await, first.der);
     let mut old = Client::connect_tls(ssl).await;
     old.call("server.ping", json!([])).await;
 
     let second = make_cert();
     second.write(&dir, "server");
-    hup(&child);
+    hup(&child.0);
     wait_line(&logs, "configuration reloaded");
     assert_eq!(served_cert(ssl).await, second.der);
     old.call("blockchain.block.header", json!([1])).await;
 
     std::fs::write(&path, "[coins.test]\nlisten = 5\n").unwrap();
-    hup(&child);
+    hup(&child.0);
     let rejected = wait_line(&logs, "reload rejected");
     assert!(rejected.contains("electrum-lb.toml"), "{rejected}");
     assert_eq!(served_cert(ssl).await, second.der);
     old.call("blockchain.block.header", json!([2])).await;
 
-    child.kill().unwrap();
-    let _ = child.wait();
+    drop(child);
 }
