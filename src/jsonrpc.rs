@@ -150,6 +150,15 @@ fn classify_request(raw: &RawValue) -> Result<Request<'_>, Invalid<'_>> {
         Ok(r) => r,
         Err(_) => return Err(invalid(None, "malformed request object")),
     };
+    classify_fields(req)
+}
+
+/// Check the members of a request object.
+fn classify_fields(req: RawRequest<'_>) -> Result<Request<'_>, Invalid<'_>> {
+    let invalid = |id, msg: &str| Invalid {
+        id,
+        error: RpcError::new(ErrorCode::InvalidRequest, msg),
+    };
     let id = match req.id {
         Some(id) if matches!(first_byte(id), b'{' | b'[' | b't' | b'f') => {
             return Err(invalid(None, "id must be a string, a number or null"));
@@ -184,6 +193,13 @@ fn classify_request(raw: &RawValue) -> Result<Request<'_>, Invalid<'_>> {
 /// Classify one line received from a client.
 pub fn parse_client_line(line: &[u8]) -> Result<ClientMessage<'_>, LineError> {
     let text = std::str::from_utf8(line).map_err(|_| LineError::Parse)?;
+    // The common case, one well-formed request object, in one pass; the
+    // rest (and every error) is classified below.
+    if text.trim_start().starts_with('{') {
+        if let Ok(req) = serde_json::from_str::<RawRequest>(text) {
+            return Ok(ClientMessage::Single(classify_fields(req)));
+        }
+    }
     let raw: &RawValue = serde_json::from_str(text).map_err(|_| LineError::Parse)?;
     match first_byte(raw) {
         b'{' => Ok(ClientMessage::Single(classify_request(raw))),
@@ -334,7 +350,14 @@ pub fn notification_line(method: &str, params: &str) -> Line {
 pub fn request_prefix(method: &str, params: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(48 + method.len() + params.len());
     out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":");
-    out.extend_from_slice(quote(method).as_bytes());
+    if method.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        // Method names need no escaping: no JSON string built for them.
+        out.push(b'"');
+        out.extend_from_slice(method.as_bytes());
+        out.push(b'"');
+    } else {
+        out.extend_from_slice(quote(method).as_bytes());
+    }
     out.extend_from_slice(b",\"params\":");
     out.extend_from_slice(params.as_bytes());
     out.extend_from_slice(b",\"id\":");
@@ -344,22 +367,19 @@ pub fn request_prefix(method: &str, params: &str) -> Vec<u8> {
 /// Append a request prefix with its upstream id and the line end to `buf`.
 pub fn finish_request(buf: &mut Vec<u8>, prefix: &[u8], id: u64) {
     buf.extend_from_slice(prefix);
-    let mut num = itoa_buf(id);
-    buf.append(&mut num);
-    buf.extend_from_slice(b"}\n");
-}
-
-fn itoa_buf(mut n: u64) -> Vec<u8> {
-    if n == 0 {
-        return vec![b'0'];
-    }
-    let mut digits = Vec::with_capacity(20);
-    while n > 0 {
-        digits.push(b'0' + (n % 10) as u8);
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = id;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
         n /= 10;
+        if n == 0 {
+            break;
+        }
     }
-    digits.reverse();
-    digits
+    buf.extend_from_slice(&digits[at..]);
+    buf.extend_from_slice(b"}\n");
 }
 
 /// JSON string literal for `s`.
@@ -554,5 +574,14 @@ mod tests {
             b"{\"jsonrpc\":\"2.0\",\"method\":\"server.ping\",\"params\":[],\"id\":1234}\n"
         );
         assert_eq!(batch_line(vec![b"1".to_vec(), b"2".to_vec()]), b"[1,2]");
+        let mut buf = Vec::new();
+        finish_request(&mut buf, b"", 0);
+        finish_request(&mut buf, b"", u64::MAX);
+        assert_eq!(buf, b"0}\n18446744073709551615}\n");
+        // A method name that needs escaping is escaped.
+        assert_eq!(
+            request_prefix("a\"b", "[]"),
+            b"{\"jsonrpc\":\"2.0\",\"method\":\"a\\\"b\",\"params\":[],\"id\":"
+        );
     }
 }

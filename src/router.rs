@@ -244,9 +244,7 @@ impl Router {
                 legacy::route(self, method, params, r)
             }),
             m if SCRIPTHASH_READS.contains(&m) => {
-                let affinity = first_string(params)
-                    .filter(|s| coin::is_scripthash(s))
-                    .map(|s| s.to_ascii_lowercase());
+                let affinity = scripthash_arg(params);
                 self.forward(m, params, responder, affinity.as_deref());
             }
             _ => legacy::route(self, method, params, responder),
@@ -451,6 +449,26 @@ fn header_form(level: Level, params: &str) -> HeaderForm {
     }
 }
 
+/// The scripthash a read is about (its first parameter), lowercase.
+/// Every history, balance and unspent request passes here: the usual
+/// `["<64 lowercase hex>", ...]` is read in place, without a JSON tree or
+/// a copy; anything else takes the general path.
+fn scripthash_arg(params: &str) -> Option<std::borrow::Cow<'_, str>> {
+    let fast = params
+        .trim_start()
+        .strip_prefix('[')
+        .and_then(|rest| rest.trim_start().strip_prefix('"'))
+        .and_then(|rest| rest.get(..65))
+        .and_then(|s| s.strip_suffix('"'))
+        .filter(|sh| sh.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+    match fast {
+        Some(sh) => Some(sh.into()),
+        None => first_string(params)
+            .filter(|s| coin::is_scripthash(s))
+            .map(|s| s.to_ascii_lowercase().into()),
+    }
+}
+
 /// The first positional parameter, when it is a string.
 pub(crate) fn first_string(params: &str) -> Option<String> {
     if let Ok(v) = serde_json::from_str::<Vec<Value>>(params) {
@@ -499,6 +517,32 @@ mod tests {
             header_form(Level::Legacy(Version::new(1, 2)), "[]"),
             HeaderForm::Deserialized
         );
+    }
+
+    #[test]
+    fn scripthash_args_fast_and_general() {
+        let sh = "ab".repeat(32);
+        for params in [
+            format!("[\"{sh}\"]"),
+            format!(" [ \"{sh}\" , 1]"),
+            format!("[\"{}\"]", sh.to_uppercase()),
+            format!("[\"\\u0061b{}\"]", &sh[2..]),
+        ] {
+            assert_eq!(
+                scripthash_arg(&params).as_deref(),
+                Some(sh.as_str()),
+                "{params}"
+            );
+        }
+        for params in [
+            "[]".to_string(),
+            format!("[\"{}\"]", &sh[1..]),
+            format!("[\"{sh}0\"]"),
+            format!("{{\"scripthash\":\"{sh}\"}}"),
+            format!("[\"{}xy\"]", &sh[2..]),
+        ] {
+            assert_eq!(scripthash_arg(&params), None, "{params}");
+        }
     }
 
     #[test]

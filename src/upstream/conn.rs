@@ -320,11 +320,13 @@ impl Actor<'_> {
                     let Some(job) = job else { return "pool closed".into() };
                     self.last_job = Instant::now();
                     self.enqueue(&mut buf, job);
-                    while self.pending.len() < max {
-                        match rx.try_recv() {
-                            Ok(job) => self.enqueue(&mut buf, job),
-                            Err(_) => break,
-                        }
+                    self.drain(&mut buf, rx, max);
+                    if self.pending.len() < max {
+                        // Let the sessions that are ready run first: what
+                        // they send joins this write instead of costing a
+                        // syscall (and an upstream wakeup) of its own.
+                        tokio::task::yield_now().await;
+                        self.drain(&mut buf, rx, max);
                     }
                     if !buf.is_empty() {
                         if let Err(e) = wr.write_all(&buf).await {
@@ -367,9 +369,20 @@ impl Actor<'_> {
         }
     }
 
+    /// Enqueue whatever is queued, up to the in-flight limit.
+    fn drain(&mut self, buf: &mut Vec<u8>, rx: &mut mpsc::Receiver<Job>, max: usize) {
+        while self.pending.len() < max {
+            match rx.try_recv() {
+                Ok(job) => self.enqueue(buf, job),
+                Err(_) => break,
+            }
+        }
+    }
+
     /// Assign an id, append the request to the write buffer, remember it.
     fn enqueue(&mut self, buf: &mut Vec<u8>, job: Job) {
-        if job.responder.is_abandoned() || job.deadline <= Instant::now() {
+        let now = Instant::now();
+        if job.responder.is_abandoned() || job.deadline <= now {
             // Nobody waits for it, or it is already too late: do not spend
             // upstream work on it.
             self.ctx.shared.release();
@@ -383,13 +396,7 @@ impl Actor<'_> {
         self.next_id += 1;
         jsonrpc::finish_request(buf, &job.prefix, id);
         self.deadlines.push(Reverse((job.deadline, id)));
-        self.pending.insert(
-            id,
-            Pending {
-                job,
-                sent: Instant::now(),
-            },
-        );
+        self.pending.insert(id, Pending { job, sent: now });
     }
 
     fn on_line(&mut self, line: &[u8]) {
