@@ -169,12 +169,9 @@ impl ServerCertVerifier for Unverified {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        let algs = &self.provider.signature_verification_algorithms;
+        verify_tls12_signature(message, cert, dss, algs)
+            .or_else(|_| verify_with_key(message, cert, dss, algs))
     }
 
     fn verify_tls13_signature(
@@ -183,12 +180,23 @@ impl ServerCertVerifier for Unverified {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        let algs = &self.provider.signature_verification_algorithms;
+        verify_tls13_signature(message, cert, dss, algs).or_else(|e| {
+            // TLS 1.3 forbids PKCS#1 v1.5 and SHA-1 handshake signatures.
+            let allowed = !matches!(
+                dss.scheme,
+                SignatureScheme::RSA_PKCS1_SHA1
+                    | SignatureScheme::RSA_PKCS1_SHA256
+                    | SignatureScheme::RSA_PKCS1_SHA384
+                    | SignatureScheme::RSA_PKCS1_SHA512
+                    | SignatureScheme::ECDSA_SHA1_Legacy
+            );
+            if allowed {
+                verify_with_key(message, cert, dss, algs)
+            } else {
+                Err(e)
+            }
+        })
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -198,9 +206,119 @@ impl ServerCertVerifier for Unverified {
     }
 }
 
+/// Check a handshake signature against the certificate's public key alone.
+///
+/// webpki refuses to read some certificates Electrum servers really use as
+/// end-entity certificates: X.509 version 1 (what `openssl x509 -req
+/// -signkey`, ElectrumX's documented recipe, makes) and self-signed ones
+/// marked CA:TRUE. With a pin or `insecure` the chain is not checked anyway,
+/// but the peer must still prove it holds the certificate's key: this does
+/// that from the SubjectPublicKeyInfo, read with a minimal DER walk.
+fn verify_with_key(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+    algs: &rustls::crypto::WebPkiSupportedAlgorithms,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    let (alg_id, key) = spki_of(cert.as_ref())
+        .ok_or_else(|| rustls::Error::General("cannot read the certificate's public key".into()))?;
+    let candidates = algs
+        .mapping
+        .iter()
+        .find(|(scheme, _)| *scheme == dss.scheme)
+        .map(|(_, a)| *a)
+        .ok_or(rustls::Error::PeerMisbehaved(
+            rustls::PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme,
+        ))?;
+    for alg in candidates {
+        if alg.public_key_alg_id().as_ref() == alg_id {
+            return alg
+                .verify_signature(key, message, dss.signature())
+                .map(|_| HandshakeSignatureValid::assertion())
+                .map_err(|_| {
+                    rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature)
+                });
+        }
+    }
+    Err(rustls::Error::General(
+        "the certificate's key does not match the signature scheme".into(),
+    ))
+}
+
+/// One DER element: (tag, contents, rest).
+fn der_next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let tag = *input.first()?;
+    let first = *input.get(1)? as usize;
+    let (len, header) = if first < 0x80 {
+        (first, 2)
+    } else {
+        let n = first & 0x7f;
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let mut len = 0usize;
+        for i in 0..n {
+            len = (len << 8) | *input.get(2 + i)? as usize;
+        }
+        (len, 2 + n)
+    };
+    let end = header.checked_add(len)?;
+    if end > input.len() {
+        return None;
+    }
+    Some((tag, &input[header..end], &input[end..]))
+}
+
+/// The public key of a certificate: (AlgorithmIdentifier contents, key bits).
+fn spki_of(cert: &[u8]) -> Option<(&[u8], &[u8])> {
+    const SEQUENCE: u8 = 0x30;
+    let (SEQUENCE, certificate, _) = der_next(cert)? else {
+        return None;
+    };
+    let (SEQUENCE, tbs, _) = der_next(certificate)? else {
+        return None;
+    };
+    // [0] version (absent in v1), then serial, signature, issuer, validity, subject.
+    let (tag, _, mut rest) = der_next(tbs)?;
+    let skip = if tag == 0xa0 { 5 } else { 4 };
+    for _ in 0..skip {
+        rest = der_next(rest)?.2;
+    }
+    let (SEQUENCE, spki, _) = der_next(rest)? else {
+        return None;
+    };
+    let (SEQUENCE, alg, rest) = der_next(spki)? else {
+        return None;
+    };
+    let (0x03, bits, _) = der_next(rest)? else {
+        return None;
+    };
+    match bits.split_first()? {
+        (0, key) => Some((alg, key)),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn public_keys_are_read_from_v1_and_v3_certificates() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for path in ["tests/fixtures/v1.crt", "certs/server.crt"] {
+            let cert = &read_certs(&root.join(path)).unwrap()[0];
+            let (alg, key) = spki_of(cert.as_ref()).unwrap_or_else(|| panic!("{path}"));
+            // rsaEncryption with NULL parameters, and an RSA key (a SEQUENCE).
+            assert_eq!(
+                &alg[..11],
+                &[0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01]
+            );
+            assert_eq!(key[0], 0x30, "{path}");
+        }
+        assert!(spki_of(b"\x30\x03\x02\x01").is_none());
+        assert!(spki_of(&[]).is_none());
+    }
 
     #[test]
     fn fingerprints() {

@@ -441,3 +441,73 @@ fn rand_suffix() -> u64 {
     h.write_u64(Instant::now().elapsed().as_nanos() as u64);
     h.finish()
 }
+
+/// The X.509 v1 certificate ElectrumX's documented `openssl x509 -req
+/// -signkey` recipe makes (tests/fixtures): webpki will not parse it, yet a
+/// pinned or insecure upstream serving it must be reachable.
+fn v1_cert() -> TestCert {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let cert_pem = std::fs::read_to_string(root.join("v1.crt")).unwrap();
+    let key_pem = std::fs::read_to_string(root.join("v1.key")).unwrap();
+    let der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec();
+    TestCert {
+        cert_pem,
+        key_pem,
+        der,
+    }
+}
+
+#[tokio::test]
+async fn tls_upstream_with_an_x509_v1_certificate_pinned_or_insecure() {
+    let cert = v1_cert();
+    // rustls' own `with_single_cert` would refuse the v1 certificate while
+    // checking it against the key: serve it through a fixed resolver.
+    #[derive(Debug)]
+    struct Fixed(Arc<rustls::sign::CertifiedKey>);
+    impl rustls::server::ResolvesServerCert for Fixed {
+        fn resolve(
+            &self,
+            _: rustls::server::ClientHello<'_>,
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            Some(self.0.clone())
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key = rustls_pemfile::private_key(&mut cert.key_pem.as_bytes())
+        .unwrap()
+        .unwrap();
+    let signer = provider.key_provider.load_private_key(key).unwrap();
+    let certified = rustls::sign::CertifiedKey::new(vec![cert.der.clone().into()], signer);
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Fixed(Arc::new(certified))));
+    let m = Mock::start_with(MockOptions {
+        tls: Some(Arc::new(config)),
+        ..Default::default()
+    })
+    .await;
+    let pin = electrum_lb::tls::fingerprint_hex(&cert.der);
+    assert!(
+        serves(
+            &m,
+            format!("{{ url = {}, fingerprint = {} }}", q(&m.url()), q(&pin))
+        )
+        .await
+    );
+    assert!(serves(&m, format!("{{ url = {}, insecure = true }}", q(&m.url()))).await);
+    // A pin of another certificate is still refused.
+    let other = electrum_lb::tls::fingerprint_hex(&make_cert().der);
+    assert!(
+        !serves(
+            &m,
+            format!("{{ url = {}, fingerprint = {} }}", q(&m.url()), q(&other))
+        )
+        .await
+    );
+}
