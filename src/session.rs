@@ -204,6 +204,21 @@ async fn wait_for_room(
     }
 }
 
+/// Append what is queued to `buf`, up to about `WRITE_BATCH` bytes.
+fn gather(rx: &mut mpsc::Receiver<Line>, buf: &mut Vec<u8>, limits: &ReplyLimits) {
+    while buf.len() < WRITE_BATCH {
+        match rx.try_recv() {
+            Ok(m) => {
+                if let Some(m) = limits.check(m) {
+                    buf.extend_from_slice(&m);
+                    buf.push(b'\n');
+                }
+            }
+            Err(_) => break,
+        }
+    }
+}
+
 async fn write_loop<W>(
     mut wr: W,
     mut rx: mpsc::Receiver<Line>,
@@ -230,16 +245,12 @@ async fn write_loop<W>(
             buf.extend_from_slice(&first);
             buf.push(b'\n');
         }
-        while buf.len() < WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(m) => {
-                    if let Some(m) = limits.check(m) {
-                        buf.extend_from_slice(&m);
-                        buf.push(b'\n');
-                    }
-                }
-                Err(_) => break,
-            }
+        gather(&mut rx, &mut buf, &limits);
+        if buf.len() < WRITE_BATCH {
+            // Answers come in bursts (one upstream read holds many): let
+            // the burst land so that it leaves in one write.
+            tokio::task::yield_now().await;
+            gather(&mut rx, &mut buf, &limits);
         }
         room.notify_one();
         let written = tokio::select! {
