@@ -7,15 +7,18 @@
 //! cargo bench --bench proxy -- --sessions 2000     # a smaller idle-session test
 //! cargo bench --bench proxy -- --only uncached,light # some parts only
 //!                                   # (uncached, cacheable, mix, light, idle)
+//! cargo bench --bench proxy -- --upstream-us 20     # upstreams that work
+//!                                   # 20 us of CPU per request
 //! ```
 //!
 //! Processes: this one is the load generator; two mock upstreams run in a
 //! child process (this binary re-executed with `PROXY_BENCH_MOCK` set);
-//! electrum-lb runs in another child (re-executed with `PROXY_BENCH_PROXY`,
-//! `electrum_lb::start` on the runtime `main` builds: one worker per CPU, or
-//! `PROXY_BENCH_THREADS`); HAProxy is the system's `haproxy` (skipped with a
-//! note when it is not installed). Every figure of one run comes from
-//! processes sharing the same cores, so compare ratios, not absolutes.
+//! electrum-lb is the release binary as an operator runs it (its default
+//! runtime, one worker per CPU, and logging; `PROXY_BENCH_THREADS=N` passes
+//! `--threads N`); HAProxy is the system's `haproxy` in TCP mode with its
+//! defaults (skipped with a note when it is not installed). Each run starts
+//! a fresh proxy process. Every figure of one run comes from processes
+//! sharing the same cores, so compare ratios, not absolutes.
 //!
 //! The mock is lean on purpose (raw JSON slices in, precomputed answers out,
 //! one write per batch of requests): the test mock in `tests/support` builds
@@ -51,7 +54,6 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 const MOCK_ENV: &str = "PROXY_BENCH_MOCK";
-const PROXY_ENV: &str = "PROXY_BENCH_PROXY";
 const THREADS_ENV: &str = "PROXY_BENCH_THREADS";
 
 /// Client connections of the throughput runs, and requests in flight on each.
@@ -72,9 +74,6 @@ fn main() {
     if std::env::var(MOCK_ENV).is_ok() {
         return mock_main();
     }
-    if let Ok(upstreams) = std::env::var(PROXY_ENV) {
-        return proxy_main(&upstreams);
-    }
     let opts = Options::from_args();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -90,6 +89,8 @@ struct Options {
     sessions: usize,
     /// Parts to run (`--only uncached,light`): all when empty.
     only: Vec<String>,
+    /// CPU microseconds each mock upstream spends on a request.
+    upstream_us: u64,
 }
 
 impl Options {
@@ -105,6 +106,7 @@ impl Options {
             rounds: 2,
             sessions: 10_000,
             only: Vec::new(),
+            upstream_us: 0,
         };
         let args: Vec<String> = std::env::args().collect();
         let value = |name: &str| {
@@ -121,6 +123,9 @@ impl Options {
         }
         if let Some(v) = value("--sessions") {
             o.sessions = v as usize;
+        }
+        if let Some(v) = value("--upstream-us") {
+            o.upstream_us = v as u64;
         }
         if let Some(i) = args.iter().position(|a| a == "--only") {
             o.only = args
@@ -235,6 +240,8 @@ struct UpstreamStats {
 
 struct MockState {
     data: Data,
+    /// CPU time spent on each request, like a real server's work.
+    cost: Duration,
     /// `blockchain.transaction.get` requests per txid, over both upstreams.
     per_txid: Vec<AtomicU32>,
 }
@@ -245,8 +252,13 @@ fn mock_main() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
+        let cost = std::env::var(MOCK_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(Duration::ZERO, Duration::from_micros);
         let state = Arc::new(MockState {
             data: Data::new(),
+            cost,
             per_txid: (0..TXIDS).map(|_| AtomicU32::new(0)).collect(),
         });
         let mut addrs = Vec::new();
@@ -339,6 +351,12 @@ fn mock_answer(line: &[u8], state: &MockState, stats: &UpstreamStats, out: &mut 
     let method = req.method.as_ref();
     if !method.starts_with("bench.") {
         stats.requests.fetch_add(1, Ordering::Relaxed);
+        if !state.cost.is_zero() {
+            let t = Instant::now();
+            while t.elapsed() < state.cost {
+                std::hint::spin_loop();
+            }
+        }
     }
     let result: Result<Cow<str>, &str> = match method {
         "server.version" => Ok("[\"BenchMock 1.0\",\"1.4\"]".into()),
@@ -431,55 +449,6 @@ fn mock_answer(line: &[u8], state: &MockState, stats: &UpstreamStats, out: &mut 
 }
 
 // ---------------------------------------------------------------------------
-// electrum-lb (child process).
-
-fn proxy_main(upstreams: &str) {
-    let urls: Vec<String> = upstreams
-        .split(' ')
-        .map(|a| format!("\"tcp://{a}\""))
-        .collect();
-    let text = format!(
-        "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[coins.bench]\nlisten = [\"tcp://127.0.0.1:0\"]\nupstreams = [{}]\n",
-        urls.join(", ")
-    );
-    let config = electrum_lb::Config::parse(&text, "bench.toml").expect("config");
-    let threads: usize = std::env::var(THREADS_ENV)
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(0);
-    // As `main` builds it: one worker per CPU unless told otherwise.
-    let mut builder = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        if threads > 1 {
-            b.worker_threads(threads);
-        }
-        b
-    };
-    let runtime = builder.enable_all().build().expect("runtime");
-    runtime.block_on(async {
-        let server = electrum_lb::start(config).await.expect("proxy starts");
-        let router = server.coins["bench"].router.clone();
-        // Every upstream connected and the tip known (headers are cached
-        // relative to it).
-        while !(router.pool.status().iter().all(|u| u.ready_connections > 0)
-            && router.cache.tip() > 0)
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let addr = server
-            .addr("bench", electrum_lb::config::Scheme::Tcp)
-            .expect("tcp listener");
-        println!("LISTEN {addr}");
-        std::io::stdout().flush().expect("stdout");
-        wait_for_stdin_eof().await;
-        // The parent is done: no graceful shutdown needed.
-        std::process::exit(0);
-    });
-}
-
-// ---------------------------------------------------------------------------
 // Child processes, seen from the parent.
 
 /// A child process killed when dropped.
@@ -524,6 +493,84 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The release binary (`cargo bench` builds it), as an operator runs it:
+/// default runtime and logging, a config naming the two upstreams. Ready
+/// once it listens and both upstreams are connected.
+fn start_electrum_lb(upstreams: &[SocketAddr], dir: &std::path::Path) -> Proc {
+    let urls: Vec<String> = upstreams.iter().map(|a| format!("\"tcp://{a}\"")).collect();
+    let text = format!(
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[coins.bench]\nlisten = [\"tcp://127.0.0.1:0\"]\nupstreams = [{}]\n",
+        urls.join(", ")
+    );
+    let path = dir.join("electrum-lb.toml");
+    std::fs::write(&path, text).expect("write electrum-lb.toml");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_electrum-lb"));
+    cmd.arg("--config").arg(&path);
+    if let Ok(threads) = std::env::var(THREADS_ENV) {
+        cmd.arg("--threads").arg(threads);
+    }
+    let mut child = cmd
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start electrum-lb");
+    // Its log tells where it listens and when its upstreams are up; the
+    // rest of the log is drained for as long as it runs.
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let value = |line: &str, key: &str| {
+        let at = line.find(key)? + key.len();
+        line[at..].split_whitespace().next().map(str::to_string)
+    };
+    let mut listen = None;
+    let mut up = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while listen.is_none() || up.len() < upstreams.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("electrum-lb did not get ready in time");
+        let line = strip_ansi(&line);
+        if line.contains("listening") {
+            listen = value(&line, "listen=tcp://").and_then(|a| a.parse::<SocketAddr>().ok());
+        }
+        if line.contains("upstream connection up") {
+            up.extend(value(&line, "upstream="));
+        }
+    }
+    // The hub subscribes to the tip as soon as a connection is up.
+    std::thread::sleep(Duration::from_millis(200));
+    std::thread::spawn(move || while rx.recv().is_ok() {});
+    Proc {
+        child,
+        addrs: vec![listen.expect("listen address")],
+    }
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut clean = String::with_capacity(line.len());
+    let mut skip = false;
+    for ch in line.chars() {
+        match (skip, ch) {
+            (_, '\u{1b}') => skip = true,
+            (true, 'm') => skip = false,
+            (true, _) => {}
+            (false, c) => clean.push(c),
+        }
+    }
+    clean
 }
 
 fn haproxy_installed() -> bool {
@@ -907,8 +954,7 @@ impl Bench {
                 (Some(p), addrs)
             }
             Path::Lb => {
-                let list: Vec<String> = self.upstreams.iter().map(|a| a.to_string()).collect();
-                let p = Proc::spawn_self(&[(PROXY_ENV, list.join(" "))]);
+                let p = start_electrum_lb(&self.upstreams, &self.dir);
                 let addrs = p.addrs.clone();
                 (Some(p), addrs)
             }
@@ -952,7 +998,7 @@ async fn bench(opts: Options) {
     let haproxy = haproxy_installed();
     let dir = std::env::temp_dir().join(format!("electrum-lb-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let mock = Proc::spawn_self(&[(MOCK_ENV, "1".into())]);
+    let mock = Proc::spawn_self(&[(MOCK_ENV, opts.upstream_us.to_string())]);
     let bench = Bench {
         upstreams: mock.addrs.clone(),
         mock_pid: mock.pid(),
@@ -967,7 +1013,8 @@ async fn bench(opts: Options) {
     paths.push(Path::Lb);
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "electrum-lb end-to-end benchmark: {UPSTREAMS} mock upstreams, {cpus} CPUs shared by every process"
+        "electrum-lb end-to-end benchmark: {UPSTREAMS} mock upstreams ({} us of CPU per request), {cpus} CPUs shared by every process",
+        opts.upstream_us
     );
     println!(
         "throughput runs: {CONNECTIONS} connections x {DEPTH} requests in flight, {:.1} s each ({} ms warm-up not measured), best of {} rounds per path",
@@ -1194,7 +1241,7 @@ fn print_table(
             l.rate / h.rate,
             verdict(l.rate >= 0.8 * h.rate)
         ),
-        _ => println!("target uncached throughput >= 0.8x HAProxy: not measured (no haproxy)"),
+        _ => println!("target uncached throughput >= 0.8x HAProxy: not measured in this run"),
     }
     match (light_of(Path::Lb), light_of(Path::Haproxy)) {
         (Some(l), Some(h)) => println!(
@@ -1202,7 +1249,7 @@ fn print_table(
             l.p50_us as i64 - h.p50_us as i64,
             verdict(l.p50_us <= h.p50_us + 50)
         ),
-        _ => println!("target light-load p50 within 50 us of HAProxy: not measured (no haproxy)"),
+        _ => println!("target light-load p50 within 50 us of HAProxy: not measured in this run"),
     }
     match (
         lb(Workload::Cacheable),
@@ -1213,7 +1260,7 @@ fn print_table(
             l.rate / h.rate,
             verdict(l.rate >= 2.0 * h.rate)
         ),
-        _ => println!("target cacheable throughput >= 2x HAProxy: not measured (no haproxy)"),
+        _ => println!("target cacheable throughput >= 2x HAProxy: not measured in this run"),
     }
     if let Some(l) = lb(Workload::Cacheable) {
         println!(
