@@ -69,6 +69,9 @@ pub enum Policy {
 pub fn policy(method: &str, params: &str) -> Option<Policy> {
     match method {
         "blockchain.transaction.get" => {
+            if lone_string(params) {
+                return Some(Policy::Forever);
+            }
             let args = args(params)?;
             let verbose = match args.as_slice() {
                 [_] => false,
@@ -79,6 +82,9 @@ pub fn policy(method: &str, params: &str) -> Option<Policy> {
         }
         "blockchain.block.header" => {
             // [height] or [height, cp_height]
+            if let Some(h) = lone_uint(params) {
+                return Some(Policy::Height(h));
+            }
             let args = args(params)?;
             match args.as_slice() {
                 [h] => Some(Policy::Height(uint(h)?)),
@@ -115,6 +121,25 @@ pub fn policy(method: &str, params: &str) -> Option<Policy> {
             Some(Policy::Fees)
         }
         _ => None,
+    }
+}
+
+/// `["..."]`, read in place: the usual form of a lone txid argument.
+fn lone_string(params: &str) -> bool {
+    let p = params.trim();
+    p.len() >= 4
+        && p.starts_with("[\"")
+        && p.ends_with("\"]")
+        && !p[2..p.len() - 2].contains(['"', '\\'])
+}
+
+/// `[N]`, read in place.
+fn lone_uint(params: &str) -> Option<u64> {
+    let inner = params.trim().strip_prefix('[')?.strip_suffix(']')?.trim();
+    if inner.bytes().all(|b| b.is_ascii_digit()) {
+        inner.parse().ok()
+    } else {
+        None
     }
 }
 
@@ -406,6 +431,19 @@ mod tests {
             Some(Policy::Height(7))
         );
         assert_eq!(policy("blockchain.relayfee", "[]"), Some(Policy::Fees));
+        assert_eq!(
+            policy("blockchain.block.header", " [ 12 ] "),
+            Some(Policy::Height(12))
+        );
+        assert_eq!(
+            policy("blockchain.transaction.get", " [ \"ab\" ] "),
+            Some(Policy::Forever)
+        );
+        assert_eq!(policy("blockchain.transaction.get", "[\"ab\",true]"), None);
+        assert_eq!(
+            policy("blockchain.transaction.get", "[\"a\\\"b\"]"),
+            Some(Policy::Forever)
+        );
         for (m, p) in [
             ("blockchain.scripthash.get_history", "[\"ab\"]"),
             ("blockchain.scripthash.get_balance", "[\"ab\"]"),
