@@ -2,7 +2,7 @@
 //! in TCP mode, and through electrum-lb, on the same machine in the same run.
 //!
 //! ```text
-//! cargo bench --bench proxy                        # the default run (about 2 minutes)
+//! cargo bench --bench proxy                        # the default run (about 2.5 minutes)
 //! cargo bench --bench proxy -- --secs 5 --rounds 3 # longer, steadier figures
 //! cargo bench --bench proxy -- --sessions 2000     # a smaller idle-session test
 //! cargo bench --bench proxy -- --only uncached,light # some parts only
@@ -15,7 +15,7 @@
 //! child process (this binary re-executed with `PROXY_BENCH_MOCK` set);
 //! electrum-lb is the release binary as an operator runs it (its default
 //! runtime, one worker per CPU, and logging; `PROXY_BENCH_THREADS=N` passes
-//! `--threads N`); HAProxy is the system's `haproxy` in TCP mode with its
+//! `--threads N`), and again with `--threads 1` (row `lb -t1`); HAProxy is the system's `haproxy` in TCP mode with its
 //! defaults (skipped with a note when it is not installed). Each run starts
 //! a fresh proxy process. Every figure of one run comes from processes
 //! sharing the same cores, so compare ratios, not absolutes.
@@ -110,7 +110,7 @@ impl Options {
     fn from_args() -> Options {
         let mut o = Options {
             secs: 3.0,
-            rounds: 2,
+            rounds: 3,
             sessions: 10_000,
             only: Vec::new(),
             upstream_us: 0,
@@ -505,7 +505,11 @@ impl Drop for Proc {
 /// The release binary (`cargo bench` builds it), as an operator runs it:
 /// default runtime and logging, a config naming the two upstreams. Ready
 /// once it listens and both upstreams are connected.
-fn start_electrum_lb(upstreams: &[SocketAddr], dir: &std::path::Path) -> Proc {
+fn start_electrum_lb(
+    upstreams: &[SocketAddr],
+    dir: &std::path::Path,
+    threads: Option<String>,
+) -> Proc {
     let urls: Vec<String> = upstreams.iter().map(|a| format!("\"tcp://{a}\"")).collect();
     let text = format!(
         "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[coins.bench]\nlisten = [\"tcp://127.0.0.1:0\"]\nupstreams = [{}]\n",
@@ -515,7 +519,7 @@ fn start_electrum_lb(upstreams: &[SocketAddr], dir: &std::path::Path) -> Proc {
     std::fs::write(&path, text).expect("write electrum-lb.toml");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_electrum-lb"));
     cmd.arg("--config").arg(&path);
-    if let Ok(threads) = std::env::var(THREADS_ENV) {
+    if let Some(threads) = threads {
         cmd.arg("--threads").arg(threads);
     }
     let mut child = cmd
@@ -931,6 +935,8 @@ enum Path {
     Direct,
     Haproxy,
     Lb,
+    /// electrum-lb with `--threads 1` (a current-thread runtime).
+    Lb1,
 }
 
 impl Path {
@@ -939,6 +945,7 @@ impl Path {
             Path::Direct => "direct",
             Path::Haproxy => "haproxy",
             Path::Lb => "electrum-lb",
+            Path::Lb1 => "lb -t1",
         }
     }
 }
@@ -960,8 +967,12 @@ impl Bench {
                 let addrs = p.addrs.clone();
                 (Some(p), addrs)
             }
-            Path::Lb => {
-                let p = start_electrum_lb(&self.upstreams, &self.dir);
+            Path::Lb | Path::Lb1 => {
+                let threads = match path {
+                    Path::Lb1 => Some("1".to_string()),
+                    _ => std::env::var(THREADS_ENV).ok(),
+                };
+                let p = start_electrum_lb(&self.upstreams, &self.dir, threads);
                 let addrs = p.addrs.clone();
                 (Some(p), addrs)
             }
@@ -1018,6 +1029,7 @@ async fn bench(opts: Options) {
         paths.push(Path::Haproxy);
     }
     paths.push(Path::Lb);
+    paths.push(Path::Lb1);
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
         "electrum-lb end-to-end benchmark: {UPSTREAMS} mock upstreams ({} us of CPU per request), {cpus} CPUs shared by every process",
