@@ -261,6 +261,16 @@ impl Cache {
             self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        // An identical request may have landed between the lookup and the
+        // join: a flight stores its answer before it leaves the map, so the
+        // answer is in the cache now (two upstream requests otherwise).
+        if let Some(result) = self.get(&key) {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            let reply = RawValue::from_string(result.to_string())
+                .map(Answer::Result)
+                .map_err(|e| RpcError::new(ErrorCode::InternalError, e.to_string()));
+            return flight.land(&reply);
+        }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         // Whether the answer may be kept is decided now, against the tip
         // this request was sent under.
