@@ -52,17 +52,11 @@ impl Stats {
 }
 
 fn config(mocks: &[Mock]) -> String {
-    let root = env!("CARGO_MANIFEST_DIR");
+    let head = config_head();
     let ups: Vec<String> = mocks.iter().map(|m| format!("{:?}", m.url())).collect();
     format!(
         r#"
-[metrics]
-listen = "127.0.0.1:0"
-
-[tls]
-cert = "{root}/certs/server.crt"
-key = "{root}/certs/server.key"
-
+{head}
 [server]
 request_timeout_secs = 2
 shutdown_grace_secs = 1

@@ -18,16 +18,10 @@ use tokio::net::{TcpSocket, TcpStream};
 /// One coin `test` in front of `upstream`, with TCP and TLS listeners;
 /// `server` and `limits` are the bodies of those tables.
 fn config(upstream: &str, server: &str, limits: &str) -> String {
-    let root = env!("CARGO_MANIFEST_DIR");
+    let head = config_head();
     format!(
         r#"
-[metrics]
-listen = "127.0.0.1:0"
-
-[tls]
-cert = "{root}/certs/server.crt"
-key = "{root}/certs/server.key"
-
+{head}
 [server]
 shutdown_grace_secs = 1
 {server}

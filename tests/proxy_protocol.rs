@@ -25,16 +25,10 @@ struct Proxy {
 }
 
 async fn proxy(mock: &Mock) -> Proxy {
-    let root = env!("CARGO_MANIFEST_DIR");
+    let head = config_head();
     let text = format!(
         r#"
-[metrics]
-listen = "127.0.0.1:0"
-
-[tls]
-cert = "{root}/certs/server.crt"
-key = "{root}/certs/server.key"
-
+{head}
 [server]
 shutdown_grace_secs = 1
 handshake_timeout_secs = 1

@@ -12,15 +12,10 @@ use support::*;
 /// A config for coin `test` with fast health checks; `upstreams` are TOML
 /// values (strings or inline tables).
 fn config(upstreams: &[String], server_extra: &str) -> String {
-    let root = env!("CARGO_MANIFEST_DIR");
+    let head = config_head();
     format!(
         r#"
-[metrics]
-listen = "127.0.0.1:0"
-[tls]
-cert = "{root}/certs/server.crt"
-key = "{root}/certs/server.key"
-[server]
+{head}[server]
 request_timeout_secs = 8
 shutdown_grace_secs = 1
 upstream_stall_secs = 1

@@ -71,20 +71,23 @@ impl TestCert {
     }
 }
 
+/// The `[metrics]` (port from the OS) and `[tls]` (the shipped development
+/// certificate) tables every test configuration starts with.
+pub fn config_head() -> String {
+    let root = env!("CARGO_MANIFEST_DIR");
+    format!(
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[tls]\ncert = \"{root}/certs/server.crt\"\nkey = \"{root}/certs/server.key\"\n"
+    )
+}
+
 /// A TOML config for one coin `test` in front of `upstreams`, with TCP and
 /// TLS listeners on ports from the OS. `extra` is appended to the coin table.
 pub fn config_text(upstreams: &[String], extra: &str) -> String {
-    let root = env!("CARGO_MANIFEST_DIR");
+    let head = config_head();
     let ups: Vec<String> = upstreams.iter().map(|u| format!("{u:?}")).collect();
     format!(
         r#"
-[metrics]
-listen = "127.0.0.1:0"
-
-[tls]
-cert = "{root}/certs/server.crt"
-key = "{root}/certs/server.key"
-
+{head}
 [server]
 request_timeout_secs = 5
 shutdown_grace_secs = 2
