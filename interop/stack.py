@@ -310,6 +310,10 @@ upstreams = [
 
     def start_wallet(self):
         height = self.rpc("getblockcount")
+        # The daemon and the first `getinfo` poll would otherwise race to
+        # create these (Electrum's make_dir checks, then mkdirs: one of them
+        # dies with FileExistsError).
+        (self.dir / "electrum" / "regtest").mkdir(mode=0o700, parents=True, exist_ok=True)
         self.spawn("electrum", [
             ELECTRUM, "--regtest", "-D", str(self.dir / "electrum"), "-v", "daemon",
             "--oneserver", "--server", f"127.0.0.1:{self.state['lb_ssl']}:s",
