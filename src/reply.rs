@@ -32,40 +32,52 @@ pub enum Answer {
 pub type InternalReply = Result<Answer, RpcError>;
 
 /// The producing side of one session's outbound queue. The session's writer
-/// task holds the receiver. Cloned into every pending request of the session.
+/// task holds the receiver. Cloned into every pending request of the session,
+/// so a clone is one reference count: everything it carries lives in one
+/// shared allocation.
 #[derive(Clone, Debug)]
 pub struct Outbound {
+    inner: Arc<OutboundInner>,
+}
+
+#[derive(Debug)]
+struct OutboundInner {
     tx: mpsc::Sender<Line>,
     /// Cancelled to disconnect the session (queue overflow, fatal error).
     kill: CancellationToken,
     /// Requests of this session that still await an answer.
-    pending: Arc<AtomicUsize>,
+    pending: AtomicUsize,
     /// Where answered requests are counted (none in unit tests).
     metrics: Option<Arc<CoinMetrics>>,
 }
 
 impl Outbound {
     pub fn new(tx: mpsc::Sender<Line>, kill: CancellationToken) -> Self {
+        Self::with_parts(tx, kill, None)
+    }
+
+    /// An outbound queue whose answered requests are counted in `metrics`.
+    pub fn with_parts(
+        tx: mpsc::Sender<Line>,
+        kill: CancellationToken,
+        metrics: Option<Arc<CoinMetrics>>,
+    ) -> Self {
         Self {
-            tx,
-            kill,
-            pending: Arc::new(AtomicUsize::new(0)),
-            metrics: None,
+            inner: Arc::new(OutboundInner {
+                tx,
+                kill,
+                pending: AtomicUsize::new(0),
+                metrics,
+            }),
         }
     }
 
-    /// Count this session's answered requests in `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<CoinMetrics>) -> Self {
-        self.metrics = Some(metrics);
-        self
-    }
-
     pub fn metrics(&self) -> Option<&Arc<CoinMetrics>> {
-        self.metrics.as_ref()
+        self.inner.metrics.as_ref()
     }
 
     fn record(&self, meta: &Meta, outcome: Outcome, err: Option<&RpcError>) {
-        if let Some(m) = &self.metrics {
+        if let Some(m) = &self.inner.metrics {
             m.request(meta.method, outcome, meta.started.elapsed());
             if let Some(e) = err {
                 m.error(e.code);
@@ -76,36 +88,36 @@ impl Outbound {
     /// Queue a line for the client. A client whose queue is full is not
     /// reading: it is disconnected rather than buffered without limit.
     pub fn send(&self, line: Line) {
-        match self.tx.try_send(line) {
+        match self.inner.tx.try_send(line) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::debug!("client queue full: disconnecting a slow reader");
-                self.kill.cancel();
+                self.inner.kill.cancel();
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 
     pub fn kill_token(&self) -> &CancellationToken {
-        &self.kill
+        &self.inner.kill
     }
 
     pub fn is_closed(&self) -> bool {
-        self.tx.is_closed() || self.kill.is_cancelled()
+        self.inner.tx.is_closed() || self.inner.kill.is_cancelled()
     }
 
     /// Count one more request awaiting an answer.
     pub fn begin_request(&self) {
-        self.pending.fetch_add(1, Ordering::Relaxed);
+        self.inner.pending.fetch_add(1, Ordering::Relaxed);
     }
 
     fn end_request(&self) {
-        self.pending.fetch_sub(1, Ordering::Relaxed);
+        self.inner.pending.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Requests of this session still awaiting an answer.
     pub fn pending(&self) -> usize {
-        self.pending.load(Ordering::Relaxed)
+        self.inner.pending.load(Ordering::Relaxed)
     }
 }
 

@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Limits one session runs under.
@@ -106,13 +107,22 @@ pub async fn run<S>(
         gate.reply_limits(),
     ));
     let metrics = router.metrics.clone();
-    let out = Outbound::new(tx, kill.clone()).with_metrics(metrics.clone());
+    let out = Outbound::with_parts(tx, kill.clone(), Some(metrics.clone()));
     let mut st = SessionState::new(next_session_id(), out);
     let max_in_flight = gate.max_in_flight();
     st.gate = gate;
     let mut reader = LineReader::new(rd, limits.max_line);
-    let mut timeout = limits.first_line_timeout;
     let mut first_line = true;
+    // Set up once, not per line: each of these registers itself with a
+    // timer wheel or a waiter list when first polled.
+    let drain = stops.drain.cancelled();
+    let killed = kill.cancelled();
+    // The idle timer is re-armed lazily: a line only moves `deadline` later;
+    // when the timer fires before it, it is set to the deadline and waited
+    // again. The timer must never be later than the deadline.
+    let mut deadline = Instant::now() + limits.first_line_timeout;
+    let idle = tokio::time::sleep_until(deadline);
+    tokio::pin!(drain, killed, idle);
 
     let end = loop {
         if !has_room(&gauge, &st.out, max_in_flight) {
@@ -120,8 +130,8 @@ pub async fn run<S>(
                 st.gate.hit(Limit::InFlight);
             }
             let waited = tokio::select! {
-                _ = stops.drain.cancelled() => break End::Shutdown,
-                _ = kill.cancelled() => break End::Disconnected,
+                _ = &mut drain => break End::Shutdown,
+                _ = &mut killed => break End::Disconnected,
                 r = tokio::time::timeout(limits.idle_timeout, wait_for_room(&gauge, &st.out, max_in_flight, &room)) => r,
             };
             if waited.is_err() {
@@ -129,14 +139,25 @@ pub async fn run<S>(
                 kill.cancel();
                 break End::SlowReader;
             }
+            // Time spent waiting for room is not the client's idle time.
+            deadline = Instant::now() + limits.idle_timeout;
         }
         let frame = tokio::select! {
-            _ = stops.drain.cancelled() => break End::Shutdown,
-            _ = kill.cancelled() => break End::Disconnected,
-            r = tokio::time::timeout(timeout, reader.next_frame()) => r,
+            biased;
+            r = reader.next_frame() => Ok(r),
+            _ = &mut drain => break End::Shutdown,
+            _ = &mut killed => break End::Disconnected,
+            _ = &mut idle => Err(()),
+        };
+        let frame = match frame {
+            Err(()) if Instant::now() < deadline => {
+                idle.as_mut().reset(deadline);
+                continue;
+            }
+            other => other,
         };
         match frame {
-            Err(_) => {
+            Err(()) => {
                 // Slowloris (no first line) or an idle wallet.
                 st.gate.refused(if first_line {
                     Limit::FirstLine
@@ -147,8 +168,14 @@ pub async fn run<S>(
             }
             Ok(Ok(Frame::Line(line))) => {
                 metrics.bytes_in.inc_by(line.len() as u64 + 1);
-                timeout = limits.idle_timeout;
-                first_line = false;
+                deadline = Instant::now() + limits.idle_timeout;
+                if first_line {
+                    // The timer may be set later than the idle deadline
+                    // (a longer first-line timeout): the only time the
+                    // deadline moves earlier, so re-arm now.
+                    idle.as_mut().reset(deadline);
+                    first_line = false;
+                }
                 router.handle_line(&mut st, &line);
                 if st.close {
                     break End::Refused;
@@ -231,10 +258,15 @@ async fn write_loop<W>(
     W: AsyncWrite + Unpin,
 {
     let mut buf: Vec<u8> = Vec::new();
+    // Registered once for the whole session, not once per write.
+    let killed = kill.cancelled();
+    let stopped = hard.cancelled();
+    tokio::pin!(killed, stopped);
     loop {
         let first = tokio::select! {
-            _ = kill.cancelled() => break,
-            _ = hard.cancelled() => break,
+            biased;
+            _ = &mut killed => break,
+            _ = &mut stopped => break,
             m = rx.recv() => match m {
                 Some(m) => m,
                 None => break,
@@ -254,9 +286,10 @@ async fn write_loop<W>(
         }
         room.notify_one();
         let written = tokio::select! {
-            _ = kill.cancelled() => break,
-            _ = hard.cancelled() => break,
+            biased;
             r = wr.write_all(&buf) => r,
+            _ = &mut killed => break,
+            _ = &mut stopped => break,
         };
         if written.is_err() {
             break;

@@ -10,6 +10,7 @@ mod support;
 
 use serde_json::{json, Value};
 use std::net::SocketAddr;
+use std::time::Duration;
 use support::mock::Mock;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -381,6 +382,26 @@ async fn handshake_first_line_and_idle_timeouts_close_connections() {
     assert_eq!(limit_errors(&server), 5);
     assert_eq!(server.limits.open_connections(), 0);
     let _ = no_hello.shutdown().await;
+    server.shutdown().await;
+}
+
+/// The idle timeout is the time between two lines, not the session's age:
+/// a wallet that keeps talking stays connected well past it.
+#[tokio::test]
+async fn an_active_session_outlives_the_idle_timeout() {
+    let mock = Mock::start().await;
+    let server = proxy(&mock, "idle_timeout_secs = 2", "").await;
+    let mut client = Client::connect(tcp_addr(&server, "test")).await;
+    let started = std::time::Instant::now();
+    // Pings 0.3 s apart for 2.5 idle timeouts: each gap is far below the limit.
+    while started.elapsed() < Duration::from_secs(5) {
+        assert_eq!(client.call("server.ping", json!([])).await, Value::Null);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(hits(&server, "idle"), 0);
+    // Then silence: closed by the idle timeout.
+    assert!(closed_silently(&mut client).await);
+    assert_eq!(hits(&server, "idle"), 1);
     server.shutdown().await;
 }
 
