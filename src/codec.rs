@@ -90,6 +90,17 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         }
     }
 
+    /// The next complete line already in the buffer, without reading:
+    /// lets a caller handle everything one read brought in one go.
+    pub fn next_buffered(&mut self) -> Result<Option<BytesMut>, CodecError> {
+        while let Some(line) = self.take_line()? {
+            if !line.is_empty() {
+                return Ok(Some(line));
+            }
+        }
+        Ok(None)
+    }
+
     /// Split one complete line off the buffer, if there is one.
     fn take_line(&mut self) -> Result<Option<BytesMut>, CodecError> {
         let found = self.buf[self.scanned..].iter().position(|&b| b == b'\n');
@@ -186,6 +197,20 @@ mod tests {
     async fn exact_limit_is_accepted() {
         let got = frames(b"1234567890\n", 10).await;
         assert_eq!(got, vec![line("1234567890"), Ok(Frame::Eof)]);
+    }
+
+    #[tokio::test]
+    async fn next_buffered_takes_only_what_one_read_brought() {
+        let (mut tx, rx) = tokio::io::duplex(64);
+        use tokio::io::AsyncWriteExt;
+        tx.write_all(b"a\n\nbb\ncc").await.unwrap();
+        let mut reader = LineReader::new(rx, 100);
+        assert_eq!(reader.next_frame().await.unwrap(), Frame::Line("a".into()));
+        // "bb" is buffered (the empty line skipped); "cc" has no newline yet.
+        assert_eq!(reader.next_buffered().unwrap(), Some("bb".into()));
+        assert_eq!(reader.next_buffered().unwrap(), None);
+        tx.write_all(b"\n").await.unwrap();
+        assert_eq!(reader.next_frame().await.unwrap(), Frame::Line("cc".into()));
     }
 
     #[tokio::test]

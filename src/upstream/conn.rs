@@ -305,13 +305,25 @@ impl Actor<'_> {
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
         let max = self.ctx.shared.max_in_flight;
         self.last_job = Instant::now();
+        // Registered once, not once per line.
+        let shutdown = self.ctx.shutdown.cancelled();
+        tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                _ = self.ctx.shutdown.cancelled() => return "shutting down".into(),
+                _ = &mut shutdown => return "shutting down".into(),
                 frame = reader.next_frame() => match frame {
                     Ok(Frame::Line(line)) => {
                         self.last_read = Instant::now();
                         self.on_line(&line);
+                        // Everything else that read brought in, without a
+                        // trip through the select for each line.
+                        loop {
+                            match reader.next_buffered() {
+                                Ok(Some(line)) => self.on_line(&line),
+                                Ok(None) => break,
+                                Err(e) => return e.to_string(),
+                            }
+                        }
                     }
                     Ok(Frame::Eof) => return "closed by upstream".into(),
                     Err(e) => return e.to_string(),
