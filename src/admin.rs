@@ -1,7 +1,7 @@
 //! The side HTTP port: `/metrics`, `/healthz`, `/readyz`.
 //!
 //! Owns: the small HTTP/1 server (hyper) on `[metrics] listen` and what each
-//! path answers. Values that live in pools and hubs (upstream state,
+//! path answers. Values that live in pools, hubs and caches (upstream state,
 //! subscriptions) are read into the metrics at scrape time; everything else
 //! is counted where it happens.
 
@@ -19,6 +19,14 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// Move a Prometheus counter up to a count kept elsewhere.
+fn follow(counter: &prometheus::IntCounter, count: u64) {
+    let seen = counter.get();
+    if count > seen {
+        counter.inc_by(count - seen);
+    }
+}
 
 /// What the admin port reads from.
 pub struct AdminState {
@@ -54,12 +62,33 @@ impl AdminState {
                 .with_label_values(&[coin, "session"])
                 .set(stats.session_subscriptions.load(Ordering::Relaxed) as i64);
             // The hub counts fan-out itself; the counter follows it.
-            let fanned = stats.notifications.load(Ordering::Relaxed);
-            let counter = &router.metrics.notifications;
-            let seen = counter.get();
-            if fanned > seen {
-                counter.inc_by(fanned - seen);
+            follow(
+                &router.metrics.notifications,
+                stats.notifications.load(Ordering::Relaxed),
+            );
+            // So does the cache.
+            let cache = &router.cache;
+            let cs = &cache.stats;
+            for (result, n) in [
+                ("hit", &cs.hits),
+                ("miss", &cs.misses),
+                ("coalesced", &cs.coalesced),
+            ] {
+                follow(
+                    &m.cache_requests.with_label_values(&[coin, result]),
+                    n.load(Ordering::Relaxed),
+                );
             }
+            follow(
+                &m.cache_reorgs.with_label_values(&[coin]),
+                cs.reorgs.load(Ordering::Relaxed),
+            );
+            m.cache_entries
+                .with_label_values(&[coin])
+                .set(cache.len() as i64);
+            m.cache_bytes
+                .with_label_values(&[coin])
+                .set(cache.bytes() as i64);
         }
     }
 

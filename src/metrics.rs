@@ -112,6 +112,10 @@ pub struct Metrics {
     pub(crate) upstream_connections: IntGaugeVec,
     upstream_seconds: HistogramVec,
     pub(crate) subscriptions: IntGaugeVec,
+    pub(crate) cache_requests: IntCounterVec,
+    pub(crate) cache_entries: IntGaugeVec,
+    pub(crate) cache_bytes: IntGaugeVec,
+    pub(crate) cache_reorgs: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -207,6 +211,25 @@ impl Metrics {
                     "Subscriptions held: distinct upstream subscriptions (kind=upstream) and session subscriptions (kind=session)."
                 ),
                 &["coin", "kind"]
+            )),
+            cache_requests: reg!(IntCounterVec::new(
+                opts(
+                    "cache_requests_total",
+                    "Cacheable or coalescable requests: answered from memory (hit), sent upstream (miss), or joined an identical request in flight (coalesced)."
+                ),
+                &["coin", "result"]
+            )),
+            cache_entries: reg!(IntGaugeVec::new(
+                opts("cache_entries", "Answers held in the cache."),
+                &["coin"]
+            )),
+            cache_bytes: reg!(IntGaugeVec::new(
+                opts("cache_bytes", "Bytes the cache holds, as counted against [cache] max_bytes."),
+                &["coin"]
+            )),
+            cache_reorgs: reg!(IntCounterVec::new(
+                opts("cache_reorgs_total", "Reorgs that dropped height-dependent cache entries."),
+                &["coin"]
             )),
             registry,
         };

@@ -114,6 +114,22 @@ async fn repeated_immutable_answers_cost_one_upstream_request() {
     let stats = &cache(&server).stats;
     assert_eq!(stats.hits.load(Ordering::Relaxed), 21);
     assert_eq!(stats.misses.load(Ordering::Relaxed), 10);
+    // The same figures on the metrics port.
+    let (_, m) = http_get(server.metrics_addr, "/metrics").await;
+    let series = |name: &str| sample(&m, &format!("electrum_lb_{name}"));
+    assert_eq!(
+        series(r#"cache_requests_total{coin="test",result="hit"}"#),
+        Some(21.0)
+    );
+    assert_eq!(
+        series(r#"cache_requests_total{coin="test",result="miss"}"#),
+        Some(10.0)
+    );
+    assert_eq!(
+        series(r#"cache_entries{coin="test"}"#),
+        Some(cache(&server).len() as f64)
+    );
+    assert!(series(r#"cache_bytes{coin="test"}"#).unwrap() > 0.0);
     server.shutdown().await;
 }
 
@@ -231,6 +247,11 @@ async fn a_reorg_drops_cached_headers_and_proofs() {
     sub.notification("blockchain.headers.subscribe").await;
     a.call("blockchain.block.header", json!([deep])).await;
     assert_eq!(mock.count("blockchain.block.header"), 2);
+    let (_, m) = http_get(server.metrics_addr, "/metrics").await;
+    assert_eq!(
+        sample(&m, r#"electrum_lb_cache_reorgs_total{coin="test"}"#),
+        Some(1.0)
+    );
     server.shutdown().await;
 }
 
@@ -265,6 +286,14 @@ async fn simultaneous_identical_requests_share_one_upstream_request() {
     }
     assert_eq!(mock.count("blockchain.block.header"), 1);
     assert!(cache(&server).is_empty());
+    let (_, m) = http_get(server.metrics_addr, "/metrics").await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"electrum_lb_cache_requests_total{coin="test",result="coalesced"}"#
+        ),
+        Some(99.0)
+    );
 
     // Errors are shared too, and nothing is left in flight.
     mock.set_delay(Duration::from_millis(500));
