@@ -316,6 +316,9 @@ impl Server {
         if new.limits != current.limits {
             needs_restart.push("limits".to_string());
         }
+        if new.server.failover_hold_ms != current.server.failover_hold_ms {
+            needs_restart.push("server.failover_hold_ms".to_string());
+        }
         for name in current.coins.keys().filter(|n| !new.coins.contains_key(*n)) {
             needs_restart.push(format!("coins.{name} (removed)"));
         }
