@@ -132,6 +132,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
                 coin: name.clone(),
                 max_topics: coin.max_subscriptions_total,
                 request_timeout: config.server.request_timeout(),
+                failover_hold: config.server.failover_hold(),
                 cache: Some(cache.clone()),
             },
             pool.clone(),
