@@ -61,6 +61,9 @@ impl AdminState {
             m.subscriptions
                 .with_label_values(&[coin, "session"])
                 .set(stats.session_subscriptions.load(Ordering::Relaxed) as i64);
+            m.subscriptions
+                .with_label_values(&[coin, "held"])
+                .set(stats.held_statuses.load(Ordering::Relaxed) as i64);
             // The hub counts fan-out itself; the counter follows it.
             follow(
                 &router.metrics.notifications,

@@ -132,6 +132,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
                 coin: name.clone(),
                 max_topics: coin.max_subscriptions_total,
                 request_timeout: config.server.request_timeout(),
+                failover_hold: config.server.failover_hold(),
                 cache: Some(cache.clone()),
             },
             pool.clone(),
@@ -315,6 +316,9 @@ impl Server {
         }
         if new.limits != current.limits {
             needs_restart.push("limits".to_string());
+        }
+        if new.server.failover_hold_ms != current.server.failover_hold_ms {
+            needs_restart.push("server.failover_hold_ms".to_string());
         }
         for name in current.coins.keys().filter(|n| !new.coins.contains_key(*n)) {
             needs_restart.push(format!("coins.{name} (removed)"));

@@ -122,6 +122,12 @@ pub struct ServerConfig {
     pub health_rise: u32,
     /// Bad health checks in a row before an upstream leaves rotation.
     pub health_fall: u32,
+    /// Milliseconds a scripthash status is held after its subscription
+    /// moved to another upstream that reports a different status (which may
+    /// only lag behind: its mempool has not seen a payment yet) before the
+    /// new status is announced. 0 announces at once. Capped at half of
+    /// `request_timeout_secs`, since reads of that scripthash wait for it.
+    pub failover_hold_ms: u64,
     /// Software name reported by `server.version` and `server.features`.
     pub server_name: String,
 }
@@ -143,6 +149,7 @@ impl Default for ServerConfig {
             health_interval_ms: 1000,
             health_rise: 3,
             health_fall: 2,
+            failover_hold_ms: 10_000,
             server_name: format!("electrum-lb {}", env!("CARGO_PKG_VERSION")),
         }
     }
@@ -157,6 +164,11 @@ impl ServerConfig {
     }
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs)
+    }
+    /// `failover_hold_ms`, at most half of the request timeout: a read
+    /// waiting for a held status must still get its answer in time.
+    pub fn failover_hold(&self) -> Duration {
+        Duration::from_millis(self.failover_hold_ms).min(self.request_timeout() / 2)
     }
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs)
@@ -727,6 +739,23 @@ upstreams = ["tcp://127.0.0.1:1"]
         let coin = &c.coins["test"];
         assert_eq!(coin.upstreams[0].max_in_flight, 256);
         assert_eq!(coin.upstream_protocol, "1.4");
+        assert_eq!(c.server.failover_hold(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn failover_hold_is_capped_by_the_request_timeout() {
+        let c = Config::parse(
+            &format!("[server]\nrequest_timeout_secs = 5\n{MINIMAL}"),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.server.failover_hold(), Duration::from_millis(2500));
+        let c = Config::parse(
+            &format!("[server]\nfailover_hold_ms = 0\n{MINIMAL}"),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.server.failover_hold(), Duration::ZERO);
     }
 
     #[test]

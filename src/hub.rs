@@ -5,19 +5,67 @@
 //! in which form: scripthash, address, header shape), the last status and tip
 //! each upstream subscription reported, where each subscription lives (which
 //! upstream connection), re-subscribing elsewhere when that connection dies
-//! (and notifying whatever changed meanwhile), and the scripthash -> connection
+//! (and notifying whatever changed meanwhile), and the scripthash -> route
 //! affinity the router uses to keep histories consistent with statuses.
 //!
 //! It runs as one actor task: sessions and connections talk to it through a
 //! channel, so no lock is held anywhere on this path. Fan-out formats each
 //! notification once per form and pushes it into each session's queue.
+//!
+//! # Failover without going backwards
+//!
+//! When the connection holding a scripthash subscription goes away, the
+//! subscription is sent again on another connection. If that upstream
+//! answers the status subscribers already have, nothing happens. If it
+//! answers another one, that may be news (a block, a reorg, a payment that
+//! was double-spent away) or only lag: a payment that reached the old
+//! upstream's mempool a moment ago may not be in the new one's yet, and
+//! announcing its older status would make the wallet's balance flicker
+//! (the payment goes, and comes back a moment later). So the status is
+//! *held*: subscribers keep the status they have, and
+//!
+//! - a notification from the new upstream ends the hold: if it is the
+//!   status subscribers have, the upstream caught up and nothing is
+//!   announced; if it is another, it is announced (the upstream's state
+//!   changed, that is news). A notification repeating what it answered
+//!   changes nothing;
+//! - otherwise, after `failover_hold` (`[server] failover_hold_ms`, at most
+//!   half the request timeout), what the upstream answered is announced:
+//!   the difference persisted, it was real.
+//!
+//! A change seen by the new upstream's notifications during the move itself
+//! (see `Entry::early`) is announced at once, as is every change of the tip:
+//! only scripthash statuses are held.
+//!
+//! # Reads follow the status
+//!
+//! A wallet checks every status it is sent against `get_history`, so reads
+//! of a subscribed scripthash (history, mempool, balance, unspent: see the
+//! router) go where the status came from: the connection holding the
+//! subscription ([`Route::Conn`]). While no connection holds it or its
+//! status is held ([`Route::Wait`]) the old upstream is gone (or out of
+//! rotation) and the new one may disagree with what subscribers were told,
+//! so reads wait in the hub (bounded by the hold and by their own
+//! deadline) and go to the new connection once the subscription has
+//! settled: by then that upstream agrees with the status subscribers have,
+//! or the status it reports was announced first. A read whose connection
+//! died before it was answered comes back here too ([`Hub::reroute`])
+//! instead of going to any upstream.
+//!
+//! What a wallet sees across a failover: no notification while the new
+//! upstream catches up (or one, later, for a real change), and reads of its
+//! scripthashes that take up to the hold longer; never a history that
+//! contradicts the last status it was sent, but for a read crossing an
+//! announcement (as on any single server). With no upstream at all, reads
+//! fail at once, as everything else does.
 
 use crate::header::{self, HeaderForm};
 use crate::jsonrpc::{self, ErrorCode, RpcError};
 use crate::reply::{Answer, InternalReply, Outbound, Responder};
-use crate::upstream::{ConnId, Job, Pool, PoolEvent};
+use crate::upstream::{ConnId, Job, Pool, PoolEvent, Reroute};
 use dashmap::DashMap;
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,14 +110,31 @@ pub struct HubStats {
     pub upstream_unsubscribe_requests: AtomicU64,
     /// Height of the tip the hub last reported (0: none yet).
     pub tip_height: AtomicU64,
+    /// Scripthash statuses held now: moved to an upstream that reports
+    /// another status than the one subscribers have (see the module doc).
+    pub held_statuses: AtomicUsize,
+    /// Reads of subscribed scripthashes waiting for their subscription to
+    /// settle (moving to another upstream, or its status held).
+    pub parked_reads: AtomicUsize,
 }
 
 /// The handle sessions and the router use. Cheap to clone.
 #[derive(Clone)]
 pub struct Hub {
     tx: mpsc::UnboundedSender<Command>,
-    affinity: Arc<DashMap<String, ConnId>>,
+    affinity: Arc<DashMap<String, Route>>,
     pub stats: Arc<HubStats>,
+}
+
+/// Where a read about a subscribed scripthash goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The connection holding its subscription.
+    Conn(ConnId),
+    /// Nowhere yet: subscribers were told a status, and the subscription is
+    /// moving to another upstream or its status is held. Give the read to
+    /// [`Hub::read`]; it goes out once the subscription has settled.
+    Wait,
 }
 
 enum Command {
@@ -97,6 +162,12 @@ enum Command {
         generation: u64,
         reply: InternalReply,
     },
+    /// A read about a subscribed scripthash (lowercase) that could not go
+    /// straight to the connection holding the subscription.
+    Read {
+        scripthash: String,
+        job: Job,
+    },
 }
 
 /// Hub settings.
@@ -105,6 +176,9 @@ pub struct HubConfig {
     pub coin: String,
     pub max_topics: usize,
     pub request_timeout: Duration,
+    /// How long a status that differs after a failover is held before it is
+    /// announced (see the module doc); zero announces at once.
+    pub failover_hold: Duration,
     /// Told of every new tip before any subscriber is (drops what a reorg
     /// touched).
     pub cache: Option<Arc<crate::cache::Cache>>,
@@ -135,6 +209,9 @@ impl Hub {
             sessions: HashMap::new(),
             tip: None,
             next_generation: 1,
+            hold_deadlines: BinaryHeap::new(),
+            held: HashSet::new(),
+            parked: HashSet::new(),
         };
         tracker.spawn(actor.run(rx, events, shutdown.clone()));
         hub
@@ -195,9 +272,40 @@ impl Hub {
         let _ = self.tx.send(Command::SessionClosed { session });
     }
 
-    /// The connection holding the subscription of this scripthash, if any.
-    pub fn affinity(&self, scripthash: &str) -> Option<ConnId> {
-        self.affinity.get(scripthash).map(|c| *c)
+    /// Where a read about this scripthash (lowercase) must go: `None` when
+    /// nobody was told a status of it (no subscription, or its first
+    /// subscribe is still on its way), and it may go anywhere.
+    pub fn route(&self, scripthash: &str) -> Option<Route> {
+        self.affinity.get(scripthash).map(|r| *r)
+    }
+
+    /// Send a read of a subscribed scripthash (lowercase) to the connection
+    /// holding its subscription once it has settled: at once, or when the
+    /// subscription has moved and its status is no longer held. The job's
+    /// retries come back here (see [`Hub::reroute`]).
+    pub fn read(&self, scripthash: &str, mut job: Job) {
+        job.reroute = Some(self.reroute(scripthash));
+        self.send_read(scripthash.to_string(), job);
+    }
+
+    fn send_read(&self, scripthash: String, job: Job) {
+        if let Err(mpsc::error::SendError(Command::Read { job, .. })) =
+            self.tx.send(Command::Read { scripthash, job })
+        {
+            job.responder.fail(RpcError::new(
+                ErrorCode::UpstreamUnavailable,
+                "shutting down",
+            ));
+        }
+    }
+
+    /// What a read of this scripthash carries so that, if its connection is
+    /// lost before it is answered, it is retried through the hub (on the
+    /// connection the subscription moves to) rather than anywhere.
+    pub fn reroute(&self, scripthash: &str) -> Reroute {
+        let hub = self.clone();
+        let scripthash = scripthash.to_string();
+        Reroute(Arc::new(move |job| hub.send_read(scripthash.clone(), job)))
     }
 }
 
@@ -220,6 +328,7 @@ enum Value {
 #[derive(Default)]
 struct Entry {
     subscribers: HashMap<SessionId, Subscriber>,
+    /// The last value subscribers were told (or are answered with).
     value: Option<Value>,
     /// Where the upstream subscription lives; `None` while (re)subscribing or
     /// while no upstream is available.
@@ -232,6 +341,30 @@ struct Entry {
     early: Option<Value>,
     /// Subscribers that wait for the first answer.
     waiting: Vec<Waiter>,
+    /// Set while the status is held: the subscription moved to `conn`,
+    /// whose upstream reports another status than `value`.
+    hold: Option<Hold>,
+    /// Reads waiting for the subscription to settle (see [`Route::Wait`]).
+    parked: Vec<Job>,
+}
+
+/// A status held after a failover.
+struct Hold {
+    /// What the new upstream reports.
+    upstream: Value,
+    /// When `upstream` is announced if nothing changed meanwhile.
+    until: Instant,
+}
+
+/// Where reads of an entry go (see [`Route`]).
+fn route_of(entry: &Entry) -> Option<Route> {
+    match entry.conn {
+        Some(conn) if entry.hold.is_none() => Some(Route::Conn(conn)),
+        // Moving, held, or waiting for an upstream: the reads wait with it.
+        _ if entry.value.is_some() => Some(Route::Wait),
+        // Nobody was told anything yet.
+        _ => None,
+    }
 }
 
 struct Waiter {
@@ -257,13 +390,19 @@ struct Actor {
     config: HubConfig,
     pool: Pool,
     self_tx: mpsc::UnboundedSender<Command>,
-    affinity: Arc<DashMap<String, ConnId>>,
+    affinity: Arc<DashMap<String, Route>>,
     stats: Arc<HubStats>,
     headers: Entry,
     scripts: HashMap<String, Entry>,
     sessions: HashMap<SessionId, SessionSubs>,
     tip: Option<(u64, String)>,
     next_generation: u64,
+    /// When each hold ends (stale items are skipped when they come up).
+    hold_deadlines: BinaryHeap<Reverse<(Instant, String)>>,
+    /// Scripthashes whose status is held.
+    held: HashSet<String>,
+    /// Scripthashes with parked reads.
+    parked: HashSet<String>,
 }
 
 /// How often orphaned subscriptions (no upstream was available) are retried.
@@ -279,17 +418,28 @@ impl Actor {
         let mut retry = tokio::time::interval(RETRY_EVERY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let hold_ends = self.hold_deadlines.peek().map(|Reverse((at, _))| *at);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(cmd) = rx.recv() => self.on_command(cmd),
                 Some(ev) = events.recv() => self.on_event(ev),
-                _ = retry.tick() => self.retry_orphans(),
+                _ = retry.tick() => {
+                    self.retry_orphans();
+                    self.expire_parked();
+                }
+                _ = sleep_until_some(hold_ends), if hold_ends.is_some() => self.end_holds(),
             }
         }
         // Whoever still waits gets an answer.
         for entry in std::iter::once(&mut self.headers).chain(self.scripts.values_mut()) {
             for w in entry.waiting.drain(..) {
                 w.responder.fail(RpcError::new(
+                    ErrorCode::UpstreamUnavailable,
+                    "shutting down",
+                ));
+            }
+            for job in entry.parked.drain(..) {
+                job.responder.fail(RpcError::new(
                     ErrorCode::UpstreamUnavailable,
                     "shutting down",
                 ));
@@ -338,7 +488,153 @@ impl Actor {
                 generation,
                 reply,
             } => self.on_subscribed(topic, conn, generation, reply),
+            Command::Read { scripthash, job } => self.on_read(scripthash, job),
         }
+    }
+
+    /// A read of a subscribed scripthash: to the connection holding the
+    /// subscription, or parked until the subscription has settled.
+    fn on_read(&mut self, sh: String, job: Job) {
+        let Some(entry) = self.scripts.get_mut(&sh) else {
+            return self.pool.dispatch(job);
+        };
+        let job = match route_of(entry) {
+            None => return self.pool.dispatch(job),
+            Some(Route::Conn(conn)) => match self.pool.dispatch_to(conn, job) {
+                Ok(()) => return,
+                // The connection is gone and its `Down` is on its way: the
+                // read waits for the subscription to move.
+                Err(job) => job,
+            },
+            Some(Route::Wait) => {
+                if entry.conn.is_none() && entry.pending.is_none() && !self.pool.any_ready() {
+                    // No upstream at all: fail now rather than at the deadline.
+                    return self.pool.dispatch(job);
+                }
+                job
+            }
+        };
+        entry.parked.push(job);
+        self.stats.parked_reads.fetch_add(1, Ordering::Relaxed);
+        self.parked.insert(sh);
+    }
+
+    /// After any change to a scripthash entry: publish where its reads go,
+    /// send its parked reads once that is a connection (or anywhere, when
+    /// nobody was told a status), and keep the indexes of held and parked
+    /// entries.
+    fn settle(&mut self, sh: &str) {
+        let Some(entry) = self.scripts.get_mut(sh) else {
+            self.affinity.remove(sh);
+            if self.held.remove(sh) {
+                self.stats.held_statuses.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.parked.remove(sh);
+            return;
+        };
+        let route = route_of(entry);
+        match route {
+            Some(r) => {
+                self.affinity.insert(sh.to_string(), r);
+            }
+            None => {
+                self.affinity.remove(sh);
+            }
+        }
+        if entry.hold.is_some() {
+            if self.held.insert(sh.to_string()) {
+                self.stats.held_statuses.fetch_add(1, Ordering::Relaxed);
+            }
+        } else if self.held.remove(sh) {
+            self.stats.held_statuses.fetch_sub(1, Ordering::Relaxed);
+        }
+        if entry.parked.is_empty() || route == Some(Route::Wait) {
+            return;
+        }
+        let jobs = std::mem::take(&mut entry.parked);
+        // Counted out before they go (an answer may come back at once).
+        self.stats
+            .parked_reads
+            .fetch_sub(jobs.len(), Ordering::Relaxed);
+        let mut kept = Vec::new();
+        for job in jobs {
+            match route {
+                Some(Route::Conn(conn)) => {
+                    if let Err(job) = self.pool.dispatch_to(conn, job) {
+                        // Lost as well: wait for its `Down`.
+                        kept.push(job);
+                    }
+                }
+                _ => self.pool.dispatch(job),
+            }
+        }
+        self.stats
+            .parked_reads
+            .fetch_add(kept.len(), Ordering::Relaxed);
+        if kept.is_empty() {
+            self.parked.remove(sh);
+        }
+        entry.parked = kept;
+    }
+
+    /// Announce what the new upstream reports for every hold that ran out.
+    fn end_holds(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, sh))) = self.hold_deadlines.peek() {
+            if *at > now {
+                break;
+            }
+            let sh = sh.clone();
+            self.hold_deadlines.pop();
+            let Some(entry) = self.scripts.get_mut(&sh) else {
+                continue;
+            };
+            let Some(hold) = entry.hold.take_if(|h| h.until <= now) else {
+                continue; // ended already; a newer hold has its own item
+            };
+            tracing::debug!(coin = %self.config.coin, scripthash = %sh, "status still differs on the new upstream after the hold: announced");
+            entry.value = Some(hold.upstream);
+            let topic = Topic::Script(sh.clone());
+            self.fan_out(&topic);
+            self.settle(&sh);
+        }
+    }
+
+    /// Fail parked reads whose deadline passed (a subscription that takes
+    /// that long to settle: the upstreams keep failing).
+    fn expire_parked(&mut self) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut expired = 0;
+        let mut emptied = Vec::new();
+        for sh in &self.parked {
+            let Some(entry) = self.scripts.get_mut(sh) else {
+                emptied.push(sh.clone());
+                continue;
+            };
+            let (late, kept): (Vec<Job>, Vec<Job>) = std::mem::take(&mut entry.parked)
+                .into_iter()
+                .partition(|j| j.deadline <= now);
+            entry.parked = kept;
+            for job in late {
+                expired += 1;
+                job.responder.fail(RpcError::new(
+                    ErrorCode::UpstreamTimeout,
+                    "timed out waiting for the subscription to move to another upstream",
+                ));
+            }
+            if entry.parked.is_empty() {
+                emptied.push(sh.clone());
+            }
+        }
+        for sh in emptied {
+            self.parked.remove(&sh);
+        }
+        self.stats
+            .parked_reads
+            .fetch_sub(expired, Ordering::Relaxed);
     }
 
     fn subscribe(
@@ -527,10 +823,17 @@ impl Actor {
             return;
         }
         let entry = self.scripts.remove(sh).expect("present");
-        self.affinity.remove(sh);
+        self.settle(sh);
         self.stats
             .upstream_subscriptions
             .fetch_sub(1, Ordering::Relaxed);
+        // Nobody is subscribed any more: reads waiting for it go anywhere.
+        self.stats
+            .parked_reads
+            .fetch_sub(entry.parked.len(), Ordering::Relaxed);
+        for job in entry.parked {
+            self.pool.dispatch(job);
+        }
         if let Some(conn) = entry.conn {
             self.release_upstream(conn, sh);
         }
@@ -573,8 +876,22 @@ impl Actor {
         };
         entry.conn = None;
         entry.early = None;
+        // A hold belongs to the connection it was started on.
+        entry.hold = None;
         let Some(conn) = conn else {
             entry.pending = None;
+            // No upstream at all: reads waiting for this subscription fail
+            // now instead of at their deadline.
+            let parked = std::mem::take(&mut entry.parked);
+            self.stats
+                .parked_reads
+                .fetch_sub(parked.len(), Ordering::Relaxed);
+            for job in parked {
+                self.pool.dispatch(job);
+            }
+            if let Topic::Script(sh) = &topic {
+                self.settle(sh);
+            }
             self.fail_waiting(
                 &topic,
                 |_| {
@@ -588,6 +905,9 @@ impl Actor {
             return;
         };
         entry.pending = Some((conn, generation));
+        if let Topic::Script(sh) = &topic {
+            self.settle(sh);
+        }
         let (method, params) = match &topic {
             Topic::Headers => ("blockchain.headers.subscribe", "[]".to_string()),
             Topic::Script(sh) => (
@@ -682,9 +1002,13 @@ impl Actor {
             }
             return;
         }
+        let hold = self.config.failover_hold;
         let entry = self.entry(&topic).expect("current entry exists");
         entry.pending = None;
         let early = entry.early.take();
+        // Whether the value comes from a notification the upstream sent
+        // after its answer, rather than from the answer itself.
+        let notified = early.is_some();
         let value = match &reply {
             Ok(Answer::Result(raw)) if pool_has_conn => {
                 parse_value(&topic, raw.get()).map(|v| early.unwrap_or(v))
@@ -716,16 +1040,38 @@ impl Actor {
                 },
                 relay.as_deref(),
             );
+            if let Topic::Script(sh) = &topic {
+                self.settle(sh);
+            }
             return;
         };
         entry.conn = Some(conn);
         let changed = entry.value.as_ref().is_some_and(|old| *old != value);
+        if changed && !notified && matches!(topic, Topic::Script(_)) && !hold.is_zero() {
+            // The subscription moved and the new upstream answers another
+            // status than subscribers have: it may only lag (its mempool has
+            // not seen a payment yet). Hold what subscribers have until the
+            // upstream notifies a change, or announce its status when the
+            // hold runs out (see the module doc).
+            let until = Instant::now() + hold;
+            entry.hold = Some(Hold {
+                upstream: value,
+                until,
+            });
+            // (Nobody waits: `value` was set, so subscribers were answered.)
+            if let Topic::Script(sh) = &topic {
+                tracing::debug!(coin = %self.config.coin, scripthash = %sh, "the new upstream reports another status: held");
+                self.hold_deadlines.push(Reverse((until, sh.clone())));
+                self.settle(sh);
+            }
+            return;
+        }
         entry.value = Some(value.clone());
         let waiting = std::mem::take(&mut entry.waiting);
         // Affinity first: a subscriber that asks for the history as soon as
         // it has the status must reach this connection.
         if let Topic::Script(sh) = &topic {
-            self.affinity.insert(sh.clone(), conn);
+            self.settle(sh);
         }
         if let Value::Tip { height, hex } = &value {
             self.set_tip(*height, hex);
@@ -764,9 +1110,6 @@ impl Actor {
                     tracing::info!(coin = %self.config.coin, subscriptions = moved.len(), "moving subscriptions off a lost upstream connection");
                 }
                 for topic in moved {
-                    if let Topic::Script(sh) = &topic {
-                        self.affinity.remove(sh);
-                    }
                     self.start_subscribe(topic);
                 }
             }
@@ -815,6 +1158,23 @@ impl Actor {
             if entry.pending.is_some_and(|(c, _)| c == conn) {
                 // Sent after the subscribe's answer, seen before it.
                 entry.early = Some(value);
+            }
+            return;
+        }
+        if let Some(hold) = &entry.hold {
+            if hold.upstream == value {
+                return; // nothing new from the upstream: still held
+            }
+            // The upstream's status changed: it caught up with what
+            // subscribers have (nothing to announce), or this is news.
+            entry.hold = None;
+            let news = entry.value.as_ref() != Some(&value);
+            if news {
+                entry.value = Some(value);
+                self.fan_out(&topic);
+            }
+            if let Topic::Script(sh) = &topic {
+                self.settle(sh);
             }
             return;
         }
@@ -881,6 +1241,14 @@ impl Actor {
     }
 }
 
+/// Sleep until `at`; forever without it.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn parse_value(topic: &Topic, result: &str) -> Option<Value> {
     match topic {
         Topic::Script(_) => {
@@ -939,4 +1307,46 @@ fn notification(topic: &Topic, form: &Form, value: &Value) -> Option<jsonrpc::Li
             jsonrpc::notification_line("blockchain.headers.subscribe", &format!("[{rendered}]"))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(s: &str) -> Value {
+        Value::Status(jsonrpc::quote(s))
+    }
+
+    #[test]
+    fn reads_wait_exactly_while_a_told_status_has_no_settled_connection() {
+        // First subscribe on its way: nobody was told anything.
+        let mut e = Entry {
+            pending: Some((ConnId(1), 1)),
+            ..Entry::default()
+        };
+        assert_eq!(route_of(&e), None);
+        // Settled.
+        e.pending = None;
+        e.conn = Some(ConnId(1));
+        e.value = Some(status("s1"));
+        assert_eq!(route_of(&e), Some(Route::Conn(ConnId(1))));
+        // Moving after a failover.
+        e.conn = None;
+        e.pending = Some((ConnId(2), 2));
+        assert_eq!(route_of(&e), Some(Route::Wait));
+        // On the new connection, its status held.
+        e.pending = None;
+        e.conn = Some(ConnId(2));
+        e.hold = Some(Hold {
+            upstream: status("s0"),
+            until: Instant::now(),
+        });
+        assert_eq!(route_of(&e), Some(Route::Wait));
+        e.hold = None;
+        assert_eq!(route_of(&e), Some(Route::Conn(ConnId(2))));
+        // No upstream found: still told a status, so reads wait (the hub
+        // fails them at once when no upstream is ready at all).
+        e.conn = None;
+        assert_eq!(route_of(&e), Some(Route::Wait));
+    }
 }

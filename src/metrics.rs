@@ -208,7 +208,7 @@ impl Metrics {
             subscriptions: reg!(IntGaugeVec::new(
                 opts(
                     "subscriptions",
-                    "Subscriptions held: distinct upstream subscriptions (kind=upstream) and session subscriptions (kind=session)."
+                    "Subscriptions held: distinct upstream subscriptions (kind=upstream), session subscriptions (kind=session), and statuses held after a failover because the new upstream reports another (kind=held)."
                 ),
                 &["coin", "kind"]
             )),

@@ -9,7 +9,7 @@
 
 use crate::coin::{self, AddressVersions};
 use crate::header::HeaderForm;
-use crate::hub::{Form, Hub, SessionId, Topic};
+use crate::hub::{Form, Hub, Route, SessionId, Topic};
 use crate::jsonrpc::{self, ClientMessage, ErrorCode, LineError, Request, RpcError};
 use crate::legacy;
 use crate::limits::{Limit, SessionGate};
@@ -388,8 +388,9 @@ impl Router {
         });
     }
 
-    /// Send a request to the pool (to the connection holding its
-    /// scripthash's subscription when there is one).
+    /// Send a request to the pool; a read of a subscribed scripthash goes
+    /// to the connection holding its subscription, or through the hub when
+    /// that subscription is moving (see `hub`, "Failover").
     fn send(&self, method: &str, params: &str, responder: Responder, affinity: Option<&str>) {
         let mut job = Job::new(
             jsonrpc::request_prefix(method, params),
@@ -398,13 +399,18 @@ impl Router {
         );
         // A broadcast written to a socket is never sent again.
         job.retryable = method != "blockchain.transaction.broadcast";
-        if let Some(conn) = affinity.and_then(|sh| self.hub.affinity(sh)) {
+        let Some((sh, route)) = affinity.and_then(|sh| Some((sh, self.hub.route(sh)?))) else {
+            return self.pool.dispatch(job);
+        };
+        if let Route::Conn(conn) = route {
+            // A retry comes back through the hub.
+            job.reroute = Some(self.hub.reroute(sh));
             match self.pool.dispatch_to(conn, job) {
                 Ok(()) => return,
                 Err(j) => job = j,
             }
         }
-        self.pool.dispatch(job);
+        self.hub.read(sh, job);
     }
 }
 

@@ -96,6 +96,11 @@ async fn metrics_move_with_real_traffic() {
         ),
         Some(1.0)
     );
+    // No status is held (nothing failed over).
+    assert_eq!(
+        sample(&m, "electrum_lb_subscriptions{coin=\"test\",kind=\"held\"}"),
+        Some(0.0)
+    );
     // The hub also holds the tip subscription.
     assert!(
         sample(

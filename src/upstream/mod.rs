@@ -24,6 +24,7 @@ pub use pool::Pool;
 
 use crate::reply::Responder;
 use serde_json::value::RawValue;
+use std::sync::Arc;
 use tokio::time::Instant;
 
 /// Identifies one established upstream connection (a reconnect gets a new id).
@@ -45,6 +46,21 @@ pub struct Job {
     pub attempts: u8,
     /// Index of the connection slot it last went to (skipped on retry).
     pub last_conn: Option<usize>,
+    /// Where it goes when it must move (its connection was lost before
+    /// answering or sending it), instead of the pool's own choice. Reads of
+    /// a subscribed scripthash carry the hub's, so a retry still reaches
+    /// the connection that holds the subscription.
+    pub reroute: Option<Reroute>,
+}
+
+/// See [`Job::reroute`].
+#[derive(Clone)]
+pub struct Reroute(pub Arc<dyn Fn(Job) + Send + Sync>);
+
+impl std::fmt::Debug for Reroute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reroute")
+    }
 }
 
 impl Job {
@@ -56,6 +72,7 @@ impl Job {
             retryable: true,
             attempts: 0,
             last_conn: None,
+            reroute: None,
         }
     }
 }

@@ -165,6 +165,9 @@ impl Supervisor {
     fn redispatch(&self, mut job: Job) {
         self.shared.release();
         job.last_conn = Some(self.index);
+        if let Some(reroute) = job.reroute.clone() {
+            return (reroute.0)(job);
+        }
         match self.pool.upgrade() {
             Some(pool) => pool.load().dispatch(job),
             None => job.responder.fail(RpcError::new(
