@@ -2,7 +2,7 @@
 //! in TCP mode, and through electrum-lb, on the same machine in the same run.
 //!
 //! ```text
-//! cargo bench --bench proxy                        # the default run (about 2.5 minutes)
+//! cargo bench --bench proxy                        # the default run (about 5 minutes)
 //! cargo bench --bench proxy -- --secs 5 --rounds 3 # longer, steadier figures
 //! cargo bench --bench proxy -- --sessions 2000     # a smaller idle-session test
 //! cargo bench --bench proxy -- --only uncached,light # some parts only
