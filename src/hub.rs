@@ -1110,7 +1110,21 @@ impl Actor {
                     tracing::info!(coin = %self.config.coin, subscriptions = moved.len(), "moving subscriptions off a lost upstream connection");
                 }
                 for topic in moved {
+                    // A connection taken out of rotation (lagging, or gone
+                    // from the configuration) may still be open: tell its
+                    // upstream to stop watching. On a dead one nothing is sent.
+                    let held_there = match &topic {
+                        Topic::Script(sh) => self
+                            .scripts
+                            .get(sh)
+                            .is_some_and(|e| e.conn == Some(conn))
+                            .then(|| sh.clone()),
+                        Topic::Headers => None,
+                    };
                     self.start_subscribe(topic);
+                    if let Some(sh) = held_there {
+                        self.release_upstream(conn, &sh);
+                    }
                 }
             }
             PoolEvent::Notification {

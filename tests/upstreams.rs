@@ -190,6 +190,40 @@ async fn lagging_upstream_stops_receiving_requests_until_it_catches_up() {
     server.shutdown().await;
 }
 
+/// A subscription held on an upstream that falls behind moves to the other
+/// one, and the lagging upstream (still connected) is told to stop watching.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_leaves_a_lagging_upstream_and_is_released_there() {
+    let (a, b) = twins().await;
+    let server = start(&[q(&a.url()), q(&b.url())], "").await;
+    wait_until(|| {
+        status(&server, 0).ready_connections == 1 && status(&server, 1).ready_connections == 1
+    })
+    .await;
+    let sh = scripthash(7);
+    let mut c = Client::connect(tcp_addr(&server, "test")).await;
+    c.call("blockchain.scripthash.subscribe", json!([sh])).await;
+    let subscribes = |m: &Mock| m.count("blockchain.scripthash.subscribe");
+    let (holder, other) = if subscribes(&a) == 1 {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    assert_eq!(subscribes(holder), 1);
+    assert_eq!(subscribes(other), 0);
+    // The holder falls 3 blocks behind (max_lag is 2): out of rotation.
+    other.mine(3);
+    wait_until(|| subscribes(other) == 1).await;
+    wait_until(|| holder.count("blockchain.scripthash.unsubscribe") == 1).await;
+    // The session is still served, from the upstream that moved ahead.
+    assert_eq!(
+        c.call("blockchain.scripthash.get_history", json!([sh]))
+            .await,
+        json!([])
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn unreachable_upstream_is_retried_with_growing_delays() {
     // An upstream that accepts and hangs up at once: every attempt fails.
