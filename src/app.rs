@@ -206,7 +206,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
 /// The `[server]` settings a pool generation is built from.
 fn upstream_settings(
     s: &crate::config::ServerConfig,
-) -> (u64, u64, u64, u64, u64, u32, u32, String) {
+) -> (u64, u64, u64, u64, u64, u32, u32, u64, String) {
     (
         s.upstream_ping_secs,
         s.upstream_stall_secs,
@@ -215,6 +215,7 @@ fn upstream_settings(
         s.health_interval_ms,
         s.health_rise,
         s.health_fall,
+        s.upstream_reconnect_max_ms,
         s.server_name.clone(),
     )
 }

@@ -128,6 +128,9 @@ pub struct ServerConfig {
     /// new status is announced. 0 announces at once. Capped at half of
     /// `request_timeout_secs`, since reads of that scripthash wait for it.
     pub failover_hold_ms: u64,
+    /// Longest wait between two attempts to reach an upstream that is
+    /// down: the delay starts at 200 ms and doubles up to this (+-25%).
+    pub upstream_reconnect_max_ms: u64,
     /// Software name reported by `server.version` and `server.features`.
     pub server_name: String,
 }
@@ -150,6 +153,7 @@ impl Default for ServerConfig {
             health_rise: 3,
             health_fall: 2,
             failover_hold_ms: 10_000,
+            upstream_reconnect_max_ms: 30_000,
             server_name: format!("electrum-lb {}", env!("CARGO_PKG_VERSION")),
         }
     }
@@ -564,6 +568,12 @@ impl Config {
             return Err((
                 "server.upstream_*_secs".into(),
                 "upstream_ping_secs, upstream_stall_secs and upstream_connect_timeout_secs must be at least 1".into(),
+            ));
+        }
+        if s.upstream_reconnect_max_ms < 200 {
+            return Err((
+                "server.upstream_reconnect_max_ms".into(),
+                "must be at least 200 (the first retry comes after 200 ms)".into(),
             ));
         }
         if s.health_interval_ms < 10 || s.upstream_idle_close_secs == 0 {

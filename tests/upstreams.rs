@@ -256,6 +256,45 @@ async fn unreachable_upstream_is_retried_with_growing_delays() {
     server.shutdown().await;
 }
 
+/// `upstream_reconnect_max_ms` caps the backoff: ten attempts come within
+/// seconds (uncapped, the tenth would come after more than 100 s).
+#[tokio::test]
+async fn the_reconnect_delay_stops_growing_at_its_cap() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let attempts = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let seen = attempts.clone();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            seen.lock().unwrap().push(Instant::now());
+            drop(s);
+        }
+    });
+    let server = start_proxy(&config(
+        &[q(&format!("tcp://127.0.0.1:{port}"))],
+        "upstream_reconnect_max_ms = 400",
+    ))
+    .await;
+    wait_until(|| attempts.lock().unwrap().len() >= 10).await;
+    let t = attempts.lock().unwrap().clone();
+    let gaps: Vec<Duration> = t.windows(2).map(|w| w[1] - w[0]).collect();
+    // 400 ms +- 25%, and some room for a loaded machine.
+    assert!(
+        gaps.iter().all(|g| *g < Duration::from_millis(1500)),
+        "a delay beyond the cap: {gaps:?}"
+    );
+    server.shutdown().await;
+    // And a cap below the first delay is refused, naming the key.
+    let err = electrum_lb::Config::parse(
+        &config(&[q("tcp://127.0.0.1:1")], "upstream_reconnect_max_ms = 10"),
+        "t.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("server.upstream_reconnect_max_ms"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broadcast_is_answered_with_an_error_not_resent_when_its_upstream_dies() {
     let (a, b) = twins().await;

@@ -307,6 +307,7 @@ fn build(
         ping_interval: Duration::from_secs(server.upstream_ping_secs),
         stall_after: Duration::from_secs(server.upstream_stall_secs),
         idle_close: Duration::from_secs(server.upstream_idle_close_secs),
+        reconnect_max: Duration::from_millis(server.upstream_reconnect_max_ms),
     };
     let inner = Arc::new(PoolInner {
         coin: coin.clone(),

@@ -20,7 +20,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 const BACKOFF_START: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Every established connection gets a distinct id, process-wide.
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
@@ -33,6 +32,8 @@ pub struct SupervisorSettings {
     pub ping_interval: Duration,
     pub stall_after: Duration,
     pub idle_close: Duration,
+    /// Longest delay between two dial attempts (`upstream_reconnect_max_ms`).
+    pub reconnect_max: Duration,
 }
 
 pub(super) struct Supervisor {
@@ -116,7 +117,7 @@ impl Supervisor {
             }
             // Wait before reconnecting, moving anything queued here meanwhile.
             let delay = jitter(backoff);
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            backoff = (backoff * 2).min(self.settings.reconnect_max);
             let wake = Instant::now() + delay;
             loop {
                 tokio::select! {
