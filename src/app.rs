@@ -288,8 +288,10 @@ impl Server {
     /// certificates are re-read (new handshakes get them) and every coin
     /// whose upstreams changed gets a new upstream set. Everything is checked
     /// before anything changes: an error leaves the running proxy as it was.
-    /// Returns what could not be applied live (listeners, added or removed
-    /// coins, session limits): those need a restart.
+    /// `[limits]` apply to new connections and to every session's next
+    /// request (a session keeps the in-flight and reply-size limits it was
+    /// opened with). Returns what could not be applied live (listeners,
+    /// added or removed coins, the cache): those need a restart.
     pub fn reload(&self, new: Config) -> Result<Vec<String>, String> {
         let mut current = self.config.lock().unwrap_or_else(|p| p.into_inner());
         let tls = match (&new.tls, &self.tls) {
@@ -314,9 +316,6 @@ impl Server {
         }
         if new.cache != current.cache {
             needs_restart.push("cache".to_string());
-        }
-        if new.limits != current.limits {
-            needs_restart.push("limits".to_string());
         }
         if new.server.failover_hold_ms != current.server.failover_hold_ms {
             needs_restart.push("server.failover_hold_ms".to_string());
@@ -360,6 +359,12 @@ impl Server {
         if let Some(config) = tls {
             self.set_tls(config);
             tracing::info!("TLS certificate reloaded: new handshakes use it");
+        }
+        if new.limits != current.limits {
+            self.limits.reload(&new.limits);
+            tracing::info!(
+                "[limits] reloaded: new connections and every session's next request use them"
+            );
         }
         for what in &needs_restart {
             tracing::warn!(setting = %what, "changed in the configuration but only applied on restart");

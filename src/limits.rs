@@ -36,6 +36,7 @@
 
 use crate::jsonrpc::{self, ErrorCode, Line, RpcError};
 use crate::metrics::CoinMetrics;
+use arc_swap::{ArcSwap, Guard};
 use prometheus::{IntCounter, IntCounterVec, Opts};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
@@ -399,12 +400,23 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// The process-wide state of the limits: shared by every coin.
 #[derive(Debug)]
 pub struct Limits {
-    config: LimitsConfig,
-    exempt: Vec<Net>,
+    /// Swapped whole by a reload: new connections and the next request of
+    /// every session see the new values.
+    config: ArcSwap<LimitsConfig>,
+    exempt: ArcSwap<Vec<Net>>,
     /// Client connections open now (accepted and not yet closed).
     open: AtomicUsize,
     registry: Mutex<Registry>,
     hits: IntCounterVec,
+}
+
+/// The exempt networks of a checked configuration.
+fn exempt_nets(config: &LimitsConfig) -> Vec<Net> {
+    config
+        .exempt
+        .iter()
+        .filter_map(|n| parse_net(n).ok())
+        .collect()
 }
 
 impl Limits {
@@ -423,12 +435,8 @@ impl Limits {
         // A second registration (two proxies on one registry) keeps the first.
         let _ = registry.register(Box::new(hits.clone()));
         Arc::new(Limits {
-            exempt: config
-                .exempt
-                .iter()
-                .filter_map(|n| parse_net(n).ok())
-                .collect(),
-            config: config.clone(),
+            exempt: ArcSwap::from_pointee(exempt_nets(config)),
+            config: ArcSwap::from_pointee(config.clone()),
             open: AtomicUsize::new(0),
             registry: Mutex::new(Registry {
                 groups: HashMap::new(),
@@ -438,8 +446,18 @@ impl Limits {
         })
     }
 
-    pub fn config(&self) -> &LimitsConfig {
-        &self.config
+    /// The limits in force now.
+    pub fn config(&self) -> Guard<Arc<LimitsConfig>> {
+        self.config.load()
+    }
+
+    /// Apply a new (checked) `[limits]` table: connections accepted from now
+    /// on, and every session's next request, are judged by it. Sessions over
+    /// a lowered `max_sessions` or per-group limit are not closed; IP groups
+    /// already formed keep their key if the group sizes change.
+    pub fn reload(&self, config: &LimitsConfig) {
+        self.exempt.store(Arc::new(exempt_nets(config)));
+        self.config.store(Arc::new(config.clone()));
     }
 
     /// The handles one coin's listeners and sessions use.
@@ -464,11 +482,12 @@ impl Limits {
 
     /// Whether `ip` is in an exempt network.
     pub fn is_exempt(&self, ip: IpAddr) -> bool {
-        self.exempt.iter().any(|n| n.contains(ip))
+        self.exempt.load().iter().any(|n| n.contains(ip))
     }
 
     pub fn group_of(&self, ip: IpAddr) -> GroupKey {
-        GroupKey::of(ip, self.config.ipv4_group_bits, self.config.ipv6_group_bits)
+        let c = self.config.load();
+        GroupKey::of(ip, c.ipv4_group_bits, c.ipv6_group_bits)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -478,10 +497,11 @@ impl Limits {
     /// Count one more session in the group of `ip`, unless it is full.
     fn join(&self, key: GroupKey) -> Option<Arc<Group>> {
         let now = Instant::now();
+        let c = self.config.load();
         let mut reg = self.lock();
         if now.saturating_duration_since(reg.last_sweep) >= SWEEP_EVERY {
             reg.last_sweep = now;
-            let (rate, burst) = (self.config.group_rate, self.config.group_burst);
+            let (rate, burst) = (c.group_rate, c.group_burst);
             reg.groups.retain(|_, g| {
                 if g.sessions.load(Ordering::Relaxed) > 0 {
                     return true;
@@ -497,11 +517,11 @@ impl Limits {
             .or_insert_with(|| {
                 Arc::new(Group {
                     sessions: AtomicUsize::new(0),
-                    bucket: Mutex::new(Bucket::full(self.config.group_burst, now)),
+                    bucket: Mutex::new(Bucket::full(c.group_burst, now)),
                 })
             })
             .clone();
-        if group.sessions.load(Ordering::Relaxed) >= self.config.max_sessions_per_group {
+        if group.sessions.load(Ordering::Relaxed) >= c.max_sessions_per_group {
             return None;
         }
         group.sessions.fetch_add(1, Ordering::Relaxed);
@@ -528,7 +548,7 @@ impl CoinLimits {
     /// A slot for a newly accepted connection, or `None` at `max_sessions`
     /// (the caller closes the connection).
     pub fn connection(self: &Arc<Self>) -> Option<ConnPermit> {
-        let max = self.limits.config.max_sessions;
+        let max = self.limits.config.load().max_sessions;
         let taken = self
             .limits
             .open
@@ -556,8 +576,8 @@ impl CoinLimits {
         self.metrics.limit_hit();
     }
 
-    pub fn config(&self) -> &LimitsConfig {
-        &self.limits.config
+    pub fn config(&self) -> Guard<Arc<LimitsConfig>> {
+        self.limits.config()
     }
 }
 
@@ -621,7 +641,7 @@ impl ConnPermit {
         let key = limits.group_of(ip);
         match limits.join(key) {
             Some(group) => Ok(SessionGate {
-                bucket: Some(Bucket::full(limits.config.session_burst, Instant::now())),
+                bucket: Some(Bucket::full(limits.config().session_burst, Instant::now())),
                 permit: Some(self),
                 group: Some((key, group)),
                 refusals: 0,

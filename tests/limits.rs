@@ -405,6 +405,52 @@ async fn an_active_session_outlives_the_idle_timeout() {
     server.shutdown().await;
 }
 
+/// `[limits]` apply live: a reload changes them for new connections and
+/// for the next request of open sessions, and closes nobody.
+#[tokio::test]
+async fn a_reload_applies_new_limits_without_closing_sessions() {
+    let mock = Mock::start().await;
+    let text = |limits: &str| config(&mock.url(), "", &format!("exempt = []\n{limits}"));
+    let reload = |server: &electrum_lb::Server, limits: &str| {
+        let cfg = electrum_lb::Config::parse(&text(limits), "reload.toml").unwrap();
+        let restart = server.reload(cfg).unwrap();
+        assert!(restart.is_empty(), "{restart:?}");
+    };
+    let server = start_proxy(&text("max_sessions = 1")).await;
+    wait_ready(&server, "test").await;
+    let addr = tcp_addr(&server, "test");
+    let mut a = Client::connect(addr).await;
+    assert_eq!(a.call("server.ping", json!([])).await, Value::Null);
+    let mut refused = Client::connect(addr).await;
+    assert!(closed_silently(&mut refused).await);
+
+    // Raised: a second session is welcome, the first did not notice.
+    reload(&server, "max_sessions = 2");
+    let mut b = Client::connect(addr).await;
+    assert_eq!(b.call("server.ping", json!([])).await, Value::Null);
+    assert_eq!(a.call("server.ping", json!([])).await, Value::Null);
+
+    // A rate of one point a second: the next requests of the open sessions
+    // are judged by it (the bucket now holds at most 5 points).
+    reload(
+        &server,
+        "max_sessions = 2\nsession_rate = 1\nsession_burst = 5",
+    );
+    let first = a.request("blockchain.block.header", json!([1])).await;
+    assert!(first.get("result").is_some(), "{first}");
+    let second = a.request("blockchain.block.header", json!([2])).await;
+    assert_eq!(second["error"]["code"], json!(-32003), "{second}");
+    assert!(
+        second["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("rate limit"),
+        "{second}"
+    );
+    assert_eq!(server.limits.open_connections(), 2);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn contradictory_limits_are_refused_naming_the_key() {
     let text = config("tcp://127.0.0.1:1", "", "session_burst = 0");
