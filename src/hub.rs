@@ -35,7 +35,10 @@
 //!
 //! A change seen by the new upstream's notifications during the move itself
 //! (see `Entry::early`) is announced at once, as is every change of the tip:
-//! only scripthash statuses are held.
+//! only scripthash statuses are held. So is the status of a subscription
+//! that left a connection still up but behind (out of rotation for lag)
+//! for one whose tip is higher: the new upstream is ahead, not lagging, and
+//! what differs is news (`Entry::moved_from_tip`).
 //!
 //! # Reads follow the status
 //!
@@ -346,6 +349,11 @@ struct Entry {
     hold: Option<Hold>,
     /// Reads waiting for the subscription to settle (see [`Route::Wait`]).
     parked: Vec<Job>,
+    /// The tip of the connection the subscription is moving off, when that
+    /// connection is still up (it left rotation, e.g. lagging): a new
+    /// upstream with more blocks than that is ahead, not behind, and its
+    /// different status is news, announced without a hold.
+    moved_from_tip: Option<u64>,
 }
 
 /// A status held after a failover.
@@ -1003,8 +1011,15 @@ impl Actor {
             return;
         }
         let hold = self.config.failover_hold;
+        let new_tip = self.pool.conn_tip(conn);
         let entry = self.entry(&topic).expect("current entry exists");
         entry.pending = None;
+        // Moved off a connection that was behind this one: not a lag.
+        let ahead = entry
+            .moved_from_tip
+            .take()
+            .zip(new_tip)
+            .is_some_and(|(old, new)| new > old);
         let early = entry.early.take();
         // Whether the value comes from a notification the upstream sent
         // after its answer, rather than from the answer itself.
@@ -1047,7 +1062,7 @@ impl Actor {
         };
         entry.conn = Some(conn);
         let changed = entry.value.as_ref().is_some_and(|old| *old != value);
-        if changed && !notified && matches!(topic, Topic::Script(_)) && !hold.is_zero() {
+        if changed && !notified && !ahead && matches!(topic, Topic::Script(_)) && !hold.is_zero() {
             // The subscription moved and the new upstream answers another
             // status than subscribers have: it may only lag (its mempool has
             // not seen a payment yet). Hold what subscribers have until the
@@ -1101,8 +1116,10 @@ impl Actor {
                 if on_conn(&self.headers) {
                     moved.push(Topic::Headers);
                 }
-                for (sh, entry) in &self.scripts {
+                let old_tip = self.pool.conn_tip(conn);
+                for (sh, entry) in self.scripts.iter_mut() {
                     if on_conn(entry) {
+                        entry.moved_from_tip = old_tip;
                         moved.push(Topic::Script(sh.clone()));
                     }
                 }

@@ -318,3 +318,26 @@ async fn a_read_lost_with_the_old_upstream_waits_for_the_new_one() {
     assert_eq!(fence(&mut s.wallet).await, Vec::<Value>::new());
     s.server.shutdown().await;
 }
+
+/// A subscription that leaves an upstream which fell behind (out of
+/// rotation, still connected) moves to one that is ahead: a different
+/// status there is news (here, the payment confirmed in blocks the old
+/// upstream has not seen), announced at once rather than held. With a hold,
+/// the notification would come after 30 s, past the client's wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_from_an_upstream_that_is_ahead_is_not_held() {
+    let h0: History = vec![(txid(1), 0)];
+    let mut s = setup(LONG_HOLD_MS, &h0).await;
+    let (tip, _) = s.other.tip();
+    let h1: History = vec![(txid(1), tip as i64 + 1)];
+    s.other.set_history_silently(&s.sh, h1.clone());
+    // max_lag is 2: three blocks and the holder leaves rotation.
+    s.other.mine(3);
+    assert_eq!(
+        next_status(&mut s.wallet, &s.sh).await,
+        json!(status_of(&h1))
+    );
+    assert_eq!(held(&s.server), 0);
+    assert_eq!(s.other.subscriptions(), 1);
+    s.server.shutdown().await;
+}

@@ -198,6 +198,12 @@ impl Pool {
         select::pick(&inner.candidates(), None).map(|i| inner.slots[i].shared.conn_id())
     }
 
+    /// The tip height this (ready) connection last reported.
+    pub fn conn_tip(&self, conn: ConnId) -> Option<u64> {
+        let inner = self.inner();
+        inner.slot_of(conn).map(|i| inner.slots[i].shared.tip())
+    }
+
     /// Whether at least one connection is ready.
     pub fn any_ready(&self) -> bool {
         self.inner().slots.iter().any(|s| s.shared.is_ready())
