@@ -84,6 +84,17 @@ async fn setup(hold_ms: u64, h0: &History) -> Setup {
     }
 }
 
+impl Setup {
+    /// A payment reaches the holder (only): the wallet is told its status.
+    async fn pay_on_holder(&mut self, h1: &History) {
+        self.holder.set_history(&self.sh, h1.clone());
+        assert_eq!(
+            next_status(&mut self.wallet, &self.sh).await,
+            json!(status_of(h1))
+        );
+    }
+}
+
 fn stats(server: &Server) -> std::sync::Arc<electrum_lb::hub::HubStats> {
     server.coins["test"].router.hub.stats.clone()
 }
@@ -94,21 +105,6 @@ fn held(server: &Server) -> usize {
 
 fn parked(server: &Server) -> usize {
     stats(server).parked_reads.load(Ordering::Relaxed)
-}
-
-/// Send `server.ping` and return every message that arrived before its
-/// answer: what the session was sent up to now.
-async fn fence(c: &mut Client) -> Vec<Value> {
-    c.send(&json!({"jsonrpc":"2.0","id":"fence","method":"server.ping","params":[]}))
-        .await;
-    let mut seen = Vec::new();
-    loop {
-        let v = c.recv().await;
-        if v["id"] == json!("fence") {
-            return seen;
-        }
-        seen.push(v);
-    }
 }
 
 /// The next message, which must be a status notification for `sh`.
@@ -138,11 +134,7 @@ async fn a_lagging_upstream_does_not_make_the_status_go_back() {
     let mut s = setup(LONG_HOLD_MS, &h0).await;
     let addr = tcp_addr(&s.server, "test");
 
-    s.holder.set_history(&s.sh, h1.clone());
-    assert_eq!(
-        next_status(&mut s.wallet, &s.sh).await,
-        json!(status_of(&h1))
-    );
+    s.pay_on_holder(&h1).await;
     let history = s
         .wallet
         .call("blockchain.scripthash.get_history", json!([s.sh]))
@@ -214,11 +206,7 @@ async fn a_difference_that_persists_is_announced_after_the_hold() {
     let h0: History = vec![(txid(1), 50)];
     let h1 = with(&h0, 2, 0);
     let mut s = setup(HOLD.as_millis() as u64, &h0).await;
-    s.holder.set_history(&s.sh, h1.clone());
-    assert_eq!(
-        next_status(&mut s.wallet, &s.sh).await,
-        json!(status_of(&h1))
-    );
+    s.pay_on_holder(&h1).await;
 
     let stopped = Instant::now();
     s.holder.stop();
@@ -256,11 +244,7 @@ async fn news_from_the_new_upstream_ends_the_hold_at_once() {
     let h0: History = vec![(txid(1), 50)];
     let h1 = with(&h0, 2, 0);
     let mut s = setup(LONG_HOLD_MS, &h0).await;
-    s.holder.set_history(&s.sh, h1.clone());
-    assert_eq!(
-        next_status(&mut s.wallet, &s.sh).await,
-        json!(status_of(&h1))
-    );
+    s.pay_on_holder(&h1).await;
     s.holder.stop();
     wait_until(|| held(&s.server) == 1).await;
 
@@ -293,11 +277,7 @@ async fn a_read_lost_with_the_old_upstream_waits_for_the_new_one() {
     let h0: History = vec![(txid(1), 50)];
     let h1 = with(&h0, 2, 0);
     let mut s = setup(LONG_HOLD_MS, &h0).await;
-    s.holder.set_history(&s.sh, h1.clone());
-    assert_eq!(
-        next_status(&mut s.wallet, &s.sh).await,
-        json!(status_of(&h1))
-    );
+    s.pay_on_holder(&h1).await;
 
     // The holder receives the read and never answers it.
     s.holder.set_delay(Duration::from_secs(600));

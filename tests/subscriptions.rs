@@ -47,24 +47,35 @@ async fn proxy(coins: &[(&str, Vec<String>, &str)]) -> Server {
     server
 }
 
-fn hub_stats(server: &Server, coin: &str) -> std::sync::Arc<electrum_lb::hub::HubStats> {
-    server.coins[coin].router.hub.stats.clone()
+/// Each history with one more mempool payment (txids from `first_txid`).
+fn each_paid_again(histories: &[History], first_txid: usize) -> Vec<History> {
+    histories
+        .iter()
+        .enumerate()
+        .map(|(k, h)| {
+            let mut h = h.clone();
+            h.push((txid(first_txid + k), 0));
+            h
+        })
+        .collect()
 }
 
-/// Send `server.ping` and return every message that arrived before its
-/// answer: what the session was sent up to now.
-async fn fence(c: &mut Client) -> Vec<Value> {
-    c.send(&json!({"jsonrpc":"2.0","id":"fence","method":"server.ping","params":[]}))
-        .await;
-    let mut seen = Vec::new();
-    loop {
-        let v = c.recv().await;
-        if v["id"] == json!("fence") {
-            assert_eq!(v["result"], Value::Null, "{v}");
-            return seen;
-        }
-        seen.push(v);
+/// Client `i` watches `scripthash(i % n)`, n the number of histories: each
+/// gets the notification of its scripthash's new status, next.
+async fn expect_statuses(clients: &mut [Client], histories: &[History]) {
+    let n = histories.len();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let params = next_notification(c, "blockchain.scripthash.subscribe").await;
+        assert_eq!(
+            params,
+            json!([scripthash(i % n), status_of(&histories[i % n])]),
+            "session {i}"
+        );
     }
+}
+
+fn hub_stats(server: &Server, coin: &str) -> std::sync::Arc<electrum_lb::hub::HubStats> {
+    server.coins[coin].router.hub.stats.clone()
 }
 
 /// The next notification of `method`; any other message is a failure.
@@ -336,49 +347,19 @@ async fn failover_moves_subscriptions_and_notifies_what_changed() {
 
     // The holder dies; meanwhile every status changes on the survivor.
     dead.stop();
-    let h1: Vec<History> = h0
-        .iter()
-        .enumerate()
-        .map(|(k, h)| {
-            let mut h = h.clone();
-            h.push((txid(100 + k), 0));
-            h
-        })
-        .collect();
+    let h1 = each_paid_again(&h0, 100);
     for (k, h) in h1.iter().enumerate() {
         survivor.set_history(&scripthash(k), h.clone());
     }
-    for (i, c) in clients.iter_mut().enumerate() {
-        let params = next_notification(c, "blockchain.scripthash.subscribe").await;
-        assert_eq!(
-            params,
-            json!([scripthash(i % SCRIPTS), status_of(&h1[i % SCRIPTS])]),
-            "session {i}"
-        );
-    }
+    expect_statuses(&mut clients, &h1).await;
     wait_until(|| survivor.subscriptions() == SCRIPTS).await;
 
     // Later changes keep arriving, each exactly once.
-    let h2: Vec<History> = h1
-        .iter()
-        .enumerate()
-        .map(|(k, h)| {
-            let mut h = h.clone();
-            h.push((txid(200 + k), 0));
-            h
-        })
-        .collect();
+    let h2 = each_paid_again(&h1, 200);
     for (k, h) in h2.iter().enumerate() {
         survivor.set_history(&scripthash(k), h.clone());
     }
-    for (i, c) in clients.iter_mut().enumerate() {
-        let params = next_notification(c, "blockchain.scripthash.subscribe").await;
-        assert_eq!(
-            params,
-            json!([scripthash(i % SCRIPTS), status_of(&h2[i % SCRIPTS])]),
-            "session {i}"
-        );
-    }
+    expect_statuses(&mut clients, &h2).await;
 
     // The tip moves on the survivor while the other upstream is down.
     survivor.mine(2);
@@ -941,22 +922,11 @@ async fn a_change_seen_before_the_resubscribe_answer_is_not_lost() {
     b.set_delay(std::time::Duration::from_millis(800));
     a.stop();
     wait_until(|| b.subscriptions() == SCRIPTS).await;
-    let h1: Vec<History> = h0
-        .iter()
-        .enumerate()
-        .map(|(k, h)| {
-            let mut h = h.clone();
-            h.push((txid(100 + k), 0));
-            h
-        })
-        .collect();
+    let h1 = each_paid_again(&h0, 100);
     for (k, h) in h1.iter().enumerate() {
         b.set_history(&scripthash(k), h.clone());
     }
-    for (k, c) in clients.iter_mut().enumerate() {
-        let params = next_notification(c, "blockchain.scripthash.subscribe").await;
-        assert_eq!(params, json!([scripthash(k), status_of(&h1[k])]));
-    }
+    expect_statuses(&mut clients, &h1).await;
     b.set_delay(std::time::Duration::ZERO);
     // And later changes arrive as usual.
     let h2: History = vec![(txid(999), 0)];

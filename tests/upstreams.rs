@@ -224,9 +224,9 @@ async fn a_subscription_leaves_a_lagging_upstream_and_is_released_there() {
     server.shutdown().await;
 }
 
-#[tokio::test]
-async fn unreachable_upstream_is_retried_with_growing_delays() {
-    // An upstream that accepts and hangs up at once: every attempt fails.
+/// An upstream that accepts and hangs up at once, so that every attempt
+/// fails: its port, and when each attempt came.
+async fn hanging_up_upstream() -> (u16, Arc<std::sync::Mutex<Vec<Instant>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let attempts = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
@@ -238,6 +238,12 @@ async fn unreachable_upstream_is_retried_with_growing_delays() {
             drop(s);
         }
     });
+    (port, attempts)
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_retried_with_growing_delays() {
+    let (port, attempts) = hanging_up_upstream().await;
     let server = start_proxy(&config(&[q(&format!("tcp://127.0.0.1:{port}"))], "")).await;
     wait_until(|| attempts.lock().unwrap().len() >= 5).await;
     let t = attempts.lock().unwrap().clone();
@@ -260,17 +266,7 @@ async fn unreachable_upstream_is_retried_with_growing_delays() {
 /// seconds (uncapped, the tenth would come after more than 100 s).
 #[tokio::test]
 async fn the_reconnect_delay_stops_growing_at_its_cap() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let attempts = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
-    let seen = attempts.clone();
-    tokio::spawn(async move {
-        loop {
-            let (s, _) = listener.accept().await.unwrap();
-            seen.lock().unwrap().push(Instant::now());
-            drop(s);
-        }
-    });
+    let (port, attempts) = hanging_up_upstream().await;
     let server = start_proxy(&config(
         &[q(&format!("tcp://127.0.0.1:{port}"))],
         "upstream_reconnect_max_ms = 400",

@@ -306,6 +306,16 @@ impl Mock {
         txid
     }
 
+    /// Tell header subscribers of a new tip.
+    fn notify_tip(&self, height: u64, hex: &str) {
+        let line = json!({"jsonrpc":"2.0","method":"blockchain.headers.subscribe","params":[{"hex":hex,"height":height}]});
+        for c in self.shared.conns.lock().unwrap().values() {
+            if c.headers {
+                let _ = c.tx.send(line.to_string());
+            }
+        }
+    }
+
     /// Mine `n` blocks and notify header subscribers of the new tip.
     pub fn mine(&self, n: usize) {
         let (height, hex) = {
@@ -315,12 +325,7 @@ impl Mock {
             }
             chain.tip()
         };
-        let line = json!({"jsonrpc":"2.0","method":"blockchain.headers.subscribe","params":[{"hex":hex,"height":height}]});
-        for c in self.shared.conns.lock().unwrap().values() {
-            if c.headers {
-                let _ = c.tx.send(line.to_string());
-            }
-        }
+        self.notify_tip(height, &hex);
     }
 
     /// A reorganisation: replace the last `depth` blocks (never genesis)
@@ -340,12 +345,7 @@ impl Mock {
             }
             chain.tip()
         };
-        let line = json!({"jsonrpc":"2.0","method":"blockchain.headers.subscribe","params":[{"hex":hex,"height":height}]});
-        for c in self.shared.conns.lock().unwrap().values() {
-            if c.headers {
-                let _ = c.tx.send(line.to_string());
-            }
-        }
+        self.notify_tip(height, &hex);
     }
 
     /// Accept, read, never answer (or back to normal with `false`).

@@ -436,3 +436,19 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// Send `server.ping` and return every message that arrived before its
+/// answer: what the session was sent up to now.
+pub async fn fence(c: &mut Client) -> Vec<Value> {
+    c.send(&json!({"jsonrpc":"2.0","id":"fence","method":"server.ping","params":[]}))
+        .await;
+    let mut seen = Vec::new();
+    loop {
+        let v = c.recv().await;
+        if v["id"] == json!("fence") {
+            assert_eq!(v["result"], Value::Null, "{v}");
+            return seen;
+        }
+        seen.push(v);
+    }
+}
