@@ -61,10 +61,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
     /// Read the next line. Empty lines (keep-alive newlines) are skipped.
     pub async fn next_frame(&mut self) -> Result<Frame, CodecError> {
         loop {
-            if let Some(line) = self.take_line()? {
-                if line.is_empty() {
-                    continue;
-                }
+            if let Some(line) = self.next_buffered()? {
                 return Ok(Frame::Line(line));
             }
             if self.eof {

@@ -1117,9 +1117,14 @@ impl Actor {
                     moved.push(Topic::Headers);
                 }
                 let old_tip = self.pool.conn_tip(conn);
+                // Subscriptions established there (not only asked for).
+                let mut established = Vec::new();
                 for (sh, entry) in self.scripts.iter_mut() {
                     if on_conn(entry) {
                         entry.moved_from_tip = old_tip;
+                        if entry.conn == Some(conn) {
+                            established.push(sh.clone());
+                        }
                         moved.push(Topic::Script(sh.clone()));
                     }
                 }
@@ -1127,21 +1132,13 @@ impl Actor {
                     tracing::info!(coin = %self.config.coin, subscriptions = moved.len(), "moving subscriptions off a lost upstream connection");
                 }
                 for topic in moved {
-                    // A connection taken out of rotation (lagging, or gone
-                    // from the configuration) may still be open: tell its
-                    // upstream to stop watching. On a dead one nothing is sent.
-                    let held_there = match &topic {
-                        Topic::Script(sh) => self
-                            .scripts
-                            .get(sh)
-                            .is_some_and(|e| e.conn == Some(conn))
-                            .then(|| sh.clone()),
-                        Topic::Headers => None,
-                    };
                     self.start_subscribe(topic);
-                    if let Some(sh) = held_there {
-                        self.release_upstream(conn, &sh);
-                    }
+                }
+                // A connection taken out of rotation (lagging, or gone from
+                // the configuration) may still be open: tell its upstream to
+                // stop watching. To a dead one nothing is sent.
+                for sh in established {
+                    self.release_upstream(conn, &sh);
                 }
             }
             PoolEvent::Notification {
