@@ -61,13 +61,7 @@ async fn setup(hold_ms: u64, h0: &History) -> Setup {
             .all(|u| u.ready_connections > 0)
     })
     .await;
-    let mut wallet = Client::connect(tcp_addr(&server, "test")).await;
-    wallet
-        .call("server.version", json!(["wallet", "1.4"]))
-        .await;
-    let status = wallet
-        .call("blockchain.scripthash.subscribe", json!([sh]))
-        .await;
+    let (wallet, status) = subscribed_wallet(tcp_addr(&server, "test"), &sh).await;
     assert_eq!(status, json!(status_of(h0)));
     let (holder, other) = if a.subscriptions() == 1 {
         (a, b)

@@ -409,13 +409,7 @@ async fn histories_stay_consistent_with_the_announced_status() {
     let server = start_proxy(&config(&[("test", vec![other.url(), holder.url()], "")])).await;
     wait_ready(&server, "test").await;
     let addr = tcp_addr(&server, "test");
-    let mut wallet = Client::connect(addr).await;
-    wallet
-        .call("server.version", json!(["wallet", "1.4"]))
-        .await;
-    let status = wallet
-        .call("blockchain.scripthash.subscribe", json!([sh]))
-        .await;
+    let (mut wallet, status) = subscribed_wallet(addr, &sh).await;
     assert_eq!(status, status_json(&confirmed));
     assert_eq!(holder.subscriptions(), 1);
     other.restart().await;

@@ -452,3 +452,16 @@ pub async fn fence(c: &mut Client) -> Vec<Value> {
         seen.push(v);
     }
 }
+
+/// A wallet session at `addr` that negotiated 1.4 and subscribed to `sh`:
+/// the session and the status it was answered.
+pub async fn subscribed_wallet(addr: SocketAddr, sh: &str) -> (Client, Value) {
+    let mut wallet = Client::connect(addr).await;
+    wallet
+        .call("server.version", json!(["wallet", "1.4"]))
+        .await;
+    let status = wallet
+        .call("blockchain.scripthash.subscribe", json!([sh]))
+        .await;
+    (wallet, status)
+}
