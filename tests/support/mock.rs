@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -150,6 +150,23 @@ pub struct Mock {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
     listening: CancellationToken,
+    /// The accept loop; `restart` waits for a stopped one to let go of its
+    /// listener.
+    accepting: Option<tokio::task::JoinHandle<()>>,
+    /// While stopped: a socket bound to `addr` that does not listen, so
+    /// connections are refused and no other test's listener (port 0) can
+    /// be given this port before `restart`.
+    reserved: Mutex<Option<TcpSocket>>,
+}
+
+/// A socket on `addr` that other sockets with `SO_REUSEPORT` (this mock's
+/// listener, its reservation) may share.
+fn shareable_socket(addr: SocketAddr) -> TcpSocket {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.set_reuseport(true).unwrap();
+    socket.bind(addr).unwrap();
+    socket
 }
 
 impl Mock {
@@ -171,14 +188,18 @@ impl Mock {
             delay_ms: AtomicU64::new(0),
             protocol_1_6: AtomicBool::new(false),
         });
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = shareable_socket("127.0.0.1:0".parse().unwrap())
+            .listen(1024)
+            .unwrap();
         let addr = listener.local_addr().unwrap();
         let listening = CancellationToken::new();
-        tokio::spawn(accept_loop(listener, shared.clone(), listening.clone()));
+        let accepting = tokio::spawn(accept_loop(listener, shared.clone(), listening.clone()));
         Mock {
             addr,
             shared,
             listening,
+            accepting: Some(accepting),
+            reserved: Mutex::new(None),
         }
     }
 
@@ -376,24 +397,28 @@ impl Mock {
 
     /// Stop listening and drop every connection: the upstream is gone.
     pub fn stop(&self) {
+        let mut reserved = self.reserved.lock().unwrap();
+        if reserved.is_none() {
+            // Reserve the port before the listener goes.
+            *reserved = Some(shareable_socket(self.addr));
+        }
         self.listening.cancel();
         self.kill_connections();
     }
 
     /// Listen again on the same port after `stop`.
     pub async fn restart(&mut self) {
-        let listener = loop {
-            match TcpListener::bind(self.addr).await {
-                Ok(l) => break l,
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        };
+        if let Some(old) = self.accepting.take() {
+            let _ = old.await;
+        }
+        let listener = shareable_socket(self.addr).listen(1024).unwrap();
+        self.reserved.lock().unwrap().take();
         self.listening = CancellationToken::new();
-        tokio::spawn(accept_loop(
+        self.accepting = Some(tokio::spawn(accept_loop(
             listener,
             self.shared.clone(),
             self.listening.clone(),
-        ));
+        )));
     }
 }
 
