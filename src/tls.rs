@@ -5,7 +5,7 @@
 //! (system roots or a CA file, a pinned SHA-256 fingerprint, or an explicit
 //! `insecure` opt-out). It does not open sockets.
 
-use crate::config::{TlsFiles, UpstreamEntry};
+use crate::config::{parse_fingerprint, TlsFiles, UpstreamEntry};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -65,18 +65,6 @@ fn is_dev_certificate(cert: &CertificateDer<'_>) -> bool {
         .flatten()
         .any(|dev| dev.as_ref() == cert.as_ref());
     found
-}
-
-/// Parse a SHA-256 fingerprint written as hex, with or without `:`.
-pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], String> {
-    let clean: String = text
-        .chars()
-        .filter(|c| *c != ':' && !c.is_whitespace())
-        .collect();
-    let bytes = hex::decode(&clean).map_err(|_| "must be hex (colons allowed)".to_string())?;
-    bytes
-        .try_into()
-        .map_err(|_| "must be a SHA-256 fingerprint (32 bytes, 64 hex digits)".to_string())
 }
 
 /// The SHA-256 fingerprint of a DER certificate, as lowercase hex.
