@@ -465,3 +465,27 @@ pub async fn subscribed_wallet(addr: SocketAddr, sh: &str) -> (Client, Value) {
         .await;
     (wallet, status)
 }
+
+/// Set by `.ci/run`: a test that needs an external program (HAProxy,
+/// Chromium, ...) fails when it is missing instead of skipping.
+pub const REQUIRE_TOOLS_ENV: &str = "ELECTRUM_LB_REQUIRE_TOOLS";
+
+/// The path of an external program a test drives (`haproxy`, `chromium`),
+/// found on `PATH`. Missing: the test is skipped with a note on stderr, so
+/// `cargo test` passes on a machine without it; but under `.ci/run`
+/// ([`REQUIRE_TOOLS_ENV`] set) a missing program fails the test, so what CI
+/// reports as passed really ran.
+pub fn require_tool(name: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        if std::env::var_os(REQUIRE_TOOLS_ENV).is_some() {
+            panic!("`{name}` is not installed, and {REQUIRE_TOOLS_ENV} requires it (.ci/run installs it)");
+        }
+        eprintln!("skipped: `{name}` is not installed (apt-get install {name}); .ci/run installs it and runs this test");
+    }
+    found
+}
