@@ -38,8 +38,15 @@ impl AdminState {
     /// Copy scrape-time values (upstreams, subscriptions) into the metrics.
     fn refresh(&self) {
         let m = &self.metrics;
+        // Levels come and go with connections: only the current ones show.
+        m.upstream_protocol.reset();
         for (coin, router) in &self.routers {
             for u in router.pool.status() {
+                for level in &u.levels {
+                    m.upstream_protocol
+                        .with_label_values(&[coin.as_str(), u.url.as_str(), &level.to_string()])
+                        .inc();
+                }
                 let labels = [coin.as_str(), u.url.as_str()];
                 m.upstream_up
                     .with_label_values(&labels)
@@ -64,6 +71,17 @@ impl AdminState {
             m.subscriptions
                 .with_label_values(&[coin, "held"])
                 .set(stats.held_statuses.load(Ordering::Relaxed) as i64);
+            m.subscriptions
+                .with_label_values(&[coin, "outpoint"])
+                .set(stats.outpoints.load(Ordering::Relaxed) as i64);
+            m.subscriptions
+                .with_label_values(&[coin, "outpoint_emulated"])
+                .set(stats.outpoints_emulated.load(Ordering::Relaxed) as i64);
+            for (form, n) in crate::hub::FORM_KINDS.iter().zip(&stats.session_forms) {
+                m.session_subscriptions
+                    .with_label_values(&[coin.as_str(), form])
+                    .set(n.load(Ordering::Relaxed) as i64);
+            }
             // The hub counts fan-out itself; the counter follows it.
             follow(
                 &router.metrics.notifications,

@@ -120,6 +120,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
                     max_lag: coin.max_lag,
                 },
                 protocol: coin.upstream_protocol.clone(),
+                protocol_max: protocol_slot(coin),
                 metrics: Some(coin_metrics.clone()),
             },
             &stops.hard,
@@ -201,6 +202,14 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         tls,
         config: std::sync::Mutex::new(config.clone()),
     })
+}
+
+/// The highest protocol a coin's protocol slots ask for; `None` when it is
+/// what every connection asks anyway (no protocol slot).
+fn protocol_slot(coin: &CoinConfig) -> Option<String> {
+    let parse = |v: &str| v.parse::<crate::protocol::Version>().ok();
+    (parse(&coin.upstream_protocol_max) > parse(&coin.upstream_protocol))
+        .then(|| coin.upstream_protocol_max.clone())
 }
 
 /// The `[server]` settings a pool generation is built from.
@@ -333,6 +342,7 @@ impl Server {
             }
             let changed = old.upstreams != coin.upstreams
                 || old.upstream_protocol != coin.upstream_protocol
+                || old.upstream_protocol_max != coin.upstream_protocol_max
                 || old.max_lag != coin.max_lag
                 || upstream_settings(&current.server) != upstream_settings(&new.server);
             if changed {
@@ -345,6 +355,7 @@ impl Server {
                         max_lag: coin.max_lag,
                     },
                     protocol: coin.upstream_protocol.clone(),
+                    protocol_max: protocol_slot(coin),
                     metrics: Some(router.metrics.clone()),
                 };
                 router.pool.reconfigure(

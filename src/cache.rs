@@ -21,7 +21,8 @@
 //!   when every height they involve is at least `reorg_margin` blocks below
 //!   the tip.
 //! - `blockchain.estimatefee`, `blockchain.relayfee` and
-//!   `mempool.get_fee_histogram` for `fee_ttl`.
+//!   `mempool.get_fee_histogram` for `fee_ttl`, and `mempool.recent`
+//!   (protocol 1.7: the same few transactions for every wallet) as well.
 //!
 //! Nothing about histories, balances, unspents or the mempool is cached or
 //! coalesced: the subscription hub keeps those current, and a history sent
@@ -117,9 +118,10 @@ pub fn policy(method: &str, params: &str) -> Option<Policy> {
                 _ => None,
             }
         }
-        "blockchain.estimatefee" | "blockchain.relayfee" | "mempool.get_fee_histogram" => {
-            Some(Policy::Fees)
-        }
+        "blockchain.estimatefee"
+        | "blockchain.relayfee"
+        | "mempool.get_fee_histogram"
+        | "mempool.recent" => Some(Policy::Fees),
         _ => None,
     }
 }

@@ -213,7 +213,7 @@ fn uint_arg(params: &str, name: &str) -> Result<u64, RpcError> {
     }
 }
 
-fn unexpected(raw: &str) -> RpcError {
+pub(crate) fn unexpected(raw: &str) -> RpcError {
     let shown: String = raw.chars().take(80).collect();
     RpcError::new(
         ErrorCode::InternalError,
@@ -221,7 +221,7 @@ fn unexpected(raw: &str) -> RpcError {
     )
 }
 
-fn dropped() -> RpcError {
+pub(crate) fn dropped() -> RpcError {
     RpcError::new(ErrorCode::InternalError, "request dropped")
 }
 
@@ -257,7 +257,7 @@ where
 
 /// Answer the client from an internal reply: a result through `convert`, an
 /// upstream error object verbatim, the proxy's own error otherwise.
-fn relay<F>(reply: InternalReply, responder: Responder, convert: F)
+pub(crate) fn relay<F>(reply: InternalReply, responder: Responder, convert: F)
 where
     F: FnOnce(&str) -> Result<String, RpcError>,
 {

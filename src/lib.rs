@@ -34,6 +34,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod bridge;
 pub mod cache;
 pub mod coalesce;
 pub mod codec;
@@ -45,13 +46,16 @@ pub mod jsonrpc;
 pub mod legacy;
 pub mod limits;
 pub mod listener;
+pub mod local;
 pub mod metrics;
+pub mod outpoint;
 pub mod protocol;
 pub mod proxy_protocol;
 pub mod reply;
 pub mod router;
 pub mod session;
 pub mod tls;
+pub mod tx;
 pub mod upstream;
 
 pub use app::{start, Server};

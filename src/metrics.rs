@@ -49,8 +49,36 @@ pub const METHODS: &[&str] = &[
     "blockchain.transaction.broadcast",
     "mempool.get_fee_histogram",
     "mempool.get_info",
+    "mempool.recent",
+    "blockchain.transaction.broadcast_package",
+    "blockchain.transaction.testmempoolaccept",
+    "blockchain.scriptpubkey.get_balance",
+    "blockchain.scriptpubkey.get_history",
+    "blockchain.scriptpubkey.get_mempool",
+    "blockchain.scriptpubkey.listunspent",
+    "blockchain.scriptpubkey.subscribe",
+    "blockchain.scriptpubkey.unsubscribe",
+    "blockchain.outpoint.subscribe",
+    "blockchain.outpoint.unsubscribe",
+    "blockchain.outpoint.get_status",
     "other",
 ];
+
+/// The `level` label of sessions: not negotiated, below 1.3, 1.3 to 1.5,
+/// 1.6, 1.7.
+pub const LEVELS: [&str; 5] = ["none", "legacy", "1.4", "1.6", "1.7"];
+
+/// Index of a session's level in [`LEVELS`].
+pub fn level_index(level: crate::protocol::Level) -> usize {
+    use crate::protocol::{Level, V1_6, V1_7};
+    match level {
+        Level::Unnegotiated => 0,
+        Level::Legacy(_) => 1,
+        Level::Modern(v) if v >= V1_7 => 4,
+        Level::Modern(v) if v >= V1_6 => 3,
+        Level::Modern(_) => 2,
+    }
+}
 
 /// Index of a method in [`METHODS`] (`other` for anything unknown).
 pub fn method_index(method: &str) -> u8 {
@@ -112,6 +140,9 @@ pub struct Metrics {
     pub(crate) upstream_connections: IntGaugeVec,
     upstream_seconds: HistogramVec,
     pub(crate) subscriptions: IntGaugeVec,
+    pub(crate) session_subscriptions: IntGaugeVec,
+    sessions_by_level: IntGaugeVec,
+    pub(crate) upstream_protocol: IntGaugeVec,
     pub(crate) cache_requests: IntCounterVec,
     pub(crate) cache_entries: IntGaugeVec,
     pub(crate) cache_bytes: IntGaugeVec,
@@ -212,6 +243,27 @@ impl Metrics {
                 ),
                 &["coin", "kind"]
             )),
+            session_subscriptions: reg!(IntGaugeVec::new(
+                opts(
+                    "session_subscriptions",
+                    "Subscriptions held by sessions, by form: headers, numblocks, scripthash, address, scriptpubkey, outpoint."
+                ),
+                &["coin", "form"]
+            )),
+            sessions_by_level: reg!(IntGaugeVec::new(
+                opts(
+                    "sessions_by_protocol",
+                    "Open client sessions by negotiated protocol level: none (never negotiated), legacy (below 1.3), 1.4 (1.3 to 1.5), 1.6, 1.7."
+                ),
+                &["coin", "level"]
+            )),
+            upstream_protocol: reg!(IntGaugeVec::new(
+                opts(
+                    "upstream_protocol_connections",
+                    "Open upstream connections by the protocol level they negotiated."
+                ),
+                &["coin", "upstream", "level"]
+            )),
             cache_requests: reg!(IntCounterVec::new(
                 opts(
                     "cache_requests_total",
@@ -256,6 +308,7 @@ impl Metrics {
             bytes_in: self.bytes_in.with_label_values(&[coin]),
             bytes_out: self.bytes_out.with_label_values(&[coin]),
             notifications: self.notifications.with_label_values(&[coin]),
+            sessions_by_level: LEVELS.map(|l| self.sessions_by_level.with_label_values(&[coin, l])),
         })
     }
 
@@ -277,6 +330,8 @@ pub struct CoinMetrics {
     pub bytes_in: IntCounter,
     pub bytes_out: IntCounter,
     pub notifications: IntCounter,
+    /// Open sessions by negotiated level (see [`LEVELS`]).
+    pub sessions_by_level: [IntGauge; LEVELS.len()],
 }
 
 impl std::fmt::Debug for CoinMetrics {

@@ -6,9 +6,12 @@
 //! those replies are built; this module only names the level.
 //!
 //! Rules (the legacy-wallets issue stands over ElectrumX here): anything at
-//! or below the proxy's maximum is served; below 1.3 the session is legacy;
-//! a client whose minimum is above the maximum is refused and disconnected; a
-//! repeated `server.version` is a keep-alive and gets the same answer again.
+//! or below the proxy's maximum (1.7) is served; below 1.3 the session is
+//! legacy; a client whose minimum is above the maximum is refused and
+//! disconnected; a repeated `server.version` is a keep-alive and gets the
+//! same answer again. A session keeps the level it settled: from 1.6 on it
+//! gets the 1.6 reply shapes and loses the methods 1.6 removed, from 1.7 on
+//! the 1.7 ones (see `router` and `bridge`), exactly as ElectrumX 2.0 does.
 
 use crate::jsonrpc::{ErrorCode, RpcError};
 use serde_json::Value;
@@ -21,6 +24,17 @@ pub struct Version(pub u32, pub u32, pub u32);
 impl Version {
     pub const fn new(major: u32, minor: u32) -> Self {
         Version(major, minor, 0)
+    }
+
+    /// One number that orders like the version (for an atomic); parts are
+    /// capped at 999.
+    pub fn to_u32(self) -> u32 {
+        let part = |p: u32| p.min(999);
+        part(self.0) * 1_000_000 + part(self.1) * 1_000 + part(self.2)
+    }
+
+    pub fn from_u32(n: u32) -> Version {
+        Version(n / 1_000_000, n / 1_000 % 1_000, n % 1_000)
     }
 }
 
@@ -60,8 +74,15 @@ impl std::str::FromStr for Version {
 
 /// Lowest version advertised in `server.features`.
 pub const PROTOCOL_MIN: Version = Version(1, 0, 0);
-/// Highest version the proxy serves (1.4.2 added `scripthash.unsubscribe`).
-pub const PROTOCOL_MAX: Version = Version(1, 4, 2);
+/// Highest version the proxy serves (ElectrumX 2.0's maximum).
+pub const PROTOCOL_MAX: Version = Version(1, 7, 0);
+/// 1.6: `blockchain.block.headers` lists, no `blockchain.relayfee`,
+/// `mempool.get_info`, `blockchain.transaction.broadcast_package`.
+pub const V1_6: Version = Version(1, 6, 0);
+/// 1.7: `blockchain.scriptpubkey.*` instead of `blockchain.scripthash.*`,
+/// `blockchain.outpoint.*`, `testmempoolaccept`, `mempool.recent`, the new
+/// `server.ping`.
+pub const V1_7: Version = Version(1, 7, 0);
 /// From this version on, a session gets the modern reply forms.
 pub const MODERN_FROM: Version = Version(1, 3, 0);
 /// From this version on, `server.version` answers `[software, version]`.
@@ -93,6 +114,11 @@ impl Level {
             Level::Unnegotiated => None,
             Level::Legacy(v) | Level::Modern(v) => Some(v),
         }
+    }
+
+    /// Whether the session negotiated `v` or later.
+    pub fn at_least(self, v: Version) -> bool {
+        self.version().is_some_and(|own| own >= v)
     }
 }
 
@@ -180,10 +206,10 @@ pub fn negotiate(params: &str, current: Level, server_name: &str) -> Negotiated 
         }
     };
     // A bare version is both the client's minimum and maximum (ElectrumX's
-    // rule): "1.6" alone asks for 1.6 semantics (`headers` lists, no
-    // `blockchain.relayfee`), which answering 1.4.2 would silently break, so
-    // it is refused like any minimum above ours. Below our minimum nothing is
-    // refused: those are the legacy wallets this proxy keeps working.
+    // rule): "1.8" alone asks for semantics this proxy does not know, which
+    // answering 1.7 would silently break, so it is refused like any minimum
+    // above ours. Below our minimum nothing is refused: those are the legacy
+    // wallets this proxy keeps working.
     if client_min > PROTOCOL_MAX {
         return Negotiated::Refuse {
             error: RpcError::new(
@@ -263,25 +289,50 @@ mod tests {
         assert_eq!(
             accept(r#"["", ["1.4", "1.6"]]"#),
             (
-                Level::Modern(Version(1, 4, 2)),
-                format!("[\"{NAME}\",\"1.4.2\"]")
+                Level::Modern(Version(1, 6, 0)),
+                format!("[\"{NAME}\",\"1.6\"]")
+            )
+        );
+        assert_eq!(
+            accept(r#"["w",["1.4","1.9"]]"#),
+            (
+                Level::Modern(Version(1, 7, 0)),
+                format!("[\"{NAME}\",\"1.7\"]")
             )
         );
         assert_eq!(
             accept(r#"["w","1.4.2"]"#).0,
             Level::Modern(Version(1, 4, 2))
         );
+        assert_eq!(accept(r#"["w","1.6"]"#).0, Level::Modern(Version(1, 6, 0)));
         // A single version above the maximum is a client whose minimum is
-        // above ours only if it is its minimum too: "1.6" alone is min=max=1.6.
-        assert_eq!(refuse(r#"["w","1.6"]"#), (ErrorCode::BadRequest, true));
+        // above ours only if it is its minimum too: "1.8" alone is min=max=1.8.
+        assert_eq!(refuse(r#"["w","1.8"]"#), (ErrorCode::BadRequest, true));
     }
 
     #[test]
     fn minimum_above_maximum_is_refused_and_disconnected() {
         assert_eq!(
-            refuse(r#"["w",["1.7","1.8"]]"#),
+            refuse(r#"["w",["1.8","1.9"]]"#),
             (ErrorCode::BadRequest, true)
         );
+    }
+
+    #[test]
+    fn levels_compare() {
+        let l = accept(r#"["w","1.6"]"#).0;
+        assert!(l.at_least(V1_6) && !l.at_least(V1_7));
+        assert!(!Level::Unnegotiated.at_least(Version::new(1, 0)));
+        assert!(Level::Legacy(Version(0, 9, 0)).at_least(Version(0, 9, 0)));
+        for v in [
+            Version(1, 4, 2),
+            Version(0, 9, 0),
+            V1_7,
+            Version(12, 345, 6),
+        ] {
+            assert_eq!(Version::from_u32(v.to_u32()), v);
+        }
+        assert!(Version(1, 4, 2).to_u32() < V1_6.to_u32());
     }
 
     #[test]
@@ -338,9 +389,12 @@ mod tests {
             // BDK's electrum-client 0.25.
             (
                 r#"["",["1.4","1.6"]]"#,
-                Level::Modern(Version(1, 4, 2)),
-                pair("1.4.2"),
+                Level::Modern(Version(1, 6, 0)),
+                pair("1.6"),
             ),
+            // The Electrum wallet of late 2025.
+            (r#"["w",["1.4","1.6"]]"#, Level::Modern(V1_6), pair("1.6")),
+            (r#"["w",["1.4","1.7"]]"#, Level::Modern(V1_7), pair("1.7")),
             // A legacy range entirely below our minimum is still served.
             (
                 r#"["w",["0.8","0.9"]]"#,
@@ -368,14 +422,14 @@ mod tests {
         for (params, level, result) in cases {
             assert_eq!(accept(params), (level, result), "{params}");
         }
-        // "1.6" alone is min = max = 1.6: above our maximum, refused and closed.
-        for params in [r#"["w","1.6"]"#, r#"["w",["1.7","1.8"]]"#, r#"["w","1.5"]"#] {
+        // "1.8" alone is min = max = 1.8: above our maximum, refused and closed.
+        for params in [r#"["w","1.8"]"#, r#"["w",["1.8","1.9"]]"#, r#"["w","2.0"]"#] {
             assert_eq!(refuse(params), (ErrorCode::BadRequest, true), "{params}");
             let Negotiated::Refuse { error, .. } = negotiate(params, Level::Unnegotiated, NAME)
             else {
                 unreachable!()
             };
-            assert!(error.message.contains("1.4.2"), "{}", error.message);
+            assert!(error.message.contains("1.7"), "{}", error.message);
         }
         // Non-strings are errors the session survives.
         for params in [
@@ -413,7 +467,7 @@ mod tests {
         );
         let level = Level::Modern(Version(1, 4, 0));
         assert_eq!(
-            negotiate(r#"["w",["1.7","1.8"]]"#, level, NAME),
+            negotiate(r#"["w",["1.8","1.9"]]"#, level, NAME),
             Negotiated::Accept {
                 level,
                 result: format!("[\"{NAME}\",\"1.4\"]")

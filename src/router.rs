@@ -1,11 +1,14 @@
 //! The router of one coin: decides where each client request goes.
 //!
 //! Owns: the method table. Session-level `server.*` methods are answered
-//! here; subscriptions go to the hub; legacy methods are translated (see
-//! `legacy`); requests about a subscribed scripthash go to the connection that
-//! holds its subscription; everything else is forwarded to the pool with its
-//! id rewritten by the connection. It also owns per-session protocol state
-//! ([`SessionState`]), but not the transport (that is `session`).
+//! locally (see `local`); methods of protocol 1.6 and 1.7 and the rules of
+//! each level are `bridge`'s; subscriptions go to the hub; legacy methods
+//! are translated (see `legacy`); requests about a subscribed scripthash go
+//! to the connection that holds its subscription; everything else is
+//! forwarded to the pool with its id rewritten by the connection, only to
+//! connections whose protocol level serves the method. It also owns
+//! per-session protocol state ([`SessionState`]), but not the transport
+//! (that is `session`).
 
 use crate::coin::{self, AddressVersions};
 use crate::header::HeaderForm;
@@ -13,9 +16,9 @@ use crate::hub::{Form, Hub, Route, SessionId, Topic};
 use crate::jsonrpc::{self, ClientMessage, ErrorCode, LineError, Request, RpcError};
 use crate::legacy;
 use crate::limits::{Limit, SessionGate};
-use crate::protocol::{self, Level, Negotiated, Version};
+use crate::protocol::{Level, Version};
 use crate::reply::{Batch, Outbound, Responder};
-use crate::upstream::{Job, Pool};
+use crate::upstream::{Job, Need, Pool};
 use serde_json::Value;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -67,14 +70,41 @@ pub struct SessionState {
 
 impl SessionState {
     pub fn new(id: SessionId, out: Outbound) -> Self {
-        Self {
+        let st = Self {
             id,
             level: Level::Unnegotiated,
             out,
             subs: HashSet::new(),
             close: false,
             gate: SessionGate::unlimited(),
+        };
+        st.count_level(true);
+        st
+    }
+
+    /// Settle the session's protocol level (kept in the sessions-by-level
+    /// gauge).
+    pub fn set_level(&mut self, level: Level) {
+        self.count_level(false);
+        self.level = level;
+        self.count_level(true);
+    }
+
+    fn count_level(&self, open: bool) {
+        if let Some(m) = self.out.metrics() {
+            let gauge = &m.sessions_by_level[crate::metrics::level_index(self.level)];
+            if open {
+                gauge.inc();
+            } else {
+                gauge.dec();
+            }
         }
+    }
+}
+
+impl Drop for SessionState {
+    fn drop(&mut self) {
+        self.count_level(false);
     }
 }
 
@@ -192,7 +222,7 @@ impl Router {
             return;
         }
         // Local answers first: they describe the proxy, not an upstream.
-        if let Some(result) = self.local_answer(st, method, params, responder.is_some()) {
+        if let Some(result) = crate::local::answer(self, st, method, params, responder.is_some()) {
             if let Some(r) = responder {
                 match result {
                     Ok(text) => r.deliver_text(&text),
@@ -217,6 +247,10 @@ impl Router {
     }
 
     fn route(&self, st: &mut SessionState, method: &str, params: &str, responder: Responder) {
+        // Methods of protocol 1.6 and 1.7, and the rules of each level.
+        let Some(responder) = crate::bridge::route(self, st, method, params, responder) else {
+            return;
+        };
         match method {
             "blockchain.headers.subscribe" => {
                 let form = header_form(st.level, params);
@@ -251,66 +285,6 @@ impl Router {
         }
     }
 
-    /// Answers of the `server.*` methods, or `None` for methods not local.
-    fn local_answer(
-        &self,
-        st: &mut SessionState,
-        method: &str,
-        params: &str,
-        answered: bool,
-    ) -> Option<Result<String, RpcError>> {
-        let text = match method {
-            "server.version" => {
-                return Some(
-                    match protocol::negotiate(params, st.level, &self.info.server_name) {
-                        Negotiated::Accept { level, result } => {
-                            st.level = level;
-                            Ok(result)
-                        }
-                        Negotiated::Refuse { error, disconnect } => {
-                            if disconnect {
-                                st.close = true;
-                            }
-                            Err(error)
-                        }
-                    },
-                )
-            }
-            "server.ping" => "null".to_string(),
-            "server.banner" => jsonrpc::quote(&self.info.banner),
-            "server.donation_address" => jsonrpc::quote(&self.info.donation_address),
-            "server.peers.subscribe" => "[]".to_string(),
-            "server.add_peer" => "false".to_string(),
-            "server.features" => {
-                if !answered {
-                    return Some(Ok(String::new()));
-                }
-                self.features()
-            }
-            _ => return None,
-        };
-        Some(Ok(text))
-    }
-
-    fn features(&self) -> String {
-        let genesis = self
-            .info
-            .genesis_hash
-            .clone()
-            .or_else(|| self.pool.genesis_hash());
-        serde_json::json!({
-            "hosts": serde_json::from_str::<Value>(&self.info.hosts).unwrap_or(Value::Null),
-            "genesis_hash": genesis,
-            "protocol_min": protocol::PROTOCOL_MIN.to_string(),
-            "protocol_max": protocol::PROTOCOL_MAX.to_string(),
-            "server_version": self.info.server_name,
-            "hash_function": "sha256",
-            "pruning": Value::Null,
-            "services": [],
-        })
-        .to_string()
-    }
-
     /// Subscribe through the hub, which keeps each session's subscriptions
     /// and enforces both the per-session and the per-coin limit.
     pub(crate) fn subscribe(
@@ -330,7 +304,13 @@ impl Router {
         );
     }
 
-    fn unsubscribe(&self, st: &mut SessionState, topic: Topic, form: Form, responder: Responder) {
+    pub(crate) fn unsubscribe(
+        &self,
+        st: &mut SessionState,
+        topic: Topic,
+        form: Form,
+        responder: Responder,
+    ) {
         self.hub.unsubscribe(st.id, topic, form, responder);
     }
 
@@ -372,10 +352,10 @@ impl Router {
         }
     }
 
-    /// Forward to an upstream, preferring the connection that holds the
-    /// subscription of `affinity` (a scripthash).
     /// Forward a request upstream, unless the cache answers it or an
-    /// identical one is already in flight.
+    /// identical one is already in flight; a read about a subscribed
+    /// scripthash (`affinity`) goes to the connection holding its
+    /// subscription.
     pub(crate) fn forward(
         &self,
         method: &str,
@@ -383,22 +363,47 @@ impl Router {
         responder: Responder,
         affinity: Option<&str>,
     ) {
+        let need = crate::bridge::upstream_need(method);
+        self.forward_to(method, params, responder, affinity, need);
+    }
+
+    /// [`Router::forward`] to connections of the levels in `need` only.
+    pub(crate) fn forward_to(
+        &self,
+        method: &str,
+        params: &str,
+        responder: Responder,
+        affinity: Option<&str>,
+        need: Need,
+    ) {
         self.cache.serve(method, params, responder, |r| {
-            self.send(method, params, r, affinity)
+            self.send(method, params, r, affinity, need)
         });
     }
 
     /// Send a request to the pool; a read of a subscribed scripthash goes
     /// to the connection holding its subscription, or through the hub when
     /// that subscription is moving (see `hub`, "Failover").
-    fn send(&self, method: &str, params: &str, responder: Responder, affinity: Option<&str>) {
+    fn send(
+        &self,
+        method: &str,
+        params: &str,
+        responder: Responder,
+        affinity: Option<&str>,
+        need: Need,
+    ) {
         let mut job = Job::new(
             jsonrpc::request_prefix(method, params),
             responder,
             Instant::now() + self.request_timeout,
         );
         // A broadcast written to a socket is never sent again.
-        job.retryable = method != "blockchain.transaction.broadcast";
+        job.retryable = !matches!(
+            method,
+            "blockchain.transaction.broadcast" | "blockchain.transaction.broadcast_package"
+        );
+        // Only connections of the levels that serve this method take it.
+        job.need = need;
         let Some((sh, route)) = affinity.and_then(|sh| Some((sh, self.hub.route(sh)?))) else {
             return self.pool.dispatch(job);
         };
@@ -459,7 +464,7 @@ fn header_form(level: Level, params: &str) -> HeaderForm {
 /// Every history, balance and unspent request passes here: the usual
 /// `["<64 lowercase hex>", ...]` is read in place, without a JSON tree or
 /// a copy; anything else takes the general path.
-fn scripthash_arg(params: &str) -> Option<std::borrow::Cow<'_, str>> {
+pub(crate) fn scripthash_arg(params: &str) -> Option<std::borrow::Cow<'_, str>> {
     let fast = params
         .trim_start()
         .strip_prefix('[')

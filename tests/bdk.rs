@@ -88,8 +88,8 @@ fn run_wallet(url: String, expected: Expected) {
     let client = electrum_client::Client::from_config(&url, config)
         .unwrap_or_else(|e| panic!("connecting to {url}: {e:?}"));
 
-    // It negotiated within the proxy's range on connecting.
-    assert_eq!(client.protocol_version().unwrap(), "1.4.2");
+    // It negotiated the top of its range ([1.4, 1.6]) on connecting.
+    assert_eq!(client.protocol_version().unwrap(), "1.6");
 
     let tip = client.block_headers_subscribe().unwrap();
     assert_eq!(tip.height, expected.tip_height);
@@ -125,7 +125,7 @@ fn run_wallet(url: String, expected: Expected) {
     // A few more of what wallets call on connect.
     client.ping().unwrap();
     let features = client.server_features().unwrap();
-    assert_eq!(features.protocol_max, "1.4.2");
+    assert_eq!(features.protocol_max, "1.7");
     assert_eq!(hex::encode(features.genesis_hash), expected.genesis);
     let (paid, history) = &expected.histories[0];
     let status = client.script_subscribe(paid).unwrap();

@@ -390,7 +390,8 @@ async fn android_wallet_session(w: &mut Wallet, mock: &Mock, addrs: &[String], f
 // ---------------------------------------------------------------------------
 // Modern clients on the same listener.
 
-/// BDK's electrum-client 0.25 negotiates ["1.4", "1.6"] and reads 1.4 forms.
+/// BDK's electrum-client 0.25 negotiates ["1.4", "1.6"]: it gets 1.6, and
+/// reads the 1.6 forms the proxy makes of the 1.4 upstream's answers.
 async fn bdk_client(addr: SocketAddr, mock: &Mock, script: Vec<u8>, txid: String) {
     let (tip, tip_hex) = mock.tip();
     let headers: Vec<String> = (0..10).map(|h| block_hash(&mock.header_hex(h))).collect();
@@ -402,9 +403,9 @@ async fn bdk_client(addr: SocketAddr, mock: &Mock, script: Vec<u8>, txid: String
     let url = format!("tcp://{addr}");
     let client = tokio::task::spawn_blocking(move || {
         let client = electrum_client::Client::new(&url).unwrap();
-        assert_eq!(client.protocol_version().unwrap(), "1.4.2");
+        assert_eq!(client.protocol_version().unwrap(), "1.6");
         let features = client.server_features().unwrap();
-        assert_eq!(features.protocol_max, "1.4.2");
+        assert_eq!(features.protocol_max, "1.7");
         let sub = client.block_headers_subscribe().unwrap();
         assert_eq!(sub.height as u64, tip);
         assert_eq!(sub.header.block_hash().to_string(), block_hash(&tip_hex));
@@ -428,7 +429,8 @@ async fn bdk_client(addr: SocketAddr, mock: &Mock, script: Vec<u8>, txid: String
         assert_eq!(unspent[0].value, 1000);
         let tx = client.transaction_get(&txid.parse().unwrap()).unwrap();
         assert_eq!(tx.compute_txid().to_string(), txid);
-        assert_eq!(client.relay_fee().unwrap(), 0.00001);
+        // 1.6 removed blockchain.relayfee: refused, as ElectrumX 2.0 does.
+        assert!(client.relay_fee().is_err());
         assert_eq!(client.estimate_fee(2, None).unwrap(), 0.0001);
         client.ping().unwrap();
         client
@@ -694,9 +696,9 @@ async fn version_negotiation_on_the_wire() {
     let mock = modern_upstream().await;
     let (server, addr) = proxy(&mock, "").await;
 
-    // "1.6" alone is a minimum above 1.4.2: refused, then closed.
+    // "1.8" alone is a minimum above 1.7: refused, then closed.
     let mut new = Client::connect(addr).await;
-    let r = new.request("server.version", json!(["w", "1.6"])).await;
+    let r = new.request("server.version", json!(["w", "1.8"])).await;
     assert_eq!(r["error"]["code"], 1, "{r}");
     assert!(new.closed().await);
 
@@ -709,7 +711,7 @@ async fn version_negotiation_on_the_wire() {
     let settled = json!([server_name(), "1.4"]);
     assert_eq!(c.call("server.version", json!(["w", "1.4"])).await, settled);
     assert_eq!(c.call("server.version", json!(["w", "0.9"])).await, settled);
-    assert_eq!(c.call("server.version", json!(["w", "1.6"])).await, settled);
+    assert_eq!(c.call("server.version", json!(["w", "1.8"])).await, settled);
     let header = c.call("blockchain.headers.subscribe", json!([])).await;
     assert_eq!(header, json!({"hex": mock.tip().1, "height": mock.tip().0}));
 
@@ -744,13 +746,15 @@ async fn a_protocol_1_6_upstream_still_serves_relayfee_and_1_4_forms() {
     let three: String = (2..5).map(|h| mock.header_hex(h)).collect();
     assert_eq!(headers, json!({"hex": three, "count": 3, "max": 2016}));
 
-    // And so does BDK, which negotiated 1.4.2 and reads `hex`.
+    // BDK negotiates 1.6: the 1.6 form, and no relayfee (as on
+    // ElectrumX 2.0); mempool.get_info is its replacement.
     let want: Vec<String> = (0..5).map(|h| block_hash(&mock.header_hex(h))).collect();
     let url = format!("tcp://{addr}");
     tokio::task::spawn_blocking(move || {
         let client = electrum_client::Client::new(&url).unwrap();
-        assert_eq!(client.protocol_version().unwrap(), "1.4.2");
-        assert_eq!(client.relay_fee().unwrap(), 0.00002);
+        assert_eq!(client.protocol_version().unwrap(), "1.6");
+        assert!(client.relay_fee().is_err());
+        assert_eq!(client.mempool_get_info().unwrap().minrelaytxfee, 0.00002);
         let got = client.block_headers(0, 5).unwrap();
         let got: Vec<String> = got
             .headers
@@ -761,9 +765,9 @@ async fn a_protocol_1_6_upstream_still_serves_relayfee_and_1_4_forms() {
     })
     .await
     .unwrap();
-    // BDK's relayfee, seconds after the wallet's, came from the fee cache.
+    // The wallet's relayfee went upstream once; BDK's was refused locally.
     assert_eq!(mock.count("blockchain.relayfee"), 1);
-    assert_eq!(mock.count("mempool.get_info"), 1);
+    assert_eq!(mock.count("mempool.get_info"), 2);
     server.shutdown().await;
 }
 

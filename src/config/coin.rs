@@ -26,6 +26,11 @@ pub struct CoinConfig {
     /// Protocol version the proxy asks every upstream of this coin for.
     #[serde(default = "default_upstream_protocol")]
     pub upstream_protocol: String,
+    /// Highest protocol version asked of an upstream that offers more than
+    /// `upstream_protocol`, on one extra connection (its protocol slot);
+    /// equal to `upstream_protocol`: no extra connection.
+    #[serde(default = "default_upstream_protocol_max")]
+    pub upstream_protocol_max: String,
     /// Base58check version byte of P2PKH addresses (built-in for known coins).
     #[serde(default)]
     pub p2pkh_version: Option<u8>,
@@ -46,6 +51,9 @@ pub struct CoinConfig {
 
 fn default_upstream_protocol() -> String {
     "1.4".into()
+}
+fn default_upstream_protocol_max() -> String {
+    crate::protocol::PROTOCOL_MAX.to_string()
 }
 fn default_max_lag() -> u64 {
     2

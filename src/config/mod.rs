@@ -200,10 +200,29 @@ impl Config {
                     parse_fingerprint(fp).map_err(|e| (format!("{k}.fingerprint"), e))?;
                 }
             }
-            if !coin.upstream_protocol.starts_with("1.") {
+            let version = |field: &str, v: &str| {
+                v.parse::<crate::protocol::Version>()
+                    .ok()
+                    .filter(|v| v.0 == 1)
+                    .ok_or_else(|| {
+                        (
+                            key(field),
+                            "must be a protocol version such as \"1.4\"".to_string(),
+                        )
+                    })
+            };
+            let min = version("upstream_protocol", &coin.upstream_protocol)?;
+            let max = version("upstream_protocol_max", &coin.upstream_protocol_max)?;
+            if max < min {
                 return Err((
-                    key("upstream_protocol"),
-                    "must be a protocol version such as \"1.4\"".into(),
+                    key("upstream_protocol_max"),
+                    format!("must not be below upstream_protocol ({min})"),
+                ));
+            }
+            if max > crate::protocol::PROTOCOL_MAX {
+                return Err((
+                    key("upstream_protocol_max"),
+                    format!("this proxy speaks up to {}", crate::protocol::PROTOCOL_MAX),
                 ));
             }
             if let Some(g) = &coin.genesis_hash {

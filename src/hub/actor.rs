@@ -11,6 +11,7 @@ use super::entry::Entry;
 use super::failover::Holds;
 use super::headers::Headers;
 use super::members::SessionSubs;
+use super::outpoint::Outpoints;
 use super::scripthash::Scripts;
 use super::{Command, Form, HubConfig, HubStats, Route, SessionId, Topic};
 use crate::jsonrpc::{self, ErrorCode, RpcError};
@@ -37,6 +38,7 @@ pub(super) struct Actor {
     pub stats: Arc<HubStats>,
     pub headers: Headers,
     pub scripts: Scripts,
+    pub outpoints: Outpoints,
     /// What each session holds (see `members`).
     pub sessions: HashMap<SessionId, SessionSubs>,
     /// Tells answers of superseded upstream subscribes apart.
@@ -63,6 +65,7 @@ impl Actor {
             stats,
             headers: Headers::default(),
             scripts: Scripts::default(),
+            outpoints: Outpoints::default(),
             sessions: HashMap::new(),
             next_generation: 1,
             holds: Holds::default(),
@@ -115,6 +118,16 @@ impl Actor {
         match topic {
             Topic::Headers => Some(&mut self.headers.entry),
             Topic::Script(sh) => self.scripts.entries.get_mut(sh),
+            Topic::Outpoint(op) => self.outpoints.entries.get_mut(op).map(|o| &mut o.entry),
+        }
+    }
+
+    /// Give a topic's entry an upstream subscription (or, for an outpoint
+    /// without a 1.7 connection, emulation).
+    pub fn start_upstream(&mut self, topic: Topic) {
+        match topic {
+            Topic::Outpoint(op) => self.start_outpoint(op),
+            topic => self.start_subscribe(topic),
         }
     }
 
@@ -126,8 +139,9 @@ impl Actor {
                 topic,
                 form,
                 limit,
+                hint,
                 responder,
-            } => self.subscribe(session, out, topic, form, limit, responder),
+            } => self.subscribe(session, out, topic, form, limit, hint, responder),
             Command::Unsubscribe {
                 session,
                 topic,
@@ -145,6 +159,7 @@ impl Actor {
                 reply,
             } => self.on_subscribed(topic, conn, generation, reply),
             Command::Read { scripthash, job } => self.on_read(scripthash, job),
+            Command::Outpoint(done) => self.on_outpoint_done(done),
         }
     }
 
@@ -165,7 +180,8 @@ impl Actor {
         }
     }
 
-    /// Write the entry's current value to every subscriber, each in its form.
+    /// Write the entry's current value to every subscriber, each in its form
+    /// (and recompute the outpoints emulated over a script's status).
     pub fn fan_out(&mut self, topic: &Topic) {
         let Some(entry) = self.entry(topic) else {
             return;
@@ -187,6 +203,9 @@ impl Actor {
             }
         }
         self.stats.notifications.fetch_add(sent, Ordering::Relaxed);
+        if let Topic::Script(sh) = topic {
+            self.script_changed(sh);
+        }
     }
 
     /// Re-subscribe entries that lost their upstream and found none since.
@@ -199,6 +218,9 @@ impl Actor {
         }
         for sh in self.scripts.orphans() {
             self.start_subscribe(Topic::Script(sh));
+        }
+        for op in self.outpoints.orphans() {
+            self.start_outpoint(op);
         }
     }
 }

@@ -9,17 +9,19 @@
 //! notifications are written; the lifecycle is in `upstream`.
 
 use super::failover::Hold;
-use super::{headers, scripthash, Form, SessionId, Topic};
+use super::{headers, outpoint, scripthash, Form, Outpoint, SessionId, Topic};
 use crate::header;
 use crate::jsonrpc::{self, ErrorCode, RpcError};
+use crate::protocol::V1_7;
 use crate::reply::{Outbound, Responder};
-use crate::upstream::{ConnId, Job};
-use std::collections::HashMap;
+use crate::upstream::{ConnId, Job, Need};
+use std::collections::{HashMap, HashSet};
 
 /// The last value an upstream subscription reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Value {
-    /// A scripthash status as JSON text: `null` or a quoted hex string.
+    /// A scripthash status as JSON text (`null` or a quoted hex string), or
+    /// an outpoint status (a JSON object, see `crate::outpoint::Status`).
     Status(String),
     Tip {
         height: u64,
@@ -58,6 +60,12 @@ pub(super) struct Entry {
     /// upstream with more blocks than that is ahead, not behind, and its
     /// different status is news, announced without a hold.
     pub moved_from_tip: Option<u64>,
+    /// Scripthash entries: the outpoints emulated over this status (they
+    /// keep the entry alive as subscribers do).
+    pub watchers: HashSet<Outpoint>,
+    /// Outpoint entries: the scripthash whose status this outpoint is
+    /// emulated over, instead of an upstream subscription of its own.
+    pub watching: Option<String>,
 }
 
 impl Entry {
@@ -66,9 +74,15 @@ impl Entry {
         self.conn == Some(conn) || self.pending.is_some_and(|(c, _)| c == conn)
     }
 
-    /// Neither established nor asked for: it needs an upstream subscribe.
+    /// Neither established nor asked for, nor emulated: it needs an
+    /// upstream subscribe.
     pub fn orphaned(&self) -> bool {
-        self.conn.is_none() && self.pending.is_none()
+        self.conn.is_none() && self.pending.is_none() && self.watching.is_none()
+    }
+
+    /// Nobody holds it any more.
+    pub fn unused(&self) -> bool {
+        self.subscribers.is_empty() && self.waiting.is_empty() && self.watchers.is_empty()
     }
 }
 
@@ -100,11 +114,23 @@ pub(super) fn answer(responder: Responder, form: &Form, value: &Value) {
 }
 
 impl Topic {
-    /// The upstream request that subscribes to this topic.
-    pub(super) fn subscribe_request(&self) -> (&'static str, String) {
+    /// The upstream request that subscribes to this topic; `hint` is an
+    /// outpoint's output script.
+    pub(super) fn subscribe_request(&self, hint: Option<&[u8]>) -> (&'static str, String) {
         match self {
             Topic::Headers => (headers::SUBSCRIBE, "[]".to_string()),
             Topic::Script(sh) => (scripthash::SUBSCRIBE, scripthash::subscribe_params(sh)),
+            Topic::Outpoint(op) => (outpoint::SUBSCRIBE, outpoint::subscribe_params(op, hint)),
+        }
+    }
+
+    /// The connections that can hold this topic's upstream subscription:
+    /// scripthash subscriptions are gone at 1.7, outpoints came with it.
+    pub(super) fn need(&self) -> Need {
+        match self {
+            Topic::Headers => Need::ANY,
+            Topic::Script(_) => Need::below(V1_7),
+            Topic::Outpoint(_) => Need::at_least(V1_7),
         }
     }
 
@@ -113,6 +139,7 @@ impl Topic {
         match self {
             Topic::Headers => headers::parse_result(result),
             Topic::Script(_) => scripthash::parse_result(result),
+            Topic::Outpoint(_) => outpoint::parse_result(result),
         }
     }
 
@@ -123,6 +150,7 @@ impl Topic {
         Some(match self {
             Topic::Script(sh) => scripthash::notification(sh, form, &rendered),
             Topic::Headers => headers::notification(form, &rendered),
+            Topic::Outpoint(op) => outpoint::notification(op, &rendered),
         })
     }
 }

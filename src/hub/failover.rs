@@ -21,7 +21,8 @@
 //!
 //! A change seen by the new upstream's notifications during the move itself
 //! (see `Entry::early`) is announced at once, as is every change of the tip:
-//! only scripthash statuses are held. So is the status of a subscription
+//! only scripthash statuses and native outpoint statuses are held (an
+//! emulated outpoint follows the status of its script, held or not). So is the status of a subscription
 //! that left a connection still up but behind (out of rotation for lag)
 //! for one whose tip is higher: the new upstream is ahead, not lagging, and
 //! what differs is news (`Entry::moved_from_tip`).
@@ -51,9 +52,9 @@ pub(super) struct Hold {
 #[derive(Default)]
 pub(super) struct Holds {
     /// When each hold ends (stale items are skipped when they come up).
-    deadlines: BinaryHeap<Reverse<(Instant, String)>>,
-    /// Scripthashes whose status is held.
-    held: HashSet<String>,
+    deadlines: BinaryHeap<Reverse<(Instant, Topic)>>,
+    /// Topics whose status is held.
+    held: HashSet<Topic>,
 }
 
 impl Holds {
@@ -62,13 +63,13 @@ impl Holds {
         self.deadlines.peek().map(|Reverse((at, _))| *at)
     }
 
-    /// Keep the index (and its gauge) in step with whether `sh` is held.
-    pub fn track(&mut self, sh: &str, held: bool, stats: &HubStats) {
+    /// Keep the index (and its gauge) in step with whether `topic` is held.
+    pub fn track(&mut self, topic: &Topic, held: bool, stats: &HubStats) {
         if held {
-            if self.held.insert(sh.to_string()) {
+            if self.held.insert(topic.clone()) {
                 stats.held_statuses.fetch_add(1, Ordering::Relaxed);
             }
-        } else if self.held.remove(sh) {
+        } else if self.held.remove(topic) {
             stats.held_statuses.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -80,17 +81,11 @@ impl Actor {
     /// (tips, and every value when the hold is off).
     pub(super) fn hold_or_pass(&mut self, topic: &Topic, value: Value) -> Option<Value> {
         let hold = self.config.failover_hold;
-        let Topic::Script(sh) = topic else {
-            return Some(value);
-        };
-        if hold.is_zero() {
+        if matches!(topic, Topic::Headers) || hold.is_zero() {
             return Some(value);
         }
-        let entry = self
-            .scripts
-            .entries
-            .get_mut(sh)
-            .expect("current entry exists");
+        let coin = self.config.coin.clone();
+        let entry = self.entry(topic).expect("current entry exists");
         // The subscription moved and the new upstream answers another
         // status than subscribers have: it may only lag (its mempool has
         // not seen a payment yet). Hold what subscribers have until the
@@ -102,10 +97,23 @@ impl Actor {
             until,
         });
         // (Nobody waits: `value` was set, so subscribers were answered.)
-        tracing::debug!(coin = %self.config.coin, scripthash = %sh, "the new upstream reports another status: held");
-        self.holds.deadlines.push(Reverse((until, sh.clone())));
-        self.settle(sh);
+        tracing::debug!(coin = %coin, ?topic, "the new upstream reports another status: held");
+        self.holds.deadlines.push(Reverse((until, topic.clone())));
+        self.settled(topic);
         None
+    }
+
+    /// After a hold starts or ends: reads follow (scripthashes), the index
+    /// follows.
+    fn settled(&mut self, topic: &Topic) {
+        match topic {
+            Topic::Script(sh) => self.settle(sh),
+            Topic::Outpoint(_) => {
+                let held = self.entry(topic).is_some_and(|e| e.hold.is_some());
+                self.holds.track(topic, held, &self.stats);
+            }
+            Topic::Headers => {}
+        }
     }
 
     /// A notification from the upstream of a held entry.
@@ -125,31 +133,28 @@ impl Actor {
             entry.value = Some(value);
             self.fan_out(topic);
         }
-        if let Topic::Script(sh) = topic {
-            self.settle(sh);
-        }
+        self.settled(topic);
     }
 
     /// Announce what the new upstream reports for every hold that ran out.
     pub(super) fn end_holds(&mut self) {
         let now = Instant::now();
-        while let Some(Reverse((at, sh))) = self.holds.deadlines.peek() {
+        while let Some(Reverse((at, topic))) = self.holds.deadlines.peek() {
             if *at > now {
                 break;
             }
-            let sh = sh.clone();
+            let topic = topic.clone();
             self.holds.deadlines.pop();
-            let Some(entry) = self.scripts.entries.get_mut(&sh) else {
+            let Some(entry) = self.entry(&topic) else {
                 continue;
             };
             let Some(hold) = entry.hold.take_if(|h| h.until <= now) else {
                 continue; // ended already; a newer hold has its own item
             };
-            tracing::debug!(coin = %self.config.coin, scripthash = %sh, "status still differs on the new upstream after the hold: announced");
             entry.value = Some(hold.upstream);
-            let topic = Topic::Script(sh.clone());
+            tracing::debug!(coin = %self.config.coin, ?topic, "status still differs on the new upstream after the hold: announced");
             self.fan_out(&topic);
-            self.settle(&sh);
+            self.settled(&topic);
         }
     }
 }

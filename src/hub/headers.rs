@@ -91,11 +91,11 @@ impl Actor {
                 _ => None,
             })
             .collect();
-        for form in stale {
+        for form in &stale {
             subs.keys.remove(&(Topic::Headers, form.clone()));
-            self.stats
-                .session_subscriptions
-                .fetch_sub(1, Ordering::Relaxed);
+        }
+        for form in stale {
+            self.count_form(&form, false);
             if let Some(sub) = self.headers.entry.subscribers.get_mut(&session) {
                 sub.forms.retain(|f| *f != form);
             }
@@ -110,5 +110,7 @@ impl Actor {
         }
         self.stats.tip_height.store(height, Ordering::Relaxed);
         self.headers.tip = Some((height, hex.to_string()));
+        // A funding transaction not found before may be in this block.
+        self.retry_unresolved();
     }
 }

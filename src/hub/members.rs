@@ -3,13 +3,15 @@
 //!
 //! Owns: [`SessionSubs`] (each session's subscriptions, for its limit and
 //! for cleanup when it closes), subscribe and unsubscribe of one session,
-//! the per-session and per-coin limits on scripthash subscriptions, and
-//! dropping a scripthash entry with its last subscriber (releasing its
-//! upstream subscription). A new entry's upstream subscribe is started
-//! here and carried on in `upstream`.
+//! the per-session and per-coin limits on scripthash and outpoint
+//! subscriptions (the tip is not limited), and dropping an entry with its
+//! last subscriber (releasing its upstream subscription). A new entry's
+//! upstream subscribe is started here and carried on in `upstream` (and
+//! `outpoint`).
 
 use super::actor::Actor;
 use super::entry::{answer, Entry, Subscriber, Waiter};
+use super::outpoint::OutpointEntry;
 use super::{Form, SessionId, Topic};
 use crate::jsonrpc::{ErrorCode, RpcError};
 use crate::reply::{Outbound, Responder};
@@ -20,11 +22,18 @@ use std::sync::atomic::Ordering;
 #[derive(Default)]
 pub(super) struct SessionSubs {
     pub keys: HashSet<(Topic, Form)>,
-    /// How many of `keys` are scripthash subscriptions (the limited kind).
-    pub scripts: usize,
+    /// How many of `keys` are scripthash or outpoint subscriptions (the
+    /// limited kinds).
+    pub limited: usize,
+}
+
+/// Whether subscriptions to `topic` count against the limits.
+pub(super) fn limited(topic: &Topic) -> bool {
+    !matches!(topic, Topic::Headers)
 }
 
 impl Actor {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn subscribe(
         &mut self,
         session: SessionId,
@@ -32,6 +41,7 @@ impl Actor {
         topic: Topic,
         form: Form,
         limit: usize,
+        hint: Option<Vec<u8>>,
         responder: Responder,
     ) {
         if let (Topic::Headers, Form::Header(shape)) = (&topic, &form) {
@@ -42,16 +52,17 @@ impl Actor {
         let already = held.is_some_and(|s| s.keys.contains(&key));
         let (topic, form) = key;
         if !already {
-            if let Topic::Script(sh) = &topic {
-                if held.map_or(0, |s| s.scripts) >= limit {
+            if limited(&topic) {
+                if held.map_or(0, |s| s.limited) >= limit {
                     responder.fail(RpcError::new(
                         ErrorCode::LimitExceeded,
                         format!("too many subscriptions in this session (limit {limit})"),
                     ));
                     return;
                 }
-                if !self.scripts.entries.contains_key(sh) {
-                    if self.scripts.entries.len() >= self.config.max_topics {
+                if self.entry(&topic).is_none() {
+                    let held = self.scripts.entries.len() + self.outpoints.entries.len();
+                    if held >= self.config.max_topics {
                         responder.fail(RpcError::new(
                             ErrorCode::LimitExceeded,
                             format!(
@@ -61,24 +72,24 @@ impl Actor {
                         ));
                         return;
                     }
-                    self.scripts.entries.insert(sh.clone(), Entry::default());
-                    self.stats
-                        .upstream_subscriptions
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.create(&topic);
                 }
             }
             let subs = self.sessions.entry(session).or_default();
-            if matches!(topic, Topic::Script(_)) {
-                subs.scripts += 1;
+            if limited(&topic) {
+                subs.limited += 1;
             }
             subs.keys.insert((topic.clone(), form.clone()));
-            self.stats
-                .session_subscriptions
-                .fetch_add(1, Ordering::Relaxed);
+            self.count_form(&form, true);
+        }
+        if let (Topic::Outpoint(op), Some(hint)) = (&topic, hint) {
+            let e = self.outpoints.entries.get_mut(op).expect("created");
+            // The first script given wins (a wrong hint is the client's).
+            e.spk.get_or_insert(hint);
         }
         let current = match &topic {
             Topic::Headers => self.headers.current(),
-            Topic::Script(_) => None,
+            _ => None,
         };
         let entry = self.entry(&topic).expect("entry exists");
         if !already {
@@ -94,7 +105,7 @@ impl Actor {
         }
         // The tip falls back on the last one seen while it resubscribes.
         let value = current.or_else(|| entry.value.clone());
-        let needs_upstream = entry.conn.is_none() && entry.pending.is_none();
+        let needs_upstream = entry.orphaned();
         match value {
             Some(v) => answer(responder, &form, &v),
             None => entry.waiting.push(Waiter {
@@ -104,7 +115,42 @@ impl Actor {
             }),
         }
         if needs_upstream {
-            self.start_subscribe(topic);
+            self.start_upstream(topic);
+        }
+    }
+
+    /// A new scripthash or outpoint entry.
+    fn create(&mut self, topic: &Topic) {
+        match topic {
+            Topic::Headers => {}
+            Topic::Script(sh) => {
+                self.scripts.entries.insert(sh.clone(), Entry::default());
+                self.stats
+                    .upstream_subscriptions
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Topic::Outpoint(op) => {
+                self.outpoints
+                    .entries
+                    .insert(op.clone(), OutpointEntry::default());
+                self.stats.outpoints.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Keep the session subscription gauges (total and by form) in step.
+    pub(super) fn count_form(&self, form: &Form, added: bool) {
+        let by_form = &self.stats.session_forms[form.kind()];
+        if added {
+            self.stats
+                .session_subscriptions
+                .fetch_add(1, Ordering::Relaxed);
+            by_form.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stats
+                .session_subscriptions
+                .fetch_sub(1, Ordering::Relaxed);
+            by_form.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -125,8 +171,8 @@ impl Actor {
         if let Some(subs) = self.sessions.get_mut(&session) {
             if subs.keys.remove(&key) {
                 indexed = true;
-                if matches!(topic, Topic::Script(_)) {
-                    subs.scripts -= 1;
+                if limited(topic) {
+                    subs.limited -= 1;
                 }
                 if subs.keys.is_empty() {
                     self.sessions.remove(&session);
@@ -167,24 +213,38 @@ impl Actor {
             }
         }
         if existed {
-            self.stats
-                .session_subscriptions
-                .fetch_sub(1, Ordering::Relaxed);
+            self.count_form(form, false);
         }
         existed
     }
 
-    /// Drop a scripthash entry nobody holds any more, and release its
-    /// upstream subscription.
+    /// Drop a scripthash or outpoint entry nobody holds any more, and
+    /// release its upstream subscription (or what it watched).
     pub(super) fn drop_if_unused(&mut self, topic: &Topic) {
-        let Topic::Script(sh) = topic else {
-            return;
-        };
-        let unused = self
-            .scripts
-            .entries
-            .get(sh)
-            .is_some_and(|e| e.subscribers.is_empty() && e.waiting.is_empty());
+        match topic {
+            Topic::Headers => {}
+            Topic::Script(sh) => self.drop_script(sh),
+            Topic::Outpoint(op) => {
+                if !self
+                    .outpoints
+                    .entries
+                    .get(op)
+                    .is_some_and(|e| e.entry.unused())
+                {
+                    return;
+                }
+                self.unwatch(op);
+                let e = self.outpoints.entries.remove(op).expect("present");
+                self.stats.outpoints.fetch_sub(1, Ordering::Relaxed);
+                if let Some(conn) = e.entry.conn {
+                    self.release_upstream(conn, topic);
+                }
+            }
+        }
+    }
+
+    fn drop_script(&mut self, sh: &str) {
+        let unused = self.scripts.entries.get(sh).is_some_and(Entry::unused);
         if !unused {
             return;
         }
@@ -201,7 +261,7 @@ impl Actor {
             self.pool.dispatch(job);
         }
         if let Some(conn) = entry.conn {
-            self.release_upstream(conn, sh);
+            self.release_upstream(conn, &super::Topic::Script(sh.to_string()));
         }
         // A subscribe still in flight is released when its answer arrives
         // (see `on_subscribed`).

@@ -23,7 +23,10 @@
 //!   value, connection, waiters) and how a value is answered;
 //! - one file per subscription kind, which knows its upstream method, how
 //!   to read its answers and notifications and how to write its
-//!   notifications: `headers` (the tip) and `scripthash` (statuses);
+//!   notifications: `headers` (the tip), `scripthash` (statuses, in the
+//!   scripthash, address and scriptpubkey forms) and `outpoint` (spend
+//!   statuses: native on 1.7 upstreams, emulated over a script's status
+//!   below 1.7);
 //! - `members`: which session holds what, the subscription limits, and
 //!   dropping an entry with its last subscriber;
 //! - `upstream`: an entry's upstream subscription: subscribing, the answer,
@@ -37,6 +40,7 @@ mod entry;
 mod failover;
 mod headers;
 mod members;
+mod outpoint;
 mod reads;
 mod scripthash;
 mod upstream;
@@ -57,12 +61,16 @@ use tokio_util::task::TaskTracker;
 /// Identifies a client session within the process.
 pub type SessionId = u64;
 
+pub use crate::outpoint::Outpoint;
+
 /// What is subscribed to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Topic {
     Headers,
     /// A scripthash, lowercase hex.
     Script(String),
+    /// A transaction output (protocol 1.7).
+    Outpoint(Outpoint),
 }
 
 /// How a subscriber wants its answers and notifications.
@@ -72,6 +80,12 @@ pub enum Form {
     Scripthash,
     /// `blockchain.address.subscribe`: notifications carry this address.
     Address(String),
+    /// `blockchain.scriptpubkey.subscribe` (1.7): notifications are
+    /// `blockchain.scriptpubkey.subscribe [scripthash, status]`, as
+    /// ElectrumX 2.0 sends them.
+    ScriptPubKey,
+    /// `blockchain.outpoint.subscribe` (1.7).
+    Outpoint,
 }
 
 /// Counters the metrics module reads.
@@ -96,6 +110,37 @@ pub struct HubStats {
     /// Reads of subscribed scripthashes waiting for their subscription to
     /// settle (moving to another upstream, or its status held).
     pub parked_reads: AtomicUsize,
+    /// Distinct outpoints watched for sessions.
+    pub outpoints: AtomicUsize,
+    /// Of those, the ones emulated over a script's status (no 1.7
+    /// upstream connection held them when they were last subscribed).
+    pub outpoints_emulated: AtomicUsize,
+    /// Session subscriptions by form: see [`FORM_KINDS`].
+    pub session_forms: [AtomicUsize; FORM_KINDS.len()],
+}
+
+/// The labels of [`HubStats::session_forms`].
+pub const FORM_KINDS: [&str; 6] = [
+    "headers",
+    "numblocks",
+    "scripthash",
+    "address",
+    "scriptpubkey",
+    "outpoint",
+];
+
+impl Form {
+    /// Index into [`FORM_KINDS`].
+    pub fn kind(&self) -> usize {
+        match self {
+            Form::Header(HeaderForm::Height) => 1,
+            Form::Header(_) => 0,
+            Form::Scripthash => 2,
+            Form::Address(_) => 3,
+            Form::ScriptPubKey => 4,
+            Form::Outpoint => 5,
+        }
+    }
 }
 
 /// The handle sessions and the router use. Cheap to clone.
@@ -123,8 +168,10 @@ enum Command {
         out: Outbound,
         topic: Topic,
         form: Form,
-        /// Most scripthash subscriptions this session may hold.
+        /// Most scripthash and outpoint subscriptions this session may hold.
         limit: usize,
+        /// An outpoint's output script, when the client gave it.
+        hint: Option<Vec<u8>>,
         responder: Responder,
     },
     Unsubscribe {
@@ -148,6 +195,8 @@ enum Command {
         scripthash: String,
         job: Job,
     },
+    /// An emulated outpoint's work came back (see `outpoint`).
+    Outpoint(outpoint::Done),
 }
 
 /// Hub settings.
@@ -184,7 +233,8 @@ impl Hub {
     }
 
     /// Subscribe a session; `responder` gets the current status or tip.
-    /// `limit` is the most scripthash subscriptions the session may hold;
+    /// `limit` is the most scripthash (and outpoint) subscriptions the
+    /// session may hold;
     /// the hub keeps the count, so a refused or failed subscription never
     /// counts against it.
     pub fn subscribe(
@@ -196,12 +246,43 @@ impl Hub {
         limit: usize,
         responder: Responder,
     ) {
+        self.send_subscribe(session, out, topic, form, limit, None, responder);
+    }
+
+    /// Subscribe a session to an outpoint (protocol 1.7); `hint` is the
+    /// output script when the client gave it (`spk_hint`). As
+    /// [`Hub::subscribe`] otherwise.
+    pub fn subscribe_outpoint(
+        &self,
+        session: SessionId,
+        out: &Outbound,
+        outpoint: Outpoint,
+        hint: Option<Vec<u8>>,
+        limit: usize,
+        responder: Responder,
+    ) {
+        let topic = Topic::Outpoint(outpoint);
+        self.send_subscribe(session, out, topic, Form::Outpoint, limit, hint, responder);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send_subscribe(
+        &self,
+        session: SessionId,
+        out: &Outbound,
+        topic: Topic,
+        form: Form,
+        limit: usize,
+        hint: Option<Vec<u8>>,
+        responder: Responder,
+    ) {
         let cmd = Command::Subscribe {
             session,
             out: out.clone(),
             topic,
             form,
             limit,
+            hint,
             responder,
         };
         if let Err(mpsc::error::SendError(Command::Subscribe { responder, .. })) = self.tx.send(cmd)

@@ -27,7 +27,7 @@
 
 use super::actor::Actor;
 use super::entry::Entry;
-use super::Route;
+use super::{Route, Topic};
 use crate::jsonrpc::{ErrorCode, RpcError};
 use crate::upstream::Job;
 use std::sync::atomic::Ordering;
@@ -79,7 +79,8 @@ impl Actor {
     pub(super) fn settle(&mut self, sh: &str) {
         let Some(entry) = self.scripts.entries.get_mut(sh) else {
             self.affinity.remove(sh);
-            self.holds.track(sh, false, &self.stats);
+            self.holds
+                .track(&Topic::Script(sh.to_string()), false, &self.stats);
             self.parked.remove(sh);
             return;
         };
@@ -92,7 +93,12 @@ impl Actor {
                 self.affinity.remove(sh);
             }
         }
-        self.holds.track(sh, entry.hold.is_some(), &self.stats);
+        let held = entry.hold.is_some();
+        self.holds
+            .track(&Topic::Script(sh.to_string()), held, &self.stats);
+        let Some(entry) = self.scripts.entries.get_mut(sh) else {
+            return;
+        };
         if entry.parked.is_empty() || route == Some(Route::Wait) {
             return;
         }

@@ -1,27 +1,24 @@
 //! Scripthash statuses: `blockchain.scripthash.subscribe`, and the address
-//! form (`blockchain.address.subscribe`) built on the same upstream
-//! subscription.
+//! form (`blockchain.address.subscribe`) and the 1.7 scriptpubkey form
+//! (`blockchain.scriptpubkey.subscribe`) built on the same upstream
+//! subscription: a 1.4 wallet on a scripthash and a 1.7 wallet on its
+//! script share one.
 //!
 //! Owns: the coin's scripthash entries (one per distinct scripthash, removed
 //! with their last subscriber), reading statuses from answers and
-//! notifications, writing status notifications in each form, and releasing
-//! an upstream subscription nobody needs (`blockchain.scripthash.unsubscribe`).
+//! notifications, and writing status notifications in each form.
 //! Statuses are the kind the failover hold and read affinity are about (see
 //! `failover` and `reads`).
 
-use super::actor::Actor;
 use super::entry::{Entry, Value};
 use super::Form;
 use crate::jsonrpc;
-use crate::reply::Responder;
-use crate::upstream::{ConnId, Job};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use tokio::sync::oneshot;
-use tokio::time::Instant;
 
-/// The upstream method of this kind.
+/// The upstream methods of this kind.
 pub(super) const SUBSCRIBE: &str = "blockchain.scripthash.subscribe";
+/// Protocol 1.4.2; an upstream that does not know it answers an error.
+pub(super) const UNSUBSCRIBE: &str = "blockchain.scripthash.unsubscribe";
 
 /// Every scripthash subscription of one coin, by lowercase scripthash.
 #[derive(Default)]
@@ -31,7 +28,7 @@ pub(super) struct Scripts {
 
 impl Scripts {
     /// Scripthashes that lost their upstream subscription and have none
-    /// on its way.
+    /// on its way (emulated outpoints keep an entry as subscribers do).
     pub fn orphans(&self) -> Vec<String> {
         self.entries
             .iter()
@@ -74,33 +71,13 @@ pub(super) fn notification(sh: &str, form: &Form, rendered: &str) -> jsonrpc::Li
             "blockchain.address.subscribe",
             &format!("[{},{}]", jsonrpc::quote(addr), rendered),
         ),
+        // ElectrumX 2.0 names the scripthash, not the script.
+        Form::ScriptPubKey => jsonrpc::notification_line(
+            "blockchain.scriptpubkey.subscribe",
+            &format!("[{},{}]", jsonrpc::quote(sh), rendered),
+        ),
         _ => {
             jsonrpc::notification_line(SUBSCRIBE, &format!("[{},{}]", jsonrpc::quote(sh), rendered))
-        }
-    }
-}
-
-impl Actor {
-    /// Tell the upstream it may forget a scripthash (protocol 1.4.2). An
-    /// upstream that does not know the method answers an error, ignored; its
-    /// later notifications for it are ignored too.
-    pub(super) fn release_upstream(&self, conn: ConnId, sh: &str) {
-        let (tx, rx) = oneshot::channel();
-        let mut job = Job::new(
-            jsonrpc::request_prefix("blockchain.scripthash.unsubscribe", &subscribe_params(sh)),
-            Responder::Internal(tx),
-            Instant::now() + self.config.request_timeout,
-        );
-        job.retryable = false;
-        // Keep the receiver alive until the answer arrives, or the connection
-        // would skip the request as abandoned.
-        if self.pool.dispatch_to(conn, job).is_ok() {
-            self.stats
-                .upstream_unsubscribe_requests
-                .fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(async move {
-                let _ = rx.await;
-            });
         }
     }
 }

@@ -5,12 +5,15 @@
 //! superseded ones by a generation), answering waiters with the first value
 //! or failing them with the upstream's error, the notifications that arrive
 //! before the answer they follow (`Entry::early`), and moving every
-//! subscription off a connection that went down or left rotation. Whether a
+//! subscription off a connection that went down or left rotation, and
+//! releasing an upstream subscription nobody needs any more. Whether a
 //! changed value after a move is announced or held is `failover`'s call.
+//! Each kind subscribes only on the connections whose level serves it
+//! (`Topic::need`): scripthashes below 1.7, outpoints from 1.7.
 
 use super::actor::Actor;
 use super::entry::{answer, Value};
-use super::{headers, scripthash, Command, Form, Topic};
+use super::{headers, outpoint, scripthash, Command, Form, Topic};
 use crate::jsonrpc::{self, ErrorCode, RpcError};
 use crate::reply::{Answer, InternalReply, Responder};
 use crate::upstream::{ConnId, Job};
@@ -19,9 +22,14 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 impl Actor {
-    /// Send an upstream subscribe for `topic` on the preferred connection.
+    /// Send an upstream subscribe for `topic` on the preferred connection
+    /// of the levels that serve it.
     pub(super) fn start_subscribe(&mut self, topic: Topic) {
-        let conn = self.pool.preferred();
+        let conn = self.pool.preferred_for(topic.need());
+        let hint = match &topic {
+            Topic::Outpoint(op) => self.outpoints.entries.get(op).and_then(|e| e.spk.clone()),
+            _ => None,
+        };
         let timeout = self.config.request_timeout;
         let generation = self.next_generation;
         self.next_generation += 1;
@@ -62,7 +70,7 @@ impl Actor {
         if let Topic::Script(sh) = &topic {
             self.settle(sh);
         }
-        let (method, params) = topic.subscribe_request();
+        let (method, params) = topic.subscribe_request(hint.as_deref());
         let (tx, rx) = oneshot::channel();
         let mut job = Job::new(
             jsonrpc::request_prefix(method, &params),
@@ -115,8 +123,8 @@ impl Actor {
             }
             if let Some(subs) = self.sessions.get_mut(&w.session) {
                 if subs.keys.remove(&(topic.clone(), w.form.clone())) {
-                    if matches!(topic, Topic::Script(_)) {
-                        subs.scripts -= 1;
+                    if super::members::limited(topic) {
+                        subs.limited -= 1;
                     }
                     if subs.keys.is_empty() {
                         self.sessions.remove(&w.session);
@@ -142,16 +150,10 @@ impl Actor {
         if !current {
             // A stale answer: the entry was dropped or moved meanwhile. An
             // upstream subscription nobody uses any more is released.
-            if let (Topic::Script(sh), Ok(Answer::Result(_)), true) =
-                (&topic, &reply, pool_has_conn)
-            {
-                let in_use = self
-                    .scripts
-                    .entries
-                    .get(sh)
-                    .is_some_and(|e| e.on_conn(conn));
+            if let (Ok(Answer::Result(_)), true) = (&reply, pool_has_conn) {
+                let in_use = self.entry(&topic).is_some_and(|e| e.on_conn(conn));
                 if !in_use {
-                    self.release_upstream(conn, sh);
+                    self.release_upstream(conn, &topic);
                 }
             }
             return;
@@ -176,6 +178,11 @@ impl Actor {
             _ => None,
         };
         let Some(value) = value else {
+            if let (Topic::Outpoint(op), true) = (&topic, pool_has_conn) {
+                // A 1.7 upstream that cannot serve outpoints (its node
+                // cannot look spenders up): emulated instead.
+                return self.native_refused(op, "refused or unreadable answer");
+            }
             // Those waiting get the upstream's error, or the proxy's. The
             // entry is retried while it has subscribers.
             let relay = match &reply {
@@ -218,6 +225,7 @@ impl Actor {
             value
         };
         let entry = self.entry(&topic).expect("current entry exists");
+        let first = entry.value.is_none();
         entry.value = Some(value.clone());
         let waiting = std::mem::take(&mut entry.waiting);
         // Affinity first: a subscriber that asks for the history as soon as
@@ -235,6 +243,38 @@ impl Actor {
             // The status moved while the subscription was being moved: tell
             // every subscriber, or a payment goes unnoticed.
             self.fan_out(&topic);
+        } else if let (true, Topic::Script(sh)) = (first, &topic) {
+            // Outpoints emulated over this script start from it.
+            self.script_changed(sh);
+        }
+    }
+
+    /// Tell the upstream it may forget a subscription (scripthashes:
+    /// protocol 1.4.2; outpoints: 1.7). An upstream that does not know the
+    /// method answers an error, ignored; its later notifications for it
+    /// are ignored too.
+    pub(super) fn release_upstream(&self, conn: ConnId, topic: &Topic) {
+        let (method, params) = match topic {
+            Topic::Headers => return,
+            Topic::Script(sh) => (scripthash::UNSUBSCRIBE, scripthash::subscribe_params(sh)),
+            Topic::Outpoint(op) => (outpoint::UNSUBSCRIBE, outpoint::unsubscribe_params(op)),
+        };
+        let (tx, rx) = oneshot::channel();
+        let mut job = Job::new(
+            jsonrpc::request_prefix(method, &params),
+            Responder::Internal(tx),
+            Instant::now() + self.config.request_timeout,
+        );
+        job.retryable = false;
+        // Keep the receiver alive until the answer arrives, or the connection
+        // would skip the request as abandoned.
+        if self.pool.dispatch_to(conn, job).is_ok() {
+            self.stats
+                .upstream_unsubscribe_requests
+                .fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let _ = rx.await;
+            });
         }
     }
 
@@ -252,22 +292,31 @@ impl Actor {
             if entry.on_conn(conn) {
                 entry.moved_from_tip = old_tip;
                 if entry.conn == Some(conn) {
-                    established.push(sh.clone());
+                    established.push(Topic::Script(sh.clone()));
                 }
                 moved.push(Topic::Script(sh.clone()));
+            }
+        }
+        for (op, e) in self.outpoints.entries.iter_mut() {
+            if e.entry.on_conn(conn) {
+                e.entry.moved_from_tip = old_tip;
+                if e.entry.conn == Some(conn) {
+                    established.push(Topic::Outpoint(op.clone()));
+                }
+                moved.push(Topic::Outpoint(op.clone()));
             }
         }
         if !moved.is_empty() {
             tracing::info!(coin = %self.config.coin, subscriptions = moved.len(), "moving subscriptions off a lost upstream connection");
         }
         for topic in moved {
-            self.start_subscribe(topic);
+            self.start_upstream(topic);
         }
         // A connection taken out of rotation (lagging, or gone from
         // the configuration) may still be open: tell its upstream to
         // stop watching. To a dead one nothing is sent.
-        for sh in established {
-            self.release_upstream(conn, &sh);
+        for topic in established {
+            self.release_upstream(conn, &topic);
         }
     }
 
@@ -281,8 +330,12 @@ impl Actor {
                 Some(value) => (Topic::Headers, value),
                 None => return,
             },
-            // Unsolicited chatter (relayfee, estimatefee, peers): nobody
-            // subscribed to it through the proxy.
+            outpoint::SUBSCRIBE => match outpoint::parse_notification(params) {
+                Some((op, value)) => (Topic::Outpoint(op), value),
+                None => return,
+            },
+            // Unsolicited chatter (relayfee, estimatefee, peers, the 1.7
+            // `server.ping` noise): nobody subscribed to it through the proxy.
             _ => return,
         };
         let Some(entry) = self.entry(&topic) else {

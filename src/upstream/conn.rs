@@ -8,7 +8,11 @@
 //! (which retries what may be retried and fails the rest); nothing is leaked.
 //!
 //! It also subscribes to the tip at handshake and keeps the connection's
-//! height current, which health uses to spot a lagging upstream.
+//! height current, which health uses to spot a lagging upstream, and
+//! records the protocol level the upstream negotiated (selection by
+//! capability reads it) and the highest it offers (`server.features`
+//! `protocol_max`): an upstream that offers more than this connection
+//! negotiated wakes its upstream's protocol slot (see `pool`).
 //!
 //! It does not choose upstreams (that is `select`), judge health (`health`)
 //! or reconnect (`supervisor`).
@@ -17,12 +21,13 @@ use super::connect::BoxStream;
 use super::{ConnId, Job, PoolEvent};
 use crate::codec::{Frame, LineReader};
 use crate::jsonrpc::{self, ErrorCode, RpcError, UpstreamMessage};
+use crate::protocol::Version;
 use crate::reply::Responder;
 use serde_json::value::RawValue;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -57,6 +62,13 @@ pub struct ConnShared {
     pub active: AtomicBool,
     /// Wakes a dormant slot's supervisor.
     pub wake: tokio::sync::Notify,
+    /// The protocol level this connection negotiated (`Version::to_u32`;
+    /// 0 while unknown).
+    pub level: AtomicU32,
+    /// The slot of the same upstream that asks for the highest protocol
+    /// (see `pool`): woken when this connection learns that the upstream
+    /// offers more than this connection negotiated.
+    pub upgrade: OnceLock<Arc<ConnShared>>,
 }
 
 /// What an upstream told us about itself.
@@ -64,6 +76,8 @@ pub struct ConnShared {
 pub struct UpstreamInfo {
     pub server_version: Option<String>,
     pub protocol: Option<String>,
+    /// `server.features` `protocol_max`: the highest level the upstream offers.
+    pub protocol_max: Option<String>,
     pub genesis_hash: Option<String>,
 }
 
@@ -78,7 +92,14 @@ impl ConnShared {
             tip: AtomicU64::new(0),
             active: AtomicBool::new(true),
             wake: tokio::sync::Notify::new(),
+            level: AtomicU32::new(0),
+            upgrade: OnceLock::new(),
         }
+    }
+
+    /// The protocol level negotiated on this connection.
+    pub fn level(&self) -> Version {
+        Version::from_u32(self.level.load(Ordering::Acquire))
     }
 
     pub fn tip(&self) -> u64 {
@@ -115,7 +136,10 @@ pub struct ConnCtx<'a> {
     pub shared: &'a Arc<ConnShared>,
     pub events: &'a mpsc::UnboundedSender<PoolEvent>,
     pub client_name: &'a str,
+    /// The version asked of the upstream; with `protocol_max`, the range
+    /// `[protocol, protocol_max]`.
     pub protocol: &'a str,
+    pub protocol_max: Option<&'a str>,
     pub ping_interval: Duration,
     /// A connection with a request this old and nothing received since it
     /// was sent is declared stalled and dropped (its requests are retried).
@@ -203,8 +227,11 @@ type Writer = tokio::io::WriteHalf<BoxStream>;
 
 impl Actor<'_> {
     async fn handshake(&mut self, reader: &mut Reader, wr: &mut Writer) -> Result<(), String> {
-        let version_params = serde_json::to_string(&(self.ctx.client_name, self.ctx.protocol))
-            .expect("strings serialize");
+        let version_params = match self.ctx.protocol_max {
+            Some(max) => serde_json::to_string(&(self.ctx.client_name, [self.ctx.protocol, max])),
+            None => serde_json::to_string(&(self.ctx.client_name, self.ctx.protocol)),
+        }
+        .expect("strings serialize");
         let mut buf = Vec::new();
         jsonrpc::finish_request(
             &mut buf,
@@ -267,9 +294,11 @@ impl Actor<'_> {
                             #[derive(serde::Deserialize)]
                             struct Features {
                                 genesis_hash: Option<String>,
+                                protocol_max: Option<String>,
                             }
                             if let Ok(f) = serde_json::from_str::<Features>(features.get()) {
                                 info.genesis_hash = f.genesis_hash;
+                                info.protocol_max = f.protocol_max;
                             }
                         }
                     }
@@ -284,6 +313,7 @@ impl Actor<'_> {
                 }
             }
         }
+        self.learn_level(&info);
         *self
             .ctx
             .shared
@@ -292,6 +322,34 @@ impl Actor<'_> {
             .unwrap_or_else(|p| p.into_inner()) = info;
         self.last_read = Instant::now();
         Ok(())
+    }
+
+    /// Record the negotiated level, and wake the upstream's protocol slot
+    /// when the upstream offers a level that adds methods (1.6 or later)
+    /// above what this connection negotiated.
+    fn learn_level(&self, info: &UpstreamInfo) {
+        // A server that answered without a version accepted what was asked.
+        let level = info
+            .protocol
+            .as_deref()
+            .or(Some(self.ctx.protocol))
+            .and_then(|v| v.parse::<Version>().ok())
+            .unwrap_or(Version::new(1, 0));
+        self.ctx
+            .shared
+            .level
+            .store(level.to_u32(), Ordering::Release);
+        let offered = info
+            .protocol_max
+            .as_deref()
+            .and_then(|v| v.parse::<Version>().ok());
+        if let (Some(max), Some(top)) = (offered, self.ctx.shared.upgrade.get()) {
+            if max >= Version::new(1, 6) && max > level && !top.active.swap(true, Ordering::AcqRel)
+            {
+                tracing::info!(coin = self.ctx.coin, upstream = self.ctx.label, offers = %max, negotiated = %level, "upstream offers a higher protocol: opening a connection at it");
+                top.wake.notify_one();
+            }
+        }
     }
 
     async fn run(

@@ -20,7 +20,8 @@ pub mod pool;
 pub mod select;
 mod supervisor;
 
-pub use pool::Pool;
+pub use pool::{Capability, Pool};
+pub use select::Need;
 
 use crate::reply::Responder;
 use serde_json::value::RawValue;
@@ -51,6 +52,8 @@ pub struct Job {
     /// a subscribed scripthash carry the hub's, so a retry still reaches
     /// the connection that holds the subscription.
     pub reroute: Option<Reroute>,
+    /// The protocol levels that can answer it (see `select::Need`).
+    pub need: Need,
 }
 
 /// See [`Job::reroute`].
@@ -73,6 +76,7 @@ impl Job {
             attempts: 0,
             last_conn: None,
             reroute: None,
+            need: Need::ANY,
         }
     }
 }
@@ -103,5 +107,7 @@ pub struct UpstreamStatus {
     pub in_flight: usize,
     /// Tip height last heard from this upstream (0: unknown).
     pub height: u64,
+    /// The protocol level each ready connection negotiated.
+    pub levels: Vec<crate::protocol::Version>,
     pub info: conn::UpstreamInfo,
 }

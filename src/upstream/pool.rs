@@ -5,6 +5,17 @@
 //! dormant again when idle), choosing a slot for each job via `select`,
 //! per-upstream health state (judged by `health`), and the event stream the
 //! subscription hub consumes.
+//!
+//! Protocol levels: the ordinary slots ask every upstream for the coin's
+//! `upstream_protocol`. Each upstream also has one *protocol slot* that asks
+//! the range up to `upstream_protocol_max`; it stays dormant until a
+//! connection of that upstream learns (from `server.features`) that the
+//! upstream offers a level that adds methods, then stays connected. So an
+//! ElectrumX 2.0 serves 1.4 requests (`blockchain.scripthash.*`, gone at
+//! 1.7) on its ordinary connections and 1.6/1.7 requests on its protocol
+//! connection, while an old upstream costs no extra connection. Jobs carry
+//! the levels that can answer them ([`select::Need`]); dispatch offers them
+//! only connections whose negotiated level fits.
 
 use super::conn::{ConnShared, UpstreamInfo};
 use super::connect::Dialer;
@@ -21,6 +32,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// See [`Pool::capability`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capability {
+    Now,
+    Later,
+    Never,
+}
+
 /// Queued jobs one connection holds beyond its in-flight limit.
 const QUEUE_PER_CONNECTION: usize = 4096;
 
@@ -29,6 +48,8 @@ pub struct PoolOptions {
     pub rules: HealthRules,
     /// Protocol version asked of every upstream.
     pub protocol: String,
+    /// Highest version a protocol slot asks for (`None`: no protocol slots).
+    pub protocol_max: Option<String>,
     pub metrics: Option<Arc<crate::metrics::CoinMetrics>>,
 }
 
@@ -46,6 +67,8 @@ pub(super) struct Slot {
     pub dialer: Dialer,
     pub tx: mpsc::Sender<Job>,
     pub shared: Arc<ConnShared>,
+    /// The upstream's protocol slot (see the module doc): never grown into.
+    pub top: bool,
 }
 
 pub(super) struct PoolInner {
@@ -136,6 +159,10 @@ impl Pool {
     fn launch(&self, pending: Vec<(mpsc::Receiver<Job>, bool)>, options: &PoolOptions) {
         let inner = self.cell.load_full();
         for (index, (rx, elastic)) in pending.into_iter().enumerate() {
+            let protocol_max = inner.slots[index]
+                .top
+                .then(|| options.protocol_max.clone())
+                .flatten();
             let slot = &inner.slots[index];
             let upstream = &inner.upstreams[slot.upstream];
             let sup = Supervisor {
@@ -143,6 +170,7 @@ impl Pool {
                 label: upstream.label.clone(),
                 index,
                 elastic,
+                protocol_max,
                 dialer: slot.dialer.clone(),
                 shared: slot.shared.clone(),
                 pool: Arc::downgrade(&self.cell),
@@ -194,8 +222,46 @@ impl Pool {
 
     /// The connection a new job would go to right now.
     pub fn preferred(&self) -> Option<ConnId> {
+        self.preferred_for(select::Need::ANY)
+    }
+
+    /// The connection a new job of `need` would go to right now.
+    pub fn preferred_for(&self, need: select::Need) -> Option<ConnId> {
         let inner = self.inner();
-        select::pick(&inner.candidates(), None).map(|i| inner.slots[i].shared.conn_id())
+        select::pick(&inner.capable_candidates(need), None).map(|i| inner.slots[i].shared.conn_id())
+    }
+
+    /// Whether a job of `need` can be served: by a connection that is up
+    /// now, later (an upstream offers the level but its connection is not
+    /// up yet), or never (no upstream offers it).
+    pub fn capability(&self, need: select::Need) -> Capability {
+        let inner = self.inner();
+        let ready = |s: &&Slot| s.shared.is_ready();
+        if inner
+            .slots
+            .iter()
+            .filter(ready)
+            .any(|s| select::capable(s.shared.level(), need))
+        {
+            return Capability::Now;
+        }
+        // What each upstream offers, as its connections learned it.
+        let offers = inner.slots.iter().any(|s| {
+            let info = s.shared.info.lock().unwrap_or_else(|p| p.into_inner());
+            let max = info.protocol_max.as_deref().and_then(|v| v.parse().ok());
+            s.top && max.is_some_and(|max| select::capable(max, need))
+        });
+        if offers {
+            Capability::Later
+        } else {
+            Capability::Never
+        }
+    }
+
+    /// The protocol level a (ready) connection negotiated.
+    pub fn conn_level(&self, conn: ConnId) -> Option<crate::protocol::Version> {
+        let inner = self.inner();
+        inner.slot_of(conn).map(|i| inner.slots[i].shared.level())
     }
 
     /// The tip height this (ready) connection last reported.
@@ -264,6 +330,7 @@ impl Pool {
                     ready_connections: ready.len(),
                     in_flight: slots.iter().map(|s| s.shared.in_flight()).sum(),
                     height: ready.iter().map(|s| s.shared.tip()).max().unwrap_or(0),
+                    levels: ready.iter().map(|s| s.shared.level()).collect(),
                     info,
                 }
             })
@@ -293,6 +360,7 @@ fn build(
             health: Mutex::new(Health::default()),
         });
         let min = entry.min_connections.max(1);
+        let first = slots.len();
         for n in 0..entry.max_connections.max(1) {
             let (tx, rx) = mpsc::channel(QUEUE_PER_CONNECTION);
             let shared = Arc::new(ConnShared::new(entry.max_in_flight));
@@ -302,8 +370,27 @@ fn build(
                 tx,
                 shared,
                 dialer: dialer.clone(),
+                top: false,
             });
             rxs.push((rx, n >= min));
+        }
+        if options.protocol_max.is_some() {
+            // Dormant, and never closed for idleness once woken: it holds
+            // the subscriptions only that level can hold.
+            let (tx, rx) = mpsc::channel(QUEUE_PER_CONNECTION);
+            let shared = Arc::new(ConnShared::new(entry.max_in_flight));
+            shared.active.store(false, Ordering::Release);
+            for s in &slots[first..] {
+                let _ = s.shared.upgrade.set(shared.clone());
+            }
+            slots.push(Slot {
+                upstream: i,
+                tx,
+                shared,
+                dialer: dialer.clone(),
+                top: true,
+            });
+            rxs.push((rx, false));
         }
     }
     let settings = SupervisorSettings {
@@ -403,13 +490,38 @@ impl PoolInner {
     }
 
     pub(super) fn dispatch(&self, job: Job) {
-        match select::pick(&self.candidates(), job.last_conn) {
+        match select::pick(&self.capable_candidates(job.need), job.last_conn) {
             Some(index) => self.send_to(index, job),
-            None => job.responder.fail(RpcError::new(
-                ErrorCode::UpstreamUnavailable,
-                format!("no upstream server available for {}", self.coin),
-            )),
+            None if job.need.is_any() || !self.slots.iter().any(|s| s.shared.is_ready()) => {
+                job.responder.fail(RpcError::new(
+                    ErrorCode::UpstreamUnavailable,
+                    format!("no upstream server available for {}", self.coin),
+                ))
+            }
+            None => {
+                let need = job.need;
+                job.responder.fail(RpcError::new(
+                    ErrorCode::UpstreamUnavailable,
+                    format!(
+                        "no upstream connection of {} speaks {need} right now",
+                        self.coin
+                    ),
+                ))
+            }
         }
+    }
+
+    /// The candidates, with those that cannot answer `need` left out.
+    fn capable_candidates(&self, need: select::Need) -> Vec<select::Candidate> {
+        let mut candidates = self.candidates();
+        if !need.is_any() {
+            for (c, s) in candidates.iter_mut().zip(&self.slots) {
+                if !select::capable(s.shared.level(), need) {
+                    c.ready = false;
+                }
+            }
+        }
+        candidates
     }
 
     fn send_to(&self, index: usize, mut job: Job) {
@@ -444,7 +556,7 @@ impl PoolInner {
         let dormant = self
             .slots
             .iter()
-            .find(|s| s.upstream == upstream && !s.shared.active.load(Ordering::Acquire));
+            .find(|s| s.upstream == upstream && !s.top && !s.shared.active.load(Ordering::Acquire));
         if let Some(s) = dormant {
             if !s.shared.active.swap(true, Ordering::AcqRel) {
                 tracing::debug!(coin = %self.coin, upstream = %self.upstreams[upstream].label, "opening another connection: the open ones are saturated");

@@ -7,6 +7,12 @@
 //! the fewest outstanding requests relative to the upstream's weight. A connection at its in-flight limit can still be
 //! picked: its queue holds the request until a slot frees up (the pool's
 //! growth, not selection, answers saturation).
+//!
+//! Capability is a separate filter ([`capable`]): a request that only some
+//! protocol levels answer (see [`Need`]) is offered only the connections
+//! whose negotiated level fits, before `pick` runs.
+
+use crate::protocol::Version;
 
 /// What selection needs to know about one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +53,62 @@ pub fn pick(candidates: &[Candidate], skip: Option<usize>) -> Option<usize> {
             la.cmp(&lb)
         })
         .map(|(i, _)| i)
+}
+
+/// The protocol levels of the upstream connections that can answer a
+/// request in the shape it was written: ElectrumX 2.0 dropped the
+/// `blockchain.scripthash.*` methods at 1.7 and added
+/// `mempool.get_info` / `broadcast_package` at 1.6 and
+/// `testmempoolaccept`, `mempool.recent` and `blockchain.outpoint.*` at 1.7.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Need {
+    /// The connection must have negotiated at least this.
+    pub min: Option<Version>,
+    /// The connection must have negotiated less than this.
+    pub below: Option<Version>,
+}
+
+impl Need {
+    /// Any connection will do.
+    pub const ANY: Need = Need {
+        min: None,
+        below: None,
+    };
+
+    pub const fn at_least(v: Version) -> Need {
+        Need {
+            min: Some(v),
+            below: None,
+        }
+    }
+
+    pub const fn below(v: Version) -> Need {
+        Need {
+            min: None,
+            below: Some(v),
+        }
+    }
+
+    pub fn is_any(&self) -> bool {
+        *self == Need::ANY
+    }
+}
+
+impl std::fmt::Display for Need {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.min, self.below) {
+            (Some(min), Some(below)) => write!(f, "protocol {min} or later, below {below}"),
+            (Some(min), None) => write!(f, "protocol {min} or later"),
+            (None, Some(below)) => write!(f, "a protocol below {below}"),
+            (None, None) => write!(f, "any protocol"),
+        }
+    }
+}
+
+/// Whether a connection that negotiated `level` can answer a request of
+/// `need`.
+pub fn capable(level: Version, need: Need) -> bool {
+    need.min.is_none_or(|min| level >= min) && need.below.is_none_or(|below| level < below)
 }
 
 #[cfg(test)]
@@ -121,5 +183,21 @@ mod tests {
         let cs = [c(true, 0, 1, false), c(true, 5, 1, false)];
         assert_eq!(pick(&cs, Some(0)), Some(1));
         assert_eq!(pick(&cs[..1], Some(0)), None);
+    }
+
+    #[test]
+    fn capability_by_level() {
+        let v14 = Version(1, 4, 2);
+        let v16 = Version::new(1, 6);
+        let v17 = Version::new(1, 7);
+        let scripthash = Need::below(v17);
+        let package = Need::at_least(v16);
+        let outpoint = Need::at_least(v17);
+        assert!(capable(v14, Need::ANY) && capable(v17, Need::ANY));
+        assert!(capable(v14, scripthash) && capable(v16, scripthash));
+        assert!(!capable(v17, scripthash));
+        assert!(!capable(v14, package) && capable(v16, package) && capable(v17, package));
+        assert!(!capable(v16, outpoint) && capable(v17, outpoint));
+        assert_eq!(package.to_string(), "protocol 1.6 or later");
     }
 }

@@ -42,6 +42,9 @@ pub(super) struct Supervisor {
     pub index: usize,
     /// Opens on demand and closes when idle (beyond `min_connections`).
     pub elastic: bool,
+    /// Asks the range `[settings.protocol, protocol_max]` (the upstream's
+    /// protocol slot, see `pool`) instead of `settings.protocol`.
+    pub protocol_max: Option<String>,
     pub dialer: Dialer,
     pub shared: Arc<ConnShared>,
     /// The pool's current generation: redispatched jobs go there.
@@ -80,6 +83,7 @@ impl Supervisor {
                         events: &self.events,
                         client_name: &self.settings.client_name,
                         protocol: &self.settings.protocol,
+                        protocol_max: self.protocol_max.as_deref(),
                         ping_interval: self.settings.ping_interval,
                         stall_after: self.settings.stall_after,
                         idle_close: self.elastic.then_some(self.settings.idle_close),
