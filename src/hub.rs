@@ -65,6 +65,7 @@
 use crate::header::{self, HeaderForm};
 use crate::jsonrpc::{self, ErrorCode, RpcError};
 use crate::reply::{Answer, InternalReply, Outbound, Responder};
+use crate::status::events::{CoinEvents, EventKind};
 use crate::upstream::{ConnId, Job, Pool, PoolEvent, Reroute};
 use dashmap::DashMap;
 use std::cmp::Reverse;
@@ -185,6 +186,8 @@ pub struct HubConfig {
     /// Told of every new tip before any subscriber is (drops what a reorg
     /// touched).
     pub cache: Option<Arc<crate::cache::Cache>>,
+    /// Failovers and held statuses are recorded here.
+    pub journal: CoinEvents,
 }
 
 impl Hub {
@@ -601,6 +604,11 @@ impl Actor {
                 continue; // ended already; a newer hold has its own item
             };
             tracing::debug!(coin = %self.config.coin, scripthash = %sh, "status still differs on the new upstream after the hold: announced");
+            self.config.journal.record(
+                EventKind::HoldAnnounced,
+                None,
+                "a held status still differed when the hold ran out: announced",
+            );
             entry.value = Some(hold.upstream);
             let topic = Topic::Script(sh.clone());
             self.fan_out(&topic);
@@ -1076,6 +1084,11 @@ impl Actor {
             // (Nobody waits: `value` was set, so subscribers were answered.)
             if let Topic::Script(sh) = &topic {
                 tracing::debug!(coin = %self.config.coin, scripthash = %sh, "the new upstream reports another status: held");
+                self.config.journal.record(
+                    EventKind::StatusHeld,
+                    None,
+                    "statuses held: the new upstream reports another status",
+                );
                 self.hold_deadlines.push(Reverse((until, sh.clone())));
                 self.settle(sh);
             }
@@ -1130,6 +1143,14 @@ impl Actor {
                 }
                 if !moved.is_empty() {
                     tracing::info!(coin = %self.config.coin, subscriptions = moved.len(), "moving subscriptions off a lost upstream connection");
+                    self.config.journal.record(
+                        EventKind::Failover,
+                        self.pool.upstream_of(conn).as_deref(),
+                        format!(
+                            "{} subscriptions moved off a lost upstream connection",
+                            moved.len()
+                        ),
+                    );
                 }
                 for topic in moved {
                     self.start_subscribe(topic);

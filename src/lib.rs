@@ -51,6 +51,7 @@ pub mod proxy_protocol;
 pub mod reply;
 pub mod router;
 pub mod session;
+pub mod status;
 pub mod tls;
 pub mod upstream;
 
