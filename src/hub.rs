@@ -1146,10 +1146,7 @@ impl Actor {
                     self.config.journal.record(
                         EventKind::Failover,
                         self.pool.upstream_of(conn).as_deref(),
-                        format!(
-                            "{} subscriptions moved off a lost upstream connection",
-                            moved.len()
-                        ),
+                        format!("subscriptions moved off a lost connection: {}", moved.len()),
                     );
                 }
                 for topic in moved {
