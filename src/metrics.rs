@@ -5,8 +5,13 @@
 //! per-coin handle bundle [`CoinMetrics`] that sessions and connections clone
 //! (the hot path never looks up a label), and rendering the text exposition,
 //! including values read from pools and hubs at scrape time.
+//!
+//! It also carries the process's event log (`status::events`): every part
+//! that holds metric handles can record an event the same way, so the log
+//! reaches the pool, the hub and the limits without extra wiring.
 
 use crate::jsonrpc::ErrorCode;
+use crate::status::events::{CoinEvents, EventLog};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -126,11 +131,13 @@ fn error_kind(code: ErrorCode) -> usize {
 /// The process-wide registry and metric families.
 pub struct Metrics {
     pub registry: Registry,
-    sessions_open: IntGaugeVec,
+    /// The recent events of this proxy (the status page shows them).
+    pub journal: Arc<EventLog>,
+    pub(crate) sessions_open: IntGaugeVec,
     sessions_total: IntCounterVec,
-    requests: IntCounterVec,
+    pub(crate) requests: IntCounterVec,
     request_seconds: HistogramVec,
-    errors: IntCounterVec,
+    pub(crate) errors: IntCounterVec,
     bytes_in: IntCounterVec,
     bytes_out: IntCounterVec,
     notifications: IntCounterVec,
@@ -138,10 +145,10 @@ pub struct Metrics {
     pub(crate) upstream_height: IntGaugeVec,
     pub(crate) upstream_in_flight: IntGaugeVec,
     pub(crate) upstream_connections: IntGaugeVec,
-    upstream_seconds: HistogramVec,
+    pub(crate) upstream_seconds: HistogramVec,
     pub(crate) subscriptions: IntGaugeVec,
     pub(crate) session_subscriptions: IntGaugeVec,
-    sessions_by_level: IntGaugeVec,
+    pub(crate) sessions_by_level: IntGaugeVec,
     pub(crate) upstream_protocol: IntGaugeVec,
     pub(crate) cache_requests: IntCounterVec,
     pub(crate) cache_entries: IntGaugeVec,
@@ -284,6 +291,7 @@ impl Metrics {
                 &["coin"]
             )),
             registry,
+            journal: EventLog::new(),
         };
         #[cfg(target_os = "linux")]
         {
@@ -309,6 +317,7 @@ impl Metrics {
             bytes_out: self.bytes_out.with_label_values(&[coin]),
             notifications: self.notifications.with_label_values(&[coin]),
             sessions_by_level: LEVELS.map(|l| self.sessions_by_level.with_label_values(&[coin, l])),
+            journal: self.journal.for_coin(coin),
         })
     }
 
@@ -332,6 +341,8 @@ pub struct CoinMetrics {
     pub notifications: IntCounter,
     /// Open sessions by negotiated level (see [`LEVELS`]).
     pub sessions_by_level: [IntGauge; LEVELS.len()],
+    /// Where this coin's pool, hub and limits record events.
+    pub journal: CoinEvents,
 }
 
 impl std::fmt::Debug for CoinMetrics {

@@ -16,7 +16,7 @@ mod server;
 
 pub use coin::CoinConfig;
 pub use endpoint::{parse_fingerprint, ListenEntry, Scheme, UpstreamEntry, Url};
-pub use server::{CacheConfig, MetricsConfig, ServerConfig, TlsFiles};
+pub use server::{CacheConfig, MetricsConfig, ServerConfig, TlsFiles, ADMIN_PATHS};
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -135,6 +135,7 @@ impl Config {
         if s.max_batch == 0 {
             return Err(("server.max_batch".into(), "must be at least 1".into()));
         }
+        self.metrics.validate()?;
         if self.coins.is_empty() {
             return Err(("coins".into(), "no coin is configured".into()));
         }

@@ -35,6 +35,7 @@
 use super::actor::Actor;
 use super::entry::Value;
 use super::{HubStats, Topic};
+use crate::status::events::EventKind;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet};
 use std::sync::atomic::Ordering;
@@ -98,6 +99,11 @@ impl Actor {
         });
         // (Nobody waits: `value` was set, so subscribers were answered.)
         tracing::debug!(coin = %coin, ?topic, "the new upstream reports another status: held");
+        self.config.journal.record(
+            EventKind::StatusHeld,
+            None,
+            "statuses held: the new upstream reports another status",
+        );
         self.holds.deadlines.push(Reverse((until, topic.clone())));
         self.settled(topic);
         None
@@ -153,6 +159,11 @@ impl Actor {
             };
             entry.value = Some(hold.upstream);
             tracing::debug!(coin = %self.config.coin, ?topic, "status still differs on the new upstream after the hold: announced");
+            self.config.journal.record(
+                EventKind::HoldAnnounced,
+                None,
+                "a held status still differed when the hold ran out: announced",
+            );
             self.fan_out(&topic);
             self.settled(&topic);
         }

@@ -48,6 +48,7 @@ mod upstream;
 use crate::header::HeaderForm;
 use crate::jsonrpc::{ErrorCode, RpcError};
 use crate::reply::{InternalReply, Outbound, Responder};
+use crate::status::events::CoinEvents;
 use crate::upstream::{ConnId, Job, Pool, PoolEvent, Reroute};
 use actor::Actor;
 use dashmap::DashMap;
@@ -211,6 +212,8 @@ pub struct HubConfig {
     /// Told of every new tip before any subscriber is (drops what a reorg
     /// touched).
     pub cache: Option<Arc<crate::cache::Cache>>,
+    /// Failovers and held statuses are recorded here.
+    pub journal: CoinEvents,
 }
 
 impl Hub {

@@ -16,6 +16,7 @@ use super::entry::{answer, Value};
 use super::{headers, outpoint, scripthash, Command, Form, Topic};
 use crate::jsonrpc::{self, ErrorCode, RpcError};
 use crate::reply::{Answer, InternalReply, Responder};
+use crate::status::events::EventKind;
 use crate::upstream::{ConnId, Job};
 use std::sync::atomic::Ordering;
 use tokio::sync::oneshot;
@@ -308,6 +309,11 @@ impl Actor {
         }
         if !moved.is_empty() {
             tracing::info!(coin = %self.config.coin, subscriptions = moved.len(), "moving subscriptions off a lost upstream connection");
+            self.config.journal.record(
+                EventKind::Failover,
+                self.pool.upstream_of(conn).as_deref(),
+                format!("subscriptions moved off a lost connection: {}", moved.len()),
+            );
         }
         for topic in moved {
             self.start_upstream(topic);
