@@ -6,6 +6,16 @@
 //! `get_history`. Tests steer it: change a history (subscribers are notified),
 //! mine a block, kill connections, stall, stop and restart on the same port.
 //! It counts every request by method, and the live scripthash subscriptions.
+//!
+//! Files: this one is the server (connections, steering, notifications);
+//! `mock_methods.rs` answers the protocol-1.4 methods; `mock_levels.rs`
+//! makes it an ElectrumX 2.0 (`MockOptions::protocol_max`): per-connection
+//! negotiation up to 1.7, and the methods and shapes of 1.6 and 1.7.
+
+#[path = "mock_levels.rs"]
+mod levels;
+#[path = "mock_methods.rs"]
+mod methods;
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -33,6 +43,10 @@ pub struct MockOptions {
     pub blocks: Option<usize>,
     /// Genesis seed: two mocks with the same seed share a chain.
     pub seed: u8,
+    /// Speak like ElectrumX 2.0 up to this version ("1.7.0"): negotiate per
+    /// connection and serve each level's methods (see `mock_levels.rs`).
+    /// `None`: a protocol-1.4 server (`protocol_max` "1.4.2").
+    pub protocol_max: Option<String>,
 }
 
 pub fn sha256d(data: &[u8]) -> [u8; 32] {
@@ -96,6 +110,8 @@ struct Chain {
     headers: Vec<Vec<u8>>,
     histories: HashMap<String, Vec<(String, i64)>>,
     txs: HashMap<String, String>,
+    /// Txids broadcast, oldest first (`mempool.recent`).
+    recent: Vec<String>,
     seed: u8,
 }
 
@@ -105,6 +121,7 @@ impl Chain {
             headers: Vec::new(),
             histories: HashMap::new(),
             txs: HashMap::new(),
+            recent: Vec::new(),
             seed,
         };
         for _ in 0..blocks.max(1) {
@@ -128,6 +145,10 @@ struct Conn {
     subs: HashSet<String>,
     headers: bool,
     kill: CancellationToken,
+    /// The protocol level this connection negotiated.
+    level: (u32, u32, u32),
+    /// Outpoints subscribed (protocol 1.7) and the status last sent.
+    outpoints: HashMap<(String, u32), Value>,
 }
 
 struct Shared {
@@ -143,6 +164,9 @@ struct Shared {
     delay_ms: AtomicU64,
     /// Speak protocol 1.6 (see [`Mock::set_protocol_1_6`]).
     protocol_1_6: AtomicBool,
+    /// Refuse outpoint methods like an ElectrumX whose node cannot look
+    /// spenders up (see [`Mock::set_outpoint_refusal`]).
+    outpoint_refusal: AtomicBool,
 }
 
 /// A running mock upstream.
@@ -187,6 +211,7 @@ impl Mock {
             stalled: AtomicBool::new(false),
             delay_ms: AtomicU64::new(0),
             protocol_1_6: AtomicBool::new(false),
+            outpoint_refusal: AtomicBool::new(false),
         });
         let listener = shareable_socket("127.0.0.1:0".parse().unwrap())
             .listen(1024)
@@ -286,12 +311,50 @@ impl Mock {
             .unwrap()
             .histories
             .insert(scripthash.to_string(), history);
-        let line = json!({"jsonrpc":"2.0","method":"blockchain.scripthash.subscribe","params":[scripthash, status]});
         for c in self.shared.conns.lock().unwrap().values() {
             if c.subs.contains(scripthash) {
+                // ElectrumX 2.0 names the method after the 1.7 form.
+                let method = if c.level >= (1, 7, 0) {
+                    "blockchain.scriptpubkey.subscribe"
+                } else {
+                    "blockchain.scripthash.subscribe"
+                };
+                let line = json!({"jsonrpc":"2.0","method":method,"params":[scripthash, status]});
                 let _ = c.tx.send(line.to_string());
             }
         }
+        levels::notify_outpoints(&self.shared);
+    }
+
+    /// Answer outpoint methods with a daemon error (as an ElectrumX on a
+    /// node without spender lookups does), or normally again with `false`.
+    pub fn set_outpoint_refusal(&self, on: bool) {
+        self.shared.outpoint_refusal.store(on, Ordering::SeqCst);
+    }
+
+    /// Live outpoint subscriptions summed over connections.
+    pub fn outpoint_subscriptions(&self) -> usize {
+        self.shared
+            .conns
+            .lock()
+            .unwrap()
+            .values()
+            .map(|c| c.outpoints.len())
+            .sum()
+    }
+
+    /// The protocol levels the open connections negotiated.
+    pub fn levels(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .shared
+            .conns
+            .lock()
+            .unwrap()
+            .values()
+            .map(|c| levels::version_string(c.level))
+            .collect();
+        v.sort();
+        v
     }
 
     /// Replace a history without notifying anyone (a lagging or divergent view).
@@ -461,6 +524,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, shared: Ar
             subs: HashSet::new(),
             headers: false,
             kill: kill.clone(),
+            level: (1, 4, 0),
+            outpoints: HashMap::new(),
         },
     );
     let pad = shared.opts.pad;
@@ -517,7 +582,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, shared: Ar
             identified = true;
         }
         let delay = shared.delay_ms.load(Ordering::SeqCst);
-        let reply = answer(&shared, id, &req);
+        let reply = methods::answer(&shared, id, &req);
         let Some(id_val) = req.get("id").cloned() else {
             continue;
         };
@@ -542,172 +607,4 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, shared: Ar
     shared.conns.lock().unwrap().remove(&id);
     drop(tx);
     let _ = writer.await;
-}
-
-type Answer = Result<Value, (i64, String)>;
-
-fn answer(shared: &Shared, conn: u64, req: &Value) -> Answer {
-    let method = req["method"].as_str().unwrap_or_default();
-    let params = req.get("params").cloned().unwrap_or(json!([]));
-    let p = |i: usize| params.get(i).cloned().unwrap_or(Value::Null);
-    let sh = || {
-        p(0).as_str()
-            .map(str::to_string)
-            .ok_or((1, "bad scripthash".to_string()))
-    };
-    let mut chain = shared.chain.lock().unwrap();
-    if shared.protocol_1_6.load(Ordering::SeqCst) {
-        match method {
-            "server.version" => return Ok(json!(["MockX 1.0", "1.6"])),
-            "blockchain.relayfee" => {
-                return Err((-32601, format!("unknown method \"{method}\"")));
-            }
-            "mempool.get_info" => {
-                return Ok(json!({
-                    "mempoolminfee": 0.00003, "minrelaytxfee": 0.00002,
-                    "incrementalrelayfee": 0.00001
-                }));
-            }
-            "blockchain.block.headers" => {
-                let start = p(0).as_u64().ok_or((1, "bad height".to_string()))? as usize;
-                let count = p(1).as_u64().unwrap_or(0) as usize;
-                let end = (start + count.min(2016)).min(chain.headers.len());
-                let headers: Vec<String> = chain
-                    .headers
-                    .get(start..end)
-                    .unwrap_or(&[])
-                    .iter()
-                    .map(hex::encode)
-                    .collect();
-                return Ok(json!({"headers": headers, "count": headers.len(), "max": 2016}));
-            }
-            _ => {}
-        }
-    }
-    match method {
-        "server.version" => Ok(json!(["MockX 1.0", "1.4"])),
-        "server.features" => Ok(json!({
-            "genesis_hash": hash_hex(sha256d(&chain.headers[0])),
-            "protocol_min": "1.4", "protocol_max": "1.4.2", "hash_function": "sha256",
-            "server_version": "MockX 1.0", "hosts": {}, "pruning": null
-        })),
-        "server.ping" => Ok(Value::Null),
-        "blockchain.headers.subscribe" => {
-            if let Some(c) = shared.conns.lock().unwrap().get_mut(&conn) {
-                c.headers = true;
-            }
-            let (height, hex) = chain.tip();
-            Ok(json!({"hex": hex, "height": height}))
-        }
-        "blockchain.block.header" => {
-            let h = p(0).as_u64().ok_or((1, "bad height".to_string()))? as usize;
-            chain
-                .headers
-                .get(h)
-                .map(|x| json!(hex::encode(x)))
-                .ok_or((1, format!("height {h} out of range")))
-        }
-        "blockchain.block.headers" => {
-            let start = p(0).as_u64().ok_or((1, "bad height".to_string()))? as usize;
-            let count = p(1).as_u64().unwrap_or(0) as usize;
-            let end = (start + count.min(2016)).min(chain.headers.len());
-            let hex: String = chain
-                .headers
-                .get(start..end)
-                .unwrap_or(&[])
-                .iter()
-                .map(hex::encode)
-                .collect();
-            Ok(json!({"hex": hex, "count": end.saturating_sub(start), "max": 2016}))
-        }
-        "blockchain.scripthash.subscribe" => {
-            let sh = sh()?;
-            if let Some(c) = shared.conns.lock().unwrap().get_mut(&conn) {
-                c.subs.insert(sh.clone());
-            }
-            Ok(json!(status_of(
-                chain.histories.get(&sh).map(Vec::as_slice).unwrap_or(&[])
-            )))
-        }
-        "blockchain.scripthash.unsubscribe" => {
-            let sh = sh()?;
-            let removed = shared
-                .conns
-                .lock()
-                .unwrap()
-                .get_mut(&conn)
-                .map(|c| c.subs.remove(&sh))
-                .unwrap_or(false);
-            Ok(json!(removed))
-        }
-        "blockchain.scripthash.get_history" => {
-            let h = chain.histories.get(&sh()?).cloned().unwrap_or_default();
-            Ok(json!(h
-                .iter()
-                .map(|(t, height)| json!({"tx_hash": t, "height": height}))
-                .collect::<Vec<_>>()))
-        }
-        "blockchain.scripthash.get_mempool" => {
-            let h = chain.histories.get(&sh()?).cloned().unwrap_or_default();
-            Ok(json!(h
-                .iter()
-                .filter(|(_, height)| *height <= 0)
-                .map(|(t, height)| json!({"tx_hash": t, "height": height, "fee": 100}))
-                .collect::<Vec<_>>()))
-        }
-        "blockchain.scripthash.get_balance" => {
-            let h = chain.histories.get(&sh()?).cloned().unwrap_or_default();
-            let confirmed = h.iter().filter(|(_, x)| *x > 0).count() as u64 * 1000;
-            let unconfirmed = h.iter().filter(|(_, x)| *x <= 0).count() as u64 * 1000;
-            Ok(json!({"confirmed": confirmed, "unconfirmed": unconfirmed}))
-        }
-        "blockchain.scripthash.listunspent" => {
-            let h = chain.histories.get(&sh()?).cloned().unwrap_or_default();
-            Ok(json!(h
-                .iter()
-                .map(|(t, height)| json!({"tx_hash": t, "tx_pos": 0, "height": height, "value": 1000}))
-                .collect::<Vec<_>>()))
-        }
-        "blockchain.transaction.get" => {
-            let txid = p(0).as_str().unwrap_or_default().to_string();
-            // ElectrumX refuses a `verbose` that is not a boolean (such as
-            // protocol 1.0's height argument).
-            if shared.opts.strict && !p(1).is_null() && !p(1).is_boolean() {
-                return Err((1, "\"verbose\" must be a boolean".into()));
-            }
-            if p(1).as_bool() == Some(true) {
-                return Err((
-                    2,
-                    "verbose transactions are not supported by the mock".into(),
-                ));
-            }
-            chain.txs.get(&txid).map(|h| json!(h)).ok_or((
-                2,
-                format!("no such mempool or blockchain transaction: {txid}"),
-            ))
-        }
-        "blockchain.transaction.broadcast" => {
-            let raw = p(0).as_str().unwrap_or_default().to_string();
-            if hex::decode(&raw).is_err() || raw.is_empty() {
-                return Err((1, "the transaction was rejected by network rules".into()));
-            }
-            let txid = txid_of(&raw);
-            chain.txs.insert(txid.clone(), raw);
-            Ok(json!(txid))
-        }
-        "blockchain.transaction.get_merkle" => {
-            let height = p(1).as_u64().unwrap_or(0);
-            Ok(json!({"block_height": height, "merkle": [hash_hex([7u8; 32])], "pos": 1}))
-        }
-        "blockchain.transaction.id_from_pos" => {
-            Ok(json!(hash_hex([p(1).as_u64().unwrap_or(0) as u8; 32])))
-        }
-        "blockchain.estimatefee" => Ok(json!(0.0001)),
-        "blockchain.relayfee" => Ok(json!(0.00001)),
-        "mempool.get_fee_histogram" => Ok(json!([[12.5, 100000], [5.0, 200000]])),
-        _ => {
-            let _ = &mut chain;
-            Err((-32601, format!("unknown method \"{method}\"")))
-        }
-    }
 }
