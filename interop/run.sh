@@ -23,7 +23,7 @@ section "build"
 if [[ -z ${ELB_BIN:-} ]]; then
   cargo build --quiet --bin electrum-lb
 fi
-cargo test --quiet --test interop --no-run
+cargo test --quiet --test interop --test interop_protocol --no-run
 
 dir=$(mktemp -d "${TMPDIR:-/tmp}/electrum-lb-interop.XXXXXX")
 stack() { "$py" interop/stack.py --dir "$dir" "$@"; }
@@ -52,6 +52,9 @@ source "$dir/env"
 
 section "BDK electrum-client and the Electrum wallet through electrum-lb"
 cargo test --test interop -- --ignored --nocapture
+
+section "protocol 1.6 and 1.7 sessions through electrum-lb against ElectrumX 2.0"
+cargo test --test interop_protocol -- --ignored --nocapture
 
 section "report"
 stack report

@@ -363,6 +363,8 @@ upstreams = [
             "INTEROP_CTL": ctl,
             "INTEROP_TCP_URL": f"tcp://127.0.0.1:{s['lb_tcp']}",
             "INTEROP_SSL_URL": f"ssl://127.0.0.1:{s['lb_ssl']}",
+            # ElectrumX 1 directly (tests/interop_protocol.rs compares answers)
+            "INTEROP_ELECTRUMX_URL": self.electrumx_url(1),
             "INTEROP_MINER_ADDRESS": s["miner_address"],
             "INTEROP_WALLET_ADDRESS": s["wallet_address"],
         }.items()))
