@@ -15,13 +15,17 @@
 //! - [`codec`]: bounded newline framing; [`jsonrpc`]: classifying lines and
 //!   writing replies without building JSON trees.
 //! - [`router`]: the method table of a coin: local `server.*` answers
-//!   ([`protocol`] negotiates versions), subscriptions to the [`hub`],
-//!   translations in [`legacy`] and [`coin`] (addresses), [`header`] shapes,
-//!   and forwarding to the [`upstream`] pool through the [`cache`] (immutable
-//!   answers from memory; identical reads in flight share one request, see
-//!   [`coalesce`]).
+//!   ([`local`]; [`protocol`] negotiates versions), protocols 1.6 and 1.7
+//!   over upstreams of any level ([`bridge`]; outpoint statuses in
+//!   [`outpoint`], read from transactions with [`tx`]), subscriptions to
+//!   the [`hub`], translations in [`legacy`] and [`coin`] (addresses),
+//!   [`header`] shapes, and forwarding to the [`upstream`] pool through the
+//!   [`cache`] (immutable answers from memory; identical reads in flight
+//!   share one request, see [`coalesce`]).
 //! - [`upstream`]: per-upstream connection supervisors; `upstream::conn` is
-//!   the actor that rewrites ids; `upstream::select` picks a connection.
+//!   the actor that rewrites ids (and learns each connection's protocol
+//!   level); `upstream::select` picks a connection among those whose level
+//!   answers the request (`upstream::levels`).
 //! - [`reply`]: how an answer gets back to whoever asked.
 //! - [`admin`]: the side HTTP port (status page, `/status.json`, `/metrics`,
 //!   probes); what it shows is one [`status`] snapshot per request, read

@@ -160,6 +160,15 @@ fn vout_paying(txid: &str, script: &str) -> u32 {
         .expect("an output paying the script") as u32
 }
 
+/// A regtest P2PKH address whose hash is derived from `label`.
+fn fresh_address(label: &str) -> String {
+    use electrum_client::bitcoin::hashes::Hash;
+    use electrum_client::bitcoin::{Address, NetworkKind, PubkeyHash};
+    let digest = Sha256::digest(label.as_bytes());
+    let hash = PubkeyHash::from_slice(&digest[..20]).unwrap();
+    Address::p2pkh(hash, NetworkKind::Test).to_string()
+}
+
 fn mine() -> u64 {
     rpc("generatetoaddress", &["1", &env("INTEROP_MINER_ADDRESS")]);
     rpc("getblockcount", &[]).as_u64().unwrap()
@@ -179,9 +188,11 @@ fn protocol_1_6_and_1_7_through_electrum_lb_equal_electrumx() {
     let direct = env("INTEROP_ELECTRUMX_URL");
     let proxied = env("INTEROP_TCP_URL");
 
-    // A script with a confirmed and an unconfirmed payment, and an output
-    // of the node's own wallet (spendable, for the outpoint test).
-    let watched_address = env("INTEROP_WALLET_ADDRESS");
+    // A script with a confirmed and an unconfirmed payment (nobody holds
+    // its key; not the Electrum wallet's address, whose status must only
+    // change when tests/interop.rs waits for it), and an output of the
+    // node's own wallet (spendable, for the outpoint test).
+    let watched_address = fresh_address("interop_protocol: watched");
     let watched = script_of(&watched_address);
     let sh = scripthash(&watched);
     let mine_address = rpc("getnewaddress", &[]).as_str().unwrap().to_string();

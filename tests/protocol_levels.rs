@@ -434,3 +434,42 @@ async fn sessions_and_connections_are_counted_by_level() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_subscribe_and_unsubscribe_pipelined_are_answered_in_order() {
+    // As ElectrumX answers them: the subscribe gets the status even though
+    // the unsubscribe arrived before the upstream answered.
+    let mock = upstream(false).await;
+    let server = proxy(&mock, false).await;
+    mock.set_delay(std::time::Duration::from_millis(200));
+    let mut c = client(&server, json!(["1.4", "1.7"])).await;
+    let spk = "51";
+    let sh51 = {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::digest([0x51u8]).to_vec();
+        h.reverse();
+        hex::encode(h)
+    };
+    mock.set_history(&sh51, vec![(txid(6), 9)]);
+    c.send_raw(
+        format!(
+            "{}\n{}\n",
+            json!({"jsonrpc":"2.0","id":1,"method":"blockchain.scriptpubkey.subscribe","params":[spk]}),
+            json!({"jsonrpc":"2.0","id":2,"method":"blockchain.scriptpubkey.unsubscribe","params":[spk]})
+        )
+        .as_bytes(),
+    )
+    .await;
+    let mut replies = [c.recv().await, c.recv().await];
+    replies.sort_by_key(|r| r["id"].as_u64());
+    assert_eq!(
+        replies[0]["result"],
+        json!(status_of(&[(txid(6), 9)])),
+        "{}",
+        replies[0]
+    );
+    assert_eq!(replies[1]["result"], json!(true), "{}", replies[1]);
+    // Nobody holds it: the upstream subscription is released.
+    wait_until(|| mock.subscriptions() == 0).await;
+    server.shutdown().await;
+}

@@ -160,7 +160,7 @@ impl Actor {
             return;
         };
         for (topic, form) in subs.keys {
-            self.detach(session, &topic, &form);
+            self.detach(session, &topic, &form, false);
             self.drop_if_unused(&topic);
         }
     }
@@ -179,15 +179,24 @@ impl Actor {
                 }
             }
         }
-        let detached = self.detach(session, topic, form);
+        // A subscribe still waiting for the upstream is answered when the
+        // upstream answers, as a server taking requests in order would.
+        let detached = self.detach(session, topic, form, true);
         self.drop_if_unused(topic);
         indexed || detached
     }
 
     /// Take `(session, form)` out of a topic's entry (not out of the session
-    /// index). A subscribe of it still waiting for the upstream is answered
-    /// with an error.
-    pub(super) fn detach(&mut self, session: SessionId, topic: &Topic, form: &Form) -> bool {
+    /// index). A subscribe of it still waiting for the upstream keeps
+    /// waiting with `keep_waiting` (it keeps the entry until answered), and
+    /// is answered with an error otherwise (the session is gone).
+    pub(super) fn detach(
+        &mut self,
+        session: SessionId,
+        topic: &Topic,
+        form: &Form,
+        keep_waiting: bool,
+    ) -> bool {
         let Some(entry) = self.entry(topic) else {
             return false;
         };
@@ -202,7 +211,7 @@ impl Actor {
             }
         }
         let mut i = 0;
-        while i < entry.waiting.len() {
+        while i < entry.waiting.len() && !keep_waiting {
             if entry.waiting[i].session == session && entry.waiting[i].form == *form {
                 entry.waiting.swap_remove(i).responder.fail(RpcError::new(
                     ErrorCode::UpstreamUnavailable,

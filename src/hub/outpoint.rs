@@ -348,9 +348,12 @@ impl Actor {
         for w in std::mem::take(&mut e.entry.waiting) {
             answer(w.responder, &w.form, &value);
         }
+        let topic = Topic::Outpoint(op.clone());
         if changed {
-            self.fan_out(&Topic::Outpoint(op.clone()));
+            self.fan_out(&topic);
         }
+        // Those answered may have unsubscribed meanwhile.
+        self.drop_if_unused(&topic);
     }
 
     /// New block: look up the scripts not found so far.

@@ -132,7 +132,7 @@ impl Actor {
                     }
                 }
             }
-            self.detach(w.session, topic, &w.form);
+            self.detach(w.session, topic, &w.form, false);
         }
         self.drop_if_unused(topic);
     }
@@ -248,6 +248,8 @@ impl Actor {
             // Outpoints emulated over this script start from it.
             self.script_changed(sh);
         }
+        // Those answered may have unsubscribed meanwhile.
+        self.drop_if_unused(&topic);
     }
 
     /// Tell the upstream it may forget a subscription (scripthashes:

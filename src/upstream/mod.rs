@@ -6,6 +6,7 @@
 //! Layout:
 //! - `pool`: the coin's pool; dispatches jobs, grows and shrinks connections;
 //! - `select`: the pure choice of a connection for a job;
+//! - `levels`: protocol levels: which connections can answer a job;
 //! - `health`: the probe loop and the rise/fall rules that take an upstream
 //!   in and out of rotation (lag behind the best tip, lost connections);
 //! - `supervisor`: keeps one connection slot connected, with backoff, and
@@ -16,11 +17,13 @@
 pub mod conn;
 pub mod connect;
 pub mod health;
+pub mod levels;
 pub mod pool;
 pub mod select;
 mod supervisor;
 
-pub use pool::{Capability, Pool};
+pub use levels::Capability;
+pub use pool::Pool;
 pub use select::Need;
 
 use crate::reply::Responder;

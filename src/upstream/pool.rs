@@ -15,7 +15,7 @@
 //! 1.7) on its ordinary connections and 1.6/1.7 requests on its protocol
 //! connection, while an old upstream costs no extra connection. Jobs carry
 //! the levels that can answer them ([`select::Need`]); dispatch offers them
-//! only connections whose negotiated level fits.
+//! only connections whose negotiated level fits (see `levels`).
 
 use super::conn::{ConnShared, UpstreamInfo};
 use super::connect::Dialer;
@@ -32,14 +32,6 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-/// See [`Pool::capability`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Capability {
-    Now,
-    Later,
-    Never,
-}
 
 /// Queued jobs one connection holds beyond its in-flight limit.
 const QUEUE_PER_CONNECTION: usize = 4096;
@@ -199,7 +191,7 @@ impl Pool {
         ));
     }
 
-    fn inner(&self) -> arc_swap::Guard<Arc<PoolInner>> {
+    pub(super) fn inner(&self) -> arc_swap::Guard<Arc<PoolInner>> {
         self.cell.load()
     }
 
@@ -230,45 +222,6 @@ impl Pool {
     /// The connection a new job would go to right now.
     pub fn preferred(&self) -> Option<ConnId> {
         self.preferred_for(select::Need::ANY)
-    }
-
-    /// The connection a new job of `need` would go to right now.
-    pub fn preferred_for(&self, need: select::Need) -> Option<ConnId> {
-        let inner = self.inner();
-        select::pick(&inner.capable_candidates(need), None).map(|i| inner.slots[i].shared.conn_id())
-    }
-
-    /// Whether a job of `need` can be served: by a connection that is up
-    /// now, later (an upstream offers the level but its connection is not
-    /// up yet), or never (no upstream offers it).
-    pub fn capability(&self, need: select::Need) -> Capability {
-        let inner = self.inner();
-        let ready = |s: &&Slot| s.shared.is_ready();
-        if inner
-            .slots
-            .iter()
-            .filter(ready)
-            .any(|s| select::capable(s.shared.level(), need))
-        {
-            return Capability::Now;
-        }
-        // What each upstream offers, as its connections learned it.
-        let offers = inner.slots.iter().any(|s| {
-            let info = s.shared.info.lock().unwrap_or_else(|p| p.into_inner());
-            let max = info.protocol_max.as_deref().and_then(|v| v.parse().ok());
-            s.top && max.is_some_and(|max| select::capable(max, need))
-        });
-        if offers {
-            Capability::Later
-        } else {
-            Capability::Never
-        }
-    }
-
-    /// The protocol level a (ready) connection negotiated.
-    pub fn conn_level(&self, conn: ConnId) -> Option<crate::protocol::Version> {
-        let inner = self.inner();
-        inner.slot_of(conn).map(|i| inner.slots[i].shared.level())
     }
 
     /// The tip height this (ready) connection last reported.
@@ -494,7 +447,7 @@ impl PoolInner {
         }
     }
 
-    fn candidates(&self) -> Vec<select::Candidate> {
+    pub(super) fn candidates(&self) -> Vec<select::Candidate> {
         self.slots
             .iter()
             .map(|s| {
@@ -511,7 +464,7 @@ impl PoolInner {
             .collect()
     }
 
-    fn slot_of(&self, conn: ConnId) -> Option<usize> {
+    pub(super) fn slot_of(&self, conn: ConnId) -> Option<usize> {
         self.slots
             .iter()
             .position(|s| s.shared.is_ready() && s.shared.conn_id() == conn)
@@ -537,19 +490,6 @@ impl PoolInner {
                 ))
             }
         }
-    }
-
-    /// The candidates, with those that cannot answer `need` left out.
-    fn capable_candidates(&self, need: select::Need) -> Vec<select::Candidate> {
-        let mut candidates = self.candidates();
-        if !need.is_any() {
-            for (c, s) in candidates.iter_mut().zip(&self.slots) {
-                if !select::capable(s.shared.level(), need) {
-                    c.ready = false;
-                }
-            }
-        }
-        candidates
     }
 
     fn send_to(&self, index: usize, mut job: Job) {

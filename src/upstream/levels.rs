@@ -1,0 +1,77 @@
+//! Protocol levels on the pool side: which connections can answer a job
+//! of a given [`Need`](select::Need), and whether the coin's upstreams can
+//! answer it at all.
+//!
+//! Owns: the capability view of the pool (`Pool::preferred_for`,
+//! `Pool::capability`, `Pool::conn_level`) and the candidates dispatch
+//! offers a job (`PoolInner::capable_candidates`: the separate filter of
+//! `select::capable` over `select::pick`'s input). Learning a connection's
+//! level is `conn`'s; the protocol slot that asks for the highest level is
+//! built by `pool`.
+
+use super::pool::{Pool, PoolInner, Slot};
+use super::{select, ConnId};
+
+/// See [`Pool::capability`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capability {
+    Now,
+    Later,
+    Never,
+}
+
+impl Pool {
+    /// The connection a new job of `need` would go to right now.
+    pub fn preferred_for(&self, need: select::Need) -> Option<ConnId> {
+        let inner = self.inner();
+        select::pick(&inner.capable_candidates(need), None).map(|i| inner.slots[i].shared.conn_id())
+    }
+
+    /// Whether a job of `need` can be served: by a connection that is up
+    /// now, later (an upstream offers the level but its connection is not
+    /// up yet), or never (no upstream offers it).
+    pub fn capability(&self, need: select::Need) -> Capability {
+        let inner = self.inner();
+        let ready = |s: &&Slot| s.shared.is_ready();
+        if inner
+            .slots
+            .iter()
+            .filter(ready)
+            .any(|s| select::capable(s.shared.level(), need))
+        {
+            return Capability::Now;
+        }
+        // What each upstream offers, as its connections learned it.
+        let offers = inner.slots.iter().any(|s| {
+            let info = s.shared.info.lock().unwrap_or_else(|p| p.into_inner());
+            let max = info.protocol_max.as_deref().and_then(|v| v.parse().ok());
+            s.top && max.is_some_and(|max| select::capable(max, need))
+        });
+        if offers {
+            Capability::Later
+        } else {
+            Capability::Never
+        }
+    }
+
+    /// The protocol level a (ready) connection negotiated.
+    pub fn conn_level(&self, conn: ConnId) -> Option<crate::protocol::Version> {
+        let inner = self.inner();
+        inner.slot_of(conn).map(|i| inner.slots[i].shared.level())
+    }
+}
+
+impl PoolInner {
+    /// The candidates, with those that cannot answer `need` left out.
+    pub(super) fn capable_candidates(&self, need: select::Need) -> Vec<select::Candidate> {
+        let mut candidates = self.candidates();
+        if !need.is_any() {
+            for (c, s) in candidates.iter_mut().zip(&self.slots) {
+                if !select::capable(s.shared.level(), need) {
+                    c.ready = false;
+                }
+            }
+        }
+        candidates
+    }
+}
