@@ -273,4 +273,104 @@ mod tests {
             assert!(params(&bad).is_err(), "{bad}");
         }
     }
+
+    /// A raw transaction (hex) spending `inputs` and paying `outputs`.
+    fn raw(inputs: &[(&str, u32)], outputs: &[&[u8]]) -> String {
+        let mut t = vec![1, 0, 0, 0, inputs.len() as u8];
+        for (txid, vout) in inputs {
+            let mut id = hex::decode(txid).unwrap();
+            id.reverse();
+            t.extend(id);
+            t.extend(vout.to_le_bytes());
+            t.extend([0, 0xff, 0xff, 0xff, 0xff]);
+        }
+        t.push(outputs.len() as u8);
+        for script in outputs {
+            t.extend(1000u64.to_le_bytes());
+            t.push(script.len() as u8);
+            t.extend(*script);
+        }
+        t.extend([0; 4]);
+        hex::encode(t)
+    }
+
+    #[tokio::test]
+    async fn emulation_finds_the_spender_in_the_scripts_history() {
+        let spk: &[u8] = &[0x51];
+        let other: &[u8] = &[0x52];
+        let prev = "11".repeat(32);
+        let fund_raw = raw(&[(&prev, 0)], &[other, spk]);
+        // Fetched by name: the name need not be the real txid here.
+        let fund = "aa".repeat(32);
+        let spend_raw = raw(&[(&fund, 1)], &[other]);
+        let spend = "22".repeat(32);
+        let unrelated = "33".repeat(32);
+        let unrelated_raw = raw(&[(&fund, 0)], &[spk]);
+        let txs: std::collections::HashMap<String, String> = [
+            (fund.clone(), fund_raw),
+            (spend.clone(), spend_raw),
+            (unrelated.clone(), unrelated_raw),
+        ]
+        .into();
+        let fetches = std::sync::atomic::AtomicUsize::new(0);
+        let fetch = |t: String| {
+            fetches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let found = txs.get(&t).cloned();
+            async move { Ok(found) }
+        };
+        let op = Outpoint {
+            txid: fund.clone(),
+            vout: 1,
+        };
+        let run = |history: Vec<(String, i64)>, known: HashSet<String>| {
+            emulate(&op, spk, history, known, &fetch)
+        };
+
+        // Funded at 10; output 0 being spent does not spend output 1.
+        let e = run(
+            vec![(fund.clone(), 10), (unrelated.clone(), 0)],
+            HashSet::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            e.status,
+            Status {
+                funder_height: Some(10),
+                spender: None
+            }
+        );
+        assert!(e.not_spenders.contains(&unrelated));
+        // Spent in a later block; what is known not to spend is not fetched.
+        let before = fetches.load(std::sync::atomic::Ordering::Relaxed);
+        let history = vec![
+            (fund.clone(), 10),
+            (unrelated.clone(), 11),
+            (spend.clone(), 12),
+        ];
+        let e = run(history, e.not_spenders).await.unwrap();
+        assert_eq!(e.status.spender, Some((spend.clone(), 12)));
+        assert_eq!(
+            fetches.load(std::sync::atomic::Ordering::Relaxed) - before,
+            2
+        );
+        // A transaction in an earlier block cannot spend it.
+        let e = run(vec![(spend.clone(), 9), (fund.clone(), 10)], HashSet::new())
+            .await
+            .unwrap();
+        assert_eq!(e.status.spender, None);
+        // Not in the script's history, or output 1 pays another script: `{}`.
+        assert_eq!(
+            run(vec![], HashSet::new()).await.unwrap().status,
+            Status::default()
+        );
+        let op0 = Outpoint {
+            txid: fund.clone(),
+            vout: 0,
+        };
+        let e = emulate(&op0, spk, vec![(fund.clone(), 10)], HashSet::new(), &fetch)
+            .await
+            .unwrap();
+        assert_eq!(e.status, Status::default());
+    }
 }

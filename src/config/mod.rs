@@ -318,6 +318,7 @@ upstreams = ["tcp://127.0.0.1:1"]
         let coin = &c.coins["test"];
         assert_eq!(coin.upstreams[0].max_in_flight, 256);
         assert_eq!(coin.upstream_protocol, "1.4");
+        assert_eq!(coin.upstream_protocol_max, "1.7");
         assert_eq!(c.server.failover_hold(), Duration::from_secs(10));
     }
 
@@ -411,6 +412,24 @@ upstreams = ["tcp://a:1", { url = "ssl://b:2", insecure = true, backup = true, w
         let e = err("[coins.x]\nlisten = [\"tcp://127.0.0.1:5\", \"tcp://127.0.0.1:5\"]\nupstreams = [\"tcp://a:1\"]\n");
         assert!(e.contains("already used by coins.x.listen[0]"), "{e}");
         assert_eq!(err(""), "bad.toml: coins: no coin is configured");
+        let coin = "[coins.x]\nlisten = [\"tcp://127.0.0.1:5\"]\nupstreams = [\"tcp://a:1\"]\n";
+        let e = err(&format!("{coin}upstream_protocol_max = \"1.8\"\n"));
+        assert!(
+            e.contains("coins.x.upstream_protocol_max: this proxy speaks up to 1.7"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{coin}upstream_protocol = \"1.6\"\nupstream_protocol_max = \"1.4\"\n"
+        ));
+        assert!(
+            e.contains("coins.x.upstream_protocol_max: must not be below"),
+            "{e}"
+        );
+        let e = err(&format!("{coin}upstream_protocol = \"x\"\n"));
+        assert!(
+            e.contains("coins.x.upstream_protocol: must be a protocol version"),
+            "{e}"
+        );
     }
 
     #[test]

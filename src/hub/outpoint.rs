@@ -22,9 +22,10 @@ use super::{Command, Outpoint, Topic};
 use crate::jsonrpc::{self, ErrorCode, RpcError};
 use crate::outpoint::{self as op_status, Emulated, Status, TxFetch};
 use crate::reply::{Answer, Responder};
-use crate::upstream::{Job, Need};
+use crate::upstream::{Job, Need, Reroute};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -274,6 +275,23 @@ impl Actor {
             Instant::now() + timeout,
         );
         job.need = Need::below(crate::protocol::V1_7);
+        // A retry comes back through the hub, as a wallet's read would.
+        let back = self.self_tx.clone();
+        let again = sh.clone();
+        job.reroute = Some(Reroute(Arc::new(move |job| {
+            let read = Command::Read {
+                scripthash: again.clone(),
+                job,
+            };
+            if let Err(tokio::sync::mpsc::error::SendError(Command::Read { job, .. })) =
+                back.send(read)
+            {
+                job.responder.fail(RpcError::new(
+                    ErrorCode::UpstreamUnavailable,
+                    "shutting down",
+                ));
+            }
+        })));
         // Where the status came from (or parked while it moves).
         self.on_read(sh, job);
         let fetch = self.tx_fetcher();
