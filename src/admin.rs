@@ -3,8 +3,10 @@
 //! Owns: the small HTTP/1 server (hyper) on `[metrics] listen` and what each
 //! path answers. Values that live in pools, hubs and caches (upstream state,
 //! subscriptions) are read into the metrics at scrape time; everything else
-//! is counted where it happens.
+//! is counted where it happens. While the process drains, `/readyz`
+//! answers 503 so that balancers stop sending it new connections.
 
+use crate::listener::bind::Sockets;
 use crate::metrics::Metrics;
 use crate::router::Router;
 use http_body_util::Full;
@@ -14,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +34,8 @@ fn follow(counter: &prometheus::IntCounter, count: u64) {
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub routers: BTreeMap<String, Arc<Router>>,
+    /// Set once when the process starts draining; never cleared.
+    pub draining: AtomicBool,
 }
 
 impl AdminState {
@@ -131,7 +135,13 @@ impl AdminState {
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
             "/readyz" => {
                 let missing = self.coins_without_upstream();
-                if missing.is_empty() {
+                if self.draining.load(Ordering::Acquire) {
+                    reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "application/json",
+                        "{\"ready\":false,\"draining\":true}\n".into(),
+                    )
+                } else if missing.is_empty() {
                     reply(
                         StatusCode::OK,
                         "application/json",
@@ -152,23 +162,27 @@ impl AdminState {
     }
 }
 
-/// Bind the admin port.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
-        .await
+/// Bind the admin port (on the predecessor's socket after a hand-over).
+pub fn bind(addr: SocketAddr, sockets: &Sockets) -> Result<TcpListener, String> {
+    sockets
+        .listen(addr)
         .map_err(|e| format!("metrics.listen: cannot listen on {addr}: {e}"))
 }
 
-/// Serve HTTP until shutdown.
+/// Serve HTTP: accept until `accepting` or `shutdown` fires (a hand-over
+/// stops accepting: the successor answers on this port), answer open
+/// connections until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AdminState>,
     shutdown: CancellationToken,
+    accepting: CancellationToken,
     tracker: TaskTracker,
 ) {
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = accepting.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(a) => a,
                 Err(_) => continue,

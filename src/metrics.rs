@@ -116,6 +116,10 @@ pub struct Metrics {
     pub(crate) cache_entries: IntGaugeVec,
     pub(crate) cache_bytes: IntGaugeVec,
     pub(crate) cache_reorgs: IntCounterVec,
+    /// 1 from SIGTERM (or a hand-over) until the process exits.
+    pub draining: IntGauge,
+    sessions_drained: IntCounterVec,
+    drain_late_lines: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -231,6 +235,24 @@ impl Metrics {
                 opts("cache_reorgs_total", "Reorgs that dropped height-dependent cache entries."),
                 &["coin"]
             )),
+            draining: reg!(IntGauge::with_opts(opts(
+                "draining",
+                "1 while the process drains (SIGTERM or an in-place upgrade): /readyz answers 503."
+            ))),
+            sessions_drained: reg!(IntCounterVec::new(
+                opts(
+                    "sessions_drained_total",
+                    "Sessions ended by a drain: once every request read was answered and written (how=idle), or still busy when shutdown_grace_secs ran out (how=deadline)."
+                ),
+                &["coin", "how"]
+            )),
+            drain_late_lines: reg!(IntCounterVec::new(
+                opts(
+                    "drain_late_lines_total",
+                    "Lines a drained session received after it had closed its side: requests the client sent as the session ended, which it re-sends elsewhere."
+                ),
+                &["coin"]
+            )),
             registry,
         };
         #[cfg(target_os = "linux")]
@@ -256,6 +278,9 @@ impl Metrics {
             bytes_in: self.bytes_in.with_label_values(&[coin]),
             bytes_out: self.bytes_out.with_label_values(&[coin]),
             notifications: self.notifications.with_label_values(&[coin]),
+            drained_idle: self.sessions_drained.with_label_values(&[coin, "idle"]),
+            drained_deadline: self.sessions_drained.with_label_values(&[coin, "deadline"]),
+            drain_late_lines: self.drain_late_lines.with_label_values(&[coin]),
         })
     }
 
@@ -277,6 +302,11 @@ pub struct CoinMetrics {
     pub bytes_in: IntCounter,
     pub bytes_out: IntCounter,
     pub notifications: IntCounter,
+    /// Sessions a drain ended once idle / at the grace deadline.
+    pub drained_idle: IntCounter,
+    pub drained_deadline: IntCounter,
+    /// Lines received by drained sessions after they closed their side.
+    pub drain_late_lines: IntCounter,
 }
 
 impl std::fmt::Debug for CoinMetrics {
