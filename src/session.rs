@@ -115,11 +115,17 @@ pub async fn run<S>(
     let room = Arc::new(Notify::new());
     // Only to see how full the queue is; dropped before waiting for the writer.
     let gauge = tx.clone();
+    // Fired when a drained session ends: the writer writes what is queued
+    // and closes without waiting for the hub to let go of the session.
+    let finish = CancellationToken::new();
     let writer = tokio::spawn(write_loop(
         wr,
         rx,
-        kill.clone(),
-        stops.hard.clone(),
+        WriterEnds {
+            kill: kill.clone(),
+            hard: stops.hard.clone(),
+            finish: finish.clone(),
+        },
         router.metrics.bytes_out.clone(),
         room.clone(),
         gate.reply_limits(),
@@ -245,6 +251,9 @@ pub async fn run<S>(
         End::Shutdown => metrics.drained_deadline.inc(),
         _ => {}
     }
+    if matches!(end, End::Drained) {
+        finish.cancel();
+    }
     router.hub.session_closed(st.id, st.subs.drain().collect());
     // The writer finishes once every pending answer has been written (each
     // holds a clone of the queue's sender) or the hard stop comes.
@@ -333,11 +342,19 @@ fn gather(rx: &mut mpsc::Receiver<Line>, buf: &mut Vec<u8>, limits: &ReplyLimits
     }
 }
 
+/// What ends the writer: `kill` (the client is gone or misbehaved) and
+/// `hard` (the proxy stops now) at once, dropping what is queued; `finish`
+/// (a drained session) once what is queued is written.
+struct WriterEnds {
+    kill: CancellationToken,
+    hard: CancellationToken,
+    finish: CancellationToken,
+}
+
 async fn write_loop<W>(
     mut wr: W,
     mut rx: mpsc::Receiver<Line>,
-    kill: CancellationToken,
-    hard: CancellationToken,
+    ends: WriterEnds,
     bytes_out: prometheus::IntCounter,
     room: Arc<Notify>,
     limits: ReplyLimits,
@@ -346,14 +363,24 @@ async fn write_loop<W>(
 {
     let mut buf: Vec<u8> = Vec::new();
     // Registered once for the whole session, not once per write.
+    let WriterEnds { kill, hard, finish } = ends;
     let killed = kill.cancelled();
     let stopped = hard.cancelled();
-    tokio::pin!(killed, stopped);
+    let finished = finish.cancelled();
+    tokio::pin!(killed, stopped, finished);
+    let mut closing = false;
     loop {
         let first = tokio::select! {
             biased;
             _ = &mut killed => break,
             _ = &mut stopped => break,
+            _ = &mut finished, if !closing => {
+                // Nothing more may be queued (a late notification is
+                // dropped); what is queued is still received and written.
+                rx.close();
+                closing = true;
+                continue;
+            }
             m = rx.recv() => match m {
                 Some(m) => m,
                 None => break,
