@@ -18,6 +18,8 @@ use crate::listener::{Listener, TlsHandle};
 use crate::metrics::Metrics;
 use crate::router::{CoinInfo, Router};
 use crate::session::{SessionLimits, Stops};
+use crate::status::events::EventKind;
+use crate::status::{CoinSource, Status};
 use crate::upstream::health::HealthRules;
 use crate::upstream::pool::PoolOptions;
 use crate::upstream::{Pool, UpstreamStatus};
@@ -43,6 +45,8 @@ pub struct Server {
     pub metrics: Arc<Metrics>,
     /// Connection slots and IP groups, shared by every coin.
     pub limits: Arc<Limits>,
+    /// The side port's state (the status sources, the credentials).
+    pub admin: Arc<AdminState>,
     /// The stop order and its tokens.
     drain: Drain,
     /// Sessions (and their connections).
@@ -154,6 +158,7 @@ pub async fn start_with(config: Config, listen: Listen) -> anyhow::Result<Server
                 request_timeout: config.server.request_timeout(),
                 failover_hold: config.server.failover_hold(),
                 cache: Some(cache.clone()),
+                journal: coin_metrics.journal.clone(),
             },
             pool.clone(),
             events,
@@ -243,23 +248,38 @@ pub async fn start_with(config: Config, listen: Listen) -> anyhow::Result<Server
             },
         );
     }
-    let admin = Arc::new(AdminState {
-        metrics: metrics.clone(),
-        routers: coins
-            .iter()
-            .map(|(n, c)| (n.clone(), c.router.clone()))
-            .collect(),
-        draining: Default::default(),
-    });
+    let sources = coins
+        .iter()
+        .map(|(n, c)| {
+            let source = CoinSource {
+                router: c.router.clone(),
+                listeners: c.listeners.clone(),
+                max_subscriptions_total: config.coins[n].max_subscriptions_total,
+                cache_max_bytes: if config.cache.enabled {
+                    config.cache.max_bytes
+                } else {
+                    0
+                },
+            };
+            (n.clone(), source)
+        })
+        .collect();
+    let status = Status::new(
+        metrics.clone(),
+        edge.clone(),
+        sources,
+        config.server.server_name.clone(),
+    );
+    let admin = Arc::new(AdminState::new(Arc::new(status), &config.metrics));
     let drain = Drain::new(stops.clone(), admin.clone(), sockets.clone());
     background.spawn(crate::admin::serve(
         admin_listener,
-        admin,
+        admin.clone(),
         stops.hard.clone(),
         drain.admin_accept.clone(),
         background.clone(),
     ));
-    tracing::info!(listen = %metrics_addr, "metrics, /healthz and /readyz served");
+    tracing::info!(listen = %metrics_addr, "status page, /status.json, /metrics, /healthz and /readyz served");
     // Everything serves: only now may the predecessor stop accepting.
     if let (Some(t), Some(path)) = (takeover, handoff_path.clone()) {
         let next = tokio::task::spawn_blocking(move || t.finish(&path)).await?;
@@ -273,6 +293,7 @@ pub async fn start_with(config: Config, listen: Listen) -> anyhow::Result<Server
         metrics_addr,
         metrics,
         limits: edge,
+        admin,
         coins,
         drain,
         sessions,
@@ -396,6 +417,36 @@ impl Server {
     /// opened with). Returns what could not be applied live (listeners,
     /// added or removed coins, the cache): those need a restart.
     pub fn reload(&self, new: Config) -> Result<Vec<String>, String> {
+        let result = self.apply(new);
+        let (kind, what) = match &result {
+            Ok(later) if later.is_empty() => (EventKind::Reload, "configuration reloaded".into()),
+            Ok(later) => (
+                EventKind::Reload,
+                format!(
+                    "configuration reloaded; applied on restart: {}",
+                    later.join(", ")
+                ),
+            ),
+            Err(e) => (EventKind::ReloadRejected, format!("reload rejected: {e}")),
+        };
+        self.metrics.journal.record(kind, None, None, &what, 1);
+        result
+    }
+
+    /// Read the configuration file again and [`Server::reload`] it (SIGHUP).
+    pub fn reload_file(&self, path: &std::path::Path) -> Result<Vec<String>, String> {
+        match Config::load(path) {
+            Ok(config) => self.reload(config),
+            Err(e) => {
+                let what = format!("reload rejected: {e}");
+                let kind = EventKind::ReloadRejected;
+                self.metrics.journal.record(kind, None, None, &what, 1);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn apply(&self, new: Config) -> Result<Vec<String>, String> {
         let mut current = self.config.lock().unwrap_or_else(|p| p.into_inner());
         let tls = match (&new.tls, &self.tls) {
             (Some(files), Some(_)) => {
@@ -462,6 +513,7 @@ impl Server {
                 tracing::info!(coin = %name, upstreams = coin.upstreams.len(), "upstream set replaced");
             }
         }
+        self.admin.set_auth(&new.metrics);
         if let Some(config) = tls {
             self.set_tls(config);
             tracing::info!("TLS certificate reloaded: new handshakes use it");

@@ -54,7 +54,7 @@ impl Drain {
     /// `/readyz` answers 503 from now on.
     fn not_ready(&self) {
         if !self.admin.draining.swap(true, Ordering::AcqRel) {
-            self.admin.metrics.draining.set(1);
+            self.admin.status.metrics.draining.set(1);
         }
     }
 

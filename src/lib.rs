@@ -27,6 +27,10 @@
 //! - [`upstream`]: per-upstream connection supervisors; `upstream::conn` is
 //!   the actor that rewrites ids; `upstream::select` picks a connection.
 //! - [`reply`]: how an answer gets back to whoever asked.
+//! - [`admin`]: the side HTTP port (status page, `/status.json`, `/metrics`,
+//!   probes); what it shows is one [`status`] snapshot per request, read
+//!   from the pools, hubs, caches, metrics ([`metrics`]) and limits, plus
+//!   the recent events (`status::events`) those record.
 //!
 //! ```text
 //! wallet --TCP/TLS--> listener --> session --> router --+-- local answer (server.*)
@@ -57,6 +61,7 @@ pub mod proxy_protocol;
 pub mod reply;
 pub mod router;
 pub mod session;
+pub mod status;
 pub mod tls;
 pub mod upstream;
 

@@ -93,7 +93,7 @@ async fn serve(
             _ = server.handed_over() => break,
             _ = reload => {
                 tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
-                match Config::load(path).map_err(|e| e.to_string()).and_then(|c| server.reload(c)) {
+                match server.reload_file(path) {
                     Ok(_) => tracing::info!("configuration reloaded"),
                     Err(e) => tracing::error!(error = %e, "reload rejected: the running configuration is unchanged"),
                 }

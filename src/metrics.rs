@@ -5,8 +5,13 @@
 //! per-coin handle bundle [`CoinMetrics`] that sessions and connections clone
 //! (the hot path never looks up a label), and rendering the text exposition,
 //! including values read from pools and hubs at scrape time.
+//!
+//! It also carries the process's event log (`status::events`): every part
+//! that holds metric handles can record an event the same way, so the log
+//! reaches the pool, the hub and the limits without extra wiring.
 
 use crate::jsonrpc::ErrorCode;
+use crate::status::events::{CoinEvents, EventLog};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -98,11 +103,13 @@ fn error_kind(code: ErrorCode) -> usize {
 /// The process-wide registry and metric families.
 pub struct Metrics {
     pub registry: Registry,
-    sessions_open: IntGaugeVec,
+    /// The recent events of this proxy (the status page shows them).
+    pub journal: Arc<EventLog>,
+    pub(crate) sessions_open: IntGaugeVec,
     sessions_total: IntCounterVec,
-    requests: IntCounterVec,
+    pub(crate) requests: IntCounterVec,
     request_seconds: HistogramVec,
-    errors: IntCounterVec,
+    pub(crate) errors: IntCounterVec,
     bytes_in: IntCounterVec,
     bytes_out: IntCounterVec,
     notifications: IntCounterVec,
@@ -110,7 +117,7 @@ pub struct Metrics {
     pub(crate) upstream_height: IntGaugeVec,
     pub(crate) upstream_in_flight: IntGaugeVec,
     pub(crate) upstream_connections: IntGaugeVec,
-    upstream_seconds: HistogramVec,
+    pub(crate) upstream_seconds: HistogramVec,
     pub(crate) subscriptions: IntGaugeVec,
     pub(crate) cache_requests: IntCounterVec,
     pub(crate) cache_entries: IntGaugeVec,
@@ -254,6 +261,7 @@ impl Metrics {
                 &["coin"]
             )),
             registry,
+            journal: EventLog::new(),
         };
         #[cfg(target_os = "linux")]
         {
@@ -281,6 +289,7 @@ impl Metrics {
             drained_idle: self.sessions_drained.with_label_values(&[coin, "idle"]),
             drained_deadline: self.sessions_drained.with_label_values(&[coin, "deadline"]),
             drain_late_lines: self.drain_late_lines.with_label_values(&[coin]),
+            journal: self.journal.for_coin(coin),
         })
     }
 
@@ -307,6 +316,8 @@ pub struct CoinMetrics {
     pub drained_deadline: IntCounter,
     /// Lines received by drained sessions after they closed their side.
     pub drain_late_lines: IntCounter,
+    /// Where this coin's pool, hub and limits record events.
+    pub journal: CoinEvents,
 }
 
 impl std::fmt::Debug for CoinMetrics {

@@ -16,7 +16,7 @@ mod server;
 
 pub use coin::CoinConfig;
 pub use endpoint::{parse_fingerprint, ListenEntry, Scheme, UpstreamEntry, Url};
-pub use server::{CacheConfig, MetricsConfig, ServerConfig, TlsFiles};
+pub use server::{CacheConfig, MetricsConfig, ServerConfig, TlsFiles, ADMIN_PATHS};
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -150,6 +150,7 @@ impl Config {
                 ));
             }
         }
+        self.metrics.validate()?;
         if self.coins.is_empty() {
             return Err(("coins".into(), "no coin is configured".into()));
         }

@@ -206,6 +206,30 @@ impl Limits {
         self.open.load(Ordering::Relaxed)
     }
 
+    /// `limit_hits_total` now: `(coin, limit, hits)` for every series that
+    /// exists (the status page sums refusals from these, never per request).
+    pub fn hit_counts(&self) -> Vec<(String, String, u64)> {
+        use prometheus::core::Collector;
+        let mut out = Vec::new();
+        for family in self.hits.collect() {
+            for m in family.get_metric() {
+                let label = |name: &str| {
+                    m.get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_string())
+                        .unwrap_or_default()
+                };
+                out.push((
+                    label("coin"),
+                    label("limit"),
+                    m.get_counter().get_value() as u64,
+                ));
+            }
+        }
+        out
+    }
+
     /// IP groups remembered now (with sessions, or a bucket still refilling).
     pub fn groups(&self) -> usize {
         self.lock().groups.len()
