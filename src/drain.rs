@@ -19,6 +19,7 @@
 use crate::admin::AdminState;
 use crate::listener::bind::Sockets;
 use crate::session::Stops;
+use crate::status::events::EventKind;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,7 +55,16 @@ impl Drain {
     /// `/readyz` answers 503 from now on.
     fn not_ready(&self) {
         if !self.admin.draining.swap(true, Ordering::AcqRel) {
-            self.admin.status.metrics.draining.set(1);
+            // The gauge is what `/readyz`, `/status.json` and `/metrics` read.
+            let metrics = &self.admin.status.metrics;
+            metrics.draining.set(1);
+            metrics.journal.record(
+                EventKind::Draining,
+                None,
+                None,
+                "draining: not ready for new wallets; sessions end once answered",
+                1,
+            );
         }
     }
 

@@ -74,6 +74,16 @@ async fn readyz_turns_503_at_once_and_the_proxy_serves_through_the_notice() {
     assert!(body.contains("\"draining\":true"), "{body}");
     let (_, metrics) = http_get(admin, "/metrics").await;
     assert_eq!(sample(&metrics, "electrum_lb_draining"), Some(1.0));
+    // The status page says so too, from the same gauge, with the event.
+    let (_, status) = http_get(admin, "/status.json").await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["draining"], json!(true), "{status}");
+    assert_eq!(status["ready"], json!(false), "{status}");
+    let events = status["events"].as_array().unwrap();
+    assert!(
+        events.iter().any(|e| e["kind"] == json!("draining")),
+        "{status}"
+    );
     // Still accepting and serving while balancers notice.
     let mut late = Client::connect(addr).await;
     late.call("server.version", json!(["late", "1.4"])).await;

@@ -27,7 +27,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -140,7 +140,7 @@ impl AdminState {
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
             "/readyz" => {
                 let missing = self.coins_without_upstream();
-                if self.draining.load(Ordering::Acquire) {
+                if self.status.metrics.draining.get() != 0 {
                     reply(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "application/json",
