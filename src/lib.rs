@@ -6,9 +6,13 @@
 //!
 //! - [`config`]: the TOML schema, defaults and validation.
 //! - [`app`]: wires one isolated set per coin (pool, hub, router, listeners)
-//!   and owns the shutdown order.
+//!   and owns the start order; [`drain`] owns the stop order (not ready,
+//!   notice, stop accepting, sessions end once answered, hard stop).
 //! - [`listener`]: accept loops; PROXY protocol headers ([`proxy_protocol`])
 //!   and TLS handshakes are read in the spawned task, under [`limits`].
+//!   `listener::bind` is where every listening socket comes from (bound
+//!   afresh or handed over by a predecessor through [`handoff`], for
+//!   in-place upgrades).
 //! - [`tls`]: rustls configuration for listeners and for `ssl://` upstreams.
 //! - [`session`]: one client, transport-agnostic: a reader loop and a writer
 //!   task joined by a bounded queue.
@@ -48,6 +52,8 @@ pub mod coalesce;
 pub mod codec;
 pub mod coin;
 pub mod config;
+pub mod drain;
+pub mod handoff;
 pub mod header;
 pub mod hub;
 pub mod jsonrpc;
@@ -67,7 +73,7 @@ pub mod tls;
 pub mod tx;
 pub mod upstream;
 
-pub use app::{start, Server};
+pub use app::{start, start_with, Listen, Server};
 pub use config::Config;
 
 /// Run the proxy until `shutdown` completes, then shut down gracefully.

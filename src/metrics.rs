@@ -154,6 +154,10 @@ pub struct Metrics {
     pub(crate) cache_entries: IntGaugeVec,
     pub(crate) cache_bytes: IntGaugeVec,
     pub(crate) cache_reorgs: IntCounterVec,
+    /// 1 from SIGTERM (or a hand-over) until the process exits.
+    pub draining: IntGauge,
+    sessions_drained: IntCounterVec,
+    drain_late_lines: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -290,6 +294,24 @@ impl Metrics {
                 opts("cache_reorgs_total", "Reorgs that dropped height-dependent cache entries."),
                 &["coin"]
             )),
+            draining: reg!(IntGauge::with_opts(opts(
+                "draining",
+                "1 while the process drains (SIGTERM or an in-place upgrade): /readyz answers 503."
+            ))),
+            sessions_drained: reg!(IntCounterVec::new(
+                opts(
+                    "sessions_drained_total",
+                    "Sessions ended by a drain: once every request read was answered and written (how=idle), or still busy when shutdown_grace_secs ran out (how=deadline)."
+                ),
+                &["coin", "how"]
+            )),
+            drain_late_lines: reg!(IntCounterVec::new(
+                opts(
+                    "drain_late_lines_total",
+                    "Lines a drained session received after it had closed its side: requests the client sent as the session ended, which it re-sends elsewhere."
+                ),
+                &["coin"]
+            )),
             registry,
             journal: EventLog::new(),
         };
@@ -317,6 +339,9 @@ impl Metrics {
             bytes_out: self.bytes_out.with_label_values(&[coin]),
             notifications: self.notifications.with_label_values(&[coin]),
             sessions_by_level: LEVELS.map(|l| self.sessions_by_level.with_label_values(&[coin, l])),
+            drained_idle: self.sessions_drained.with_label_values(&[coin, "idle"]),
+            drained_deadline: self.sessions_drained.with_label_values(&[coin, "deadline"]),
+            drain_late_lines: self.drain_late_lines.with_label_values(&[coin]),
             journal: self.journal.for_coin(coin),
         })
     }
@@ -341,6 +366,11 @@ pub struct CoinMetrics {
     pub notifications: IntCounter,
     /// Open sessions by negotiated level (see [`LEVELS`]).
     pub sessions_by_level: [IntGauge; LEVELS.len()],
+    /// Sessions a drain ended once idle / at the grace deadline.
+    pub drained_idle: IntCounter,
+    pub drained_deadline: IntCounter,
+    /// Lines received by drained sessions after they closed their side.
+    pub drain_late_lines: IntCounter,
     /// Where this coin's pool, hub and limits record events.
     pub journal: CoinEvents,
 }

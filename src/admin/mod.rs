@@ -6,7 +6,9 @@
 //! reload). What is shown comes from one `status::Snapshot` per request:
 //! `/status.json` serializes it, the page (`/`) fetches it, and `/metrics`
 //! writes it into the scrape-time series (`scrape`) before rendering, so
-//! the three never disagree. The data itself is `status`'s.
+//! the three never disagree. The data itself is `status`'s. While the
+//! process drains, `/readyz` answers 503 so that balancers stop sending it
+//! new connections.
 //!
 //! Layout: this file serves and routes; `auth` checks credentials;
 //! `scrape` writes a snapshot into Prometheus series.
@@ -15,6 +17,7 @@ pub mod auth;
 mod scrape;
 
 use crate::config::MetricsConfig;
+use crate::listener::bind::Sockets;
 use crate::status::{page, Status};
 use arc_swap::ArcSwapOption;
 use auth::Auth;
@@ -24,6 +27,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +44,8 @@ pub struct AdminState {
     pub status: Arc<Status>,
     /// `None`: no credentials configured, every path is open.
     auth: ArcSwapOption<Auth>,
+    /// Set once when the process starts draining; never cleared.
+    pub draining: AtomicBool,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -58,6 +64,7 @@ impl AdminState {
         AdminState {
             status,
             auth: ArcSwapOption::from(Auth::from_config(config).map(Arc::new)),
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -133,7 +140,13 @@ impl AdminState {
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
             "/readyz" => {
                 let missing = self.coins_without_upstream();
-                if missing.is_empty() {
+                if self.status.metrics.draining.get() != 0 {
+                    reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "application/json",
+                        "{\"ready\":false,\"draining\":true}\n",
+                    )
+                } else if missing.is_empty() {
                     reply(StatusCode::OK, "application/json", "{\"ready\":true}\n")
                 } else {
                     let body =
@@ -150,24 +163,28 @@ impl AdminState {
     }
 }
 
-/// Bind the admin port.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
-        .await
+/// Bind the admin port (on the predecessor's socket after a hand-over).
+pub fn bind(addr: SocketAddr, sockets: &Sockets) -> Result<TcpListener, String> {
+    sockets
+        .listen(addr)
         .map_err(|e| format!("metrics.listen: cannot listen on {addr}: {e}"))
 }
 
-/// Serve HTTP until shutdown; the status sampler runs alongside.
+/// Serve HTTP: accept until `accepting` or `shutdown` fires (a hand-over
+/// stops accepting: the successor answers on this port), answer open
+/// connections until `shutdown`; the status sampler runs alongside.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AdminState>,
     shutdown: CancellationToken,
+    accepting: CancellationToken,
     tracker: TaskTracker,
 ) {
     tracker.spawn(state.status.clone().run_sampler(shutdown.clone()));
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = accepting.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(a) => a,
                 Err(_) => continue,

@@ -156,8 +156,17 @@ pub struct ServerConfig {
     pub session_queue: usize,
     /// Seconds a forwarded request may wait for its upstream answer.
     pub request_timeout_secs: u64,
-    /// Seconds in-flight requests get to finish on SIGINT/SIGTERM.
+    /// Seconds after SIGTERM/SIGINT during which `/readyz` answers 503 but
+    /// the proxy still accepts and serves, so that a balancer's health check
+    /// takes it out of rotation before it stops accepting.
+    pub drain_notice_secs: u64,
+    /// Seconds sessions get, once accepting has stopped, to end on their own
+    /// terms (every request read answered and written); sessions still busy
+    /// then are closed.
     pub shutdown_grace_secs: u64,
+    /// A Unix socket through which a new process (`--takeover`) takes this
+    /// one's listening sockets over for an in-place upgrade. None: off.
+    pub handoff_socket: Option<PathBuf>,
     /// Seconds a new connection gets for its TLS handshake and first line.
     pub handshake_timeout_secs: u64,
     /// Seconds without any request after which a session is closed.
@@ -199,7 +208,9 @@ impl Default for ServerConfig {
             max_line_bytes: 1024 * 1024,
             session_queue: 1024,
             request_timeout_secs: 30,
+            drain_notice_secs: 0,
             shutdown_grace_secs: 10,
+            handoff_socket: None,
             handshake_timeout_secs: 20,
             idle_timeout_secs: 600,
             max_batch: 500,
@@ -220,6 +231,9 @@ impl Default for ServerConfig {
 impl ServerConfig {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
+    }
+    pub fn drain_notice(&self) -> Duration {
+        Duration::from_secs(self.drain_notice_secs)
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)

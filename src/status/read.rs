@@ -86,11 +86,13 @@ impl Status {
             .map(|c| c.name.clone())
             .collect();
         let limits = self.limits.config();
+        let draining = self.metrics.draining.get() != 0;
         Snapshot {
             server: self.server_name.clone(),
             now_ms: super::events::now_ms(),
             started_ms: self.started_ms,
-            ready: missing.is_empty(),
+            ready: !draining && missing.is_empty(),
+            draining,
             coins_without_upstream: missing,
             connections: Connections {
                 open: self.limits.open_connections(),

@@ -25,8 +25,12 @@ pub struct Snapshot {
     /// Unix time in milliseconds when this snapshot was taken.
     pub now_ms: u64,
     pub started_ms: u64,
-    /// Every coin has an upstream in rotation (what `/readyz` answers).
+    /// Not draining and every coin has an upstream in rotation (what
+    /// `/readyz` answers).
     pub ready: bool,
+    /// The process is draining (`electrum_lb_draining`): `/readyz` answers
+    /// 503 so balancers move new wallets elsewhere.
+    pub draining: bool,
     pub coins_without_upstream: Vec<String>,
     /// Client connections of every coin, against `[limits] max_sessions`.
     pub connections: Connections,
