@@ -18,6 +18,7 @@ use crate::session::{SessionLimits, Stops};
 use crate::upstream::health::HealthRules;
 use crate::upstream::pool::PoolOptions;
 use crate::upstream::{Pool, UpstreamStatus};
+use crate::ws::WsOptions;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -106,6 +107,9 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
                 .await
                 .map_err(anyhow::Error::msg)?;
             listener.proxy_protocol = entry.proxy_protocol;
+            if entry.url.scheme.is_websocket() {
+                listener.ws = Some(Arc::new(WsOptions::new(entry, &config.server)));
+            }
             listeners.push(listener);
         }
         let (pool, events) = Pool::start(
@@ -154,10 +158,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
             cache,
         });
         for l in listeners {
-            let tls = match l.scheme {
-                Scheme::Ssl => tls.clone(),
-                Scheme::Tcp => None,
-            };
+            let tls = if l.scheme.is_tls() { tls.clone() } else { None };
             background.spawn(l.serve(
                 router.clone(),
                 tls,
@@ -239,6 +240,13 @@ fn coin_info(
     }
     if let Some(p) = port(Scheme::Ssl) {
         ports.insert("ssl_port".into(), p.into());
+    }
+    // As ElectrumX reports its WebSocket services.
+    if let Some(p) = port(Scheme::Ws) {
+        ports.insert("ws_port".into(), p.into());
+    }
+    if let Some(p) = port(Scheme::Wss) {
+        ports.insert("wss_port".into(), p.into());
     }
     let hosts = serde_json::json!({ host: ports }).to_string();
     let versions = match (

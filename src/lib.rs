@@ -10,6 +10,8 @@
 //! - [`listener`]: accept loops; PROXY protocol headers ([`proxy_protocol`])
 //!   and TLS handshakes are read in the spawned task, under [`limits`].
 //! - [`tls`]: rustls configuration for listeners and for `ssl://` upstreams.
+//! - [`ws`]: `ws://` and `wss://` listeners: the HTTP upgrade, and an
+//!   adapter that turns WebSocket messages into lines for the session.
 //! - [`session`]: one client, transport-agnostic: a reader loop and a writer
 //!   task joined by a bounded queue.
 //! - [`codec`]: bounded newline framing; [`jsonrpc`]: classifying lines and
@@ -25,10 +27,10 @@
 //! - [`reply`]: how an answer gets back to whoever asked.
 //!
 //! ```text
-//! wallet --TCP/TLS--> listener --> session --> router --+-- local answer (server.*)
-//!                                     ^                 +-- hub (subscriptions) --+
-//!                                     |                 '-- cache -- forward ----+--> pool --> conn --> ElectrumX
-//!                                     '---- bounded queue <--- answers / notifications <---'
+//! wallet --TCP/TLS/WS--> listener --> session --> router --+-- local answer (server.*)
+//!                                        ^                 +-- hub (subscriptions) --+
+//!                                        |                 '-- cache -- forward ----+--> pool --> conn --> ElectrumX
+//!                                        '---- bounded queue <--- answers / notifications <---'
 //! ```
 #![forbid(unsafe_code)]
 
@@ -53,6 +55,7 @@ pub mod router;
 pub mod session;
 pub mod tls;
 pub mod upstream;
+pub mod ws;
 
 pub use app::{start, Server};
 pub use config::Config;
