@@ -47,8 +47,7 @@ pub async fn open_on(
         Box::new(
             tls_connector()
                 .connect("localhost".try_into().unwrap(), tcp)
-                .await
-                .unwrap(),
+                .await?,
         )
     } else {
         Box::new(tcp)
