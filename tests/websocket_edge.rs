@@ -261,17 +261,12 @@ async fn pings_are_sent_to_silent_clients_and_answered() {
     let server = proxy(&mock, r#"["ws://127.0.0.1:0"]"#, "ws_ping_secs = 1", "").await;
     let mut ws = open(&ws_url(listener(&server, 0)), &[]).await.unwrap();
     // Silent: the proxy pings (tungstenite's client answers by itself).
-    let ping = tokio::time::timeout(WAIT, async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Ping(p))) => return p,
-                Some(Ok(other)) => panic!("unexpected {other:?}"),
-                other => panic!("connection ended: {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("a ping within the wait");
+    let ping = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .expect("a ping within the wait");
+    let Some(Ok(Message::Ping(ping))) = ping else {
+        panic!("expected a ping, got {ping:?}");
+    };
     assert!(ping.is_empty());
     // The client's ping is answered with the same payload.
     ws.send(Message::Ping(b"are you there".to_vec().into()))
