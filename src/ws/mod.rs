@@ -80,9 +80,11 @@ pub async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Boxed: hyper's connection state is large, and inline it would stay
+    // part of this future for the whole session.
     let upgrade = tokio::time::timeout(
         limits.first_line_timeout,
-        upgrade::accept(stream, &options.rules),
+        Box::pin(upgrade::accept(stream, &options.rules)),
     );
     let upgraded = tokio::select! {
         _ = stops.drain.cancelled() => return,
@@ -103,5 +105,8 @@ pub async fn serve<S>(
         .await;
     tracing::debug!("WebSocket upgraded");
     let _open = router.metrics.session_opened(transport);
-    session::run(WsLines::new(ws, options.ping), router, limits, stops, gate).await
+    // Boxed: the adapter is larger than a TCP stream, and the session's
+    // future keeps room for its argument.
+    let lines = Box::new(WsLines::new(ws, options.ping));
+    session::run(lines, router, limits, stops, gate).await
 }
