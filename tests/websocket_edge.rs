@@ -125,6 +125,27 @@ async fn the_upgrade_is_refused_with_a_clear_status() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // Another WebSocket version: 426, naming the one spoken.
+    let answer = raw_exchange(
+        plain,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("sec-websocket-version: 13"),
+        "{answer}"
+    );
+    // A request head over 16 KiB: 431.
+    let cookie = "c".repeat(20 * 1024);
+    let answer = raw_exchange(
+        plain,
+        format!("GET / HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
 
     // Only the configured path is upgraded.
     let (status, body) = refused_status(open(&format!("ws://{plain}/electrum"), &[]).await);
