@@ -26,7 +26,8 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --no-create-home --home-dir /etc/electrum-lb --shell /usr/sbin/nologin electrum-lb
+    && groupadd --system --gid 10001 electrum-lb \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /etc/electrum-lb --shell /usr/sbin/nologin electrum-lb
 COPY --from=build /src/target/release/electrum-lb /usr/local/bin/electrum-lb
 # The shipped configuration and development certificate, replaced by mounts
 # in production.
@@ -34,7 +35,8 @@ COPY --chown=root:electrum-lb config /etc/electrum-lb/config
 COPY --chown=root:electrum-lb certs /etc/electrum-lb/certs
 RUN chmod 0640 /etc/electrum-lb/certs/server.key
 WORKDIR /etc/electrum-lb
-USER electrum-lb
+# Numeric, so that Kubernetes can check runAsNonRoot (deploy/kubernetes).
+USER 10001:10001
 # TCP and TLS listeners of the shipped coins, and the metrics port.
 EXPOSE 50001 50002 40001 40002 60001 60002 30001 30002 9105
 HEALTHCHECK --interval=30s --timeout=3s --start-period=5s --retries=3 \

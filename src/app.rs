@@ -1,20 +1,25 @@
 //! Wiring: from a checked [`Config`] to running coins, and back down.
 //!
 //! Owns: building each coin's isolated set (upstream pool, subscription hub,
-//! router, listeners), the TLS acceptor configuration, the order of a
-//! graceful shutdown (stop accepting and reading; let in-flight requests
-//! finish within the grace period; then stop upstreams), and the [`Server`]
-//! handle that tests and `main` hold.
+//! router, listeners), the TLS acceptor configuration, the start order
+//! (fresh: bind first; taking over: upstreams ready first, then the
+//! predecessor's sockets, see `handoff`), and the [`Server`] handle that
+//! tests and `main` hold. The stop order is `drain`'s.
 
 use crate::admin::AdminState;
 use crate::cache::Cache;
 use crate::config::{CoinConfig, Config, Scheme};
+use crate::drain::Drain;
+use crate::handoff::{Offer, Takeover};
 use crate::hub::{Hub, HubConfig};
 use crate::limits::Limits;
+use crate::listener::bind::Sockets;
 use crate::listener::{Listener, TlsHandle};
 use crate::metrics::Metrics;
 use crate::router::{CoinInfo, Router};
 use crate::session::{SessionLimits, Stops};
+use crate::status::events::EventKind;
+use crate::status::{CoinSource, Status};
 use crate::upstream::health::HealthRules;
 use crate::upstream::pool::PoolOptions;
 use crate::upstream::{Pool, UpstreamStatus};
@@ -41,12 +46,14 @@ pub struct Server {
     pub metrics: Arc<Metrics>,
     /// Connection slots and IP groups, shared by every coin.
     pub limits: Arc<Limits>,
-    stops: Stops,
+    /// The side port's state (the status sources, the credentials).
+    pub admin: Arc<AdminState>,
+    /// The stop order and its tokens.
+    drain: Drain,
     /// Sessions (and their connections).
     sessions: TaskTracker,
     /// Upstream supervisors, hubs, listeners.
     background: TaskTracker,
-    grace: Duration,
     tls: Option<TlsHandle>,
     /// The configuration now in force (replaced by a successful reload).
     config: std::sync::Mutex<Config>,
@@ -68,9 +75,26 @@ pub fn preflight(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
+/// Where the listening sockets come from.
+#[derive(Debug, Clone, Copy)]
+pub enum Listen {
+    /// Bind every listener afresh.
+    Fresh,
+    /// Take them over from the process serving `[server] handoff_socket`
+    /// once every coin has a healthy upstream (waiting at most `wait`), so
+    /// no wallet meets a proxy that cannot forward yet. With no process
+    /// answering there, bind afresh.
+    Takeover { wait: Duration },
+}
+
 /// Start everything the configuration describes. Upstreams connect in the
 /// background; this returns once every listener is bound.
 pub async fn start(config: Config) -> anyhow::Result<Server> {
+    start_with(config, Listen::Fresh).await
+}
+
+/// [`start`], with the listening sockets from `listen`.
+pub async fn start_with(config: Config, listen: Listen) -> anyhow::Result<Server> {
     let stops = Stops {
         drain: CancellationToken::new(),
         hard: CancellationToken::new(),
@@ -92,26 +116,23 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
 
     let metrics = Metrics::new();
     let edge = Limits::new(&config.limits, &metrics.registry);
-    // Bind the side port first: a port conflict is reported before anything runs.
-    let admin_listener = crate::admin::bind(config.metrics.listen)
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let metrics_addr = admin_listener.local_addr()?;
-    let mut coins = BTreeMap::new();
+    let handoff_path = config.server.handoff_socket.clone();
+    let mut sockets = Arc::new(Sockets::fresh());
+    let mut offer = None;
+    // Fresh: bind first, so a port conflict (or another instance on the
+    // handoff socket) is reported before anything runs.
+    let mut bound = match listen {
+        Listen::Fresh => {
+            if let Some(path) = &handoff_path {
+                offer = Some(Offer::bind(path).map_err(anyhow::Error::msg)?);
+            }
+            Some(bind_all(&config, &sockets)?)
+        }
+        Listen::Takeover { .. } => None,
+    };
+    let mut parts = Vec::new();
     for (name, coin) in &config.coins {
         let coin_metrics = metrics.coin(name);
-        let mut listeners = Vec::new();
-        for entry in &coin.listen {
-            let addr = entry.url.socket_addr().map_err(anyhow::Error::msg)?;
-            let mut listener = Listener::bind(name, entry.url.scheme, addr)
-                .await
-                .map_err(anyhow::Error::msg)?;
-            listener.proxy_protocol = entry.proxy_protocol;
-            if entry.url.scheme.is_websocket() {
-                listener.ws = Some(Arc::new(WsOptions::new(entry, &config.server)));
-            }
-            listeners.push(listener);
-        }
         let (pool, events) = Pool::start(
             name,
             &coin.upstreams,
@@ -138,19 +159,68 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
                 request_timeout: config.server.request_timeout(),
                 failover_hold: config.server.failover_hold(),
                 cache: Some(cache.clone()),
+                journal: coin_metrics.journal.clone(),
             },
             pool.clone(),
             events,
             &stops.hard,
             &background,
         );
+        parts.push((name.clone(), coin, coin_metrics, pool, hub, cache));
+    }
+    let mut takeover = None;
+    if let Listen::Takeover { wait } = listen {
+        let path = handoff_path
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("--takeover needs [server] handoff_socket"))?;
+        let pools: Vec<_> = parts.iter().map(|p| p.3.clone()).collect();
+        let ready = tokio::time::timeout(wait, async {
+            while !pools.iter().all(|p| p.any_healthy()) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        if ready.is_err() {
+            stops.hard.cancel();
+            anyhow::bail!(
+                "not ready after {wait:?} (a coin has no healthy upstream): not taking over; the running instance keeps serving"
+            );
+        }
+        let p = path.clone();
+        match tokio::task::spawn_blocking(move || Takeover::request(&p)).await? {
+            Ok(Some(mut t)) => {
+                sockets = Arc::new(Sockets::inherited(t.listeners()));
+                tracing::info!(path = %path.display(), "took the listening sockets over");
+                takeover = Some(t);
+            }
+            Ok(None) => {
+                tracing::info!(path = %path.display(), "no running instance to take over from: binding afresh");
+            }
+            Err(e) => {
+                stops.hard.cancel();
+                anyhow::bail!("taking over through {}: {e}", path.display());
+            }
+        }
+        bound = Some(bind_all(&config, &sockets)?);
+        for addr in sockets.unclaimed() {
+            tracing::warn!(%addr, "a handed-over socket this configuration does not use: closed");
+        }
+        sockets.drop_unclaimed();
+    }
+    let Some((admin_listener, mut coin_listeners)) = bound else {
+        unreachable!("bound above in both cases")
+    };
+    let metrics_addr = admin_listener.local_addr()?;
+    let mut coins = BTreeMap::new();
+    for (name, coin, coin_metrics, pool, hub, cache) in parts {
+        let listeners = coin_listeners.remove(&name).unwrap_or_default();
         let bound: Vec<(Scheme, SocketAddr)> =
             listeners.iter().map(|l| (l.scheme, l.local_addr)).collect();
         let router = Arc::new(Router {
             coin: name.clone(),
             pool,
             hub,
-            info: coin_info(name, coin, &config, &bound),
+            info: coin_info(&name, coin, &config, &bound),
             request_timeout: config.server.request_timeout(),
             max_batch: config.server.max_batch,
             max_subs_per_session: coin.max_subscriptions_per_session,
@@ -176,32 +246,86 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
             },
         );
     }
-    let admin = Arc::new(AdminState {
-        metrics: metrics.clone(),
-        routers: coins
-            .iter()
-            .map(|(n, c)| (n.clone(), c.router.clone()))
-            .collect(),
-    });
+    let sources = coins
+        .iter()
+        .map(|(n, c)| {
+            let source = CoinSource {
+                router: c.router.clone(),
+                listeners: c.listeners.clone(),
+                max_subscriptions_total: config.coins[n].max_subscriptions_total,
+                cache_max_bytes: if config.cache.enabled {
+                    config.cache.max_bytes
+                } else {
+                    0
+                },
+            };
+            (n.clone(), source)
+        })
+        .collect();
+    let status = Status::new(
+        metrics.clone(),
+        edge.clone(),
+        sources,
+        config.server.server_name.clone(),
+    );
+    let admin = Arc::new(AdminState::new(Arc::new(status), &config.metrics));
+    let drain = Drain::new(stops.clone(), admin.clone(), sockets.clone());
     background.spawn(crate::admin::serve(
         admin_listener,
-        admin,
+        admin.clone(),
         stops.hard.clone(),
+        drain.admin_accept.clone(),
         background.clone(),
     ));
-    tracing::info!(listen = %metrics_addr, "metrics, /healthz and /readyz served");
+    tracing::info!(listen = %metrics_addr, "status page, /status.json, /metrics, /healthz and /readyz served");
+    // Everything serves: only now may the predecessor stop accepting.
+    if let (Some(t), Some(path)) = (takeover, handoff_path.clone()) {
+        let next = tokio::task::spawn_blocking(move || t.finish(&path)).await?;
+        offer = Some(next.map_err(anyhow::Error::msg)?);
+    }
+    if let Some(offer) = offer {
+        let d = drain.clone();
+        background.spawn(offer.serve(sockets.clone(), move || d.hand_over(), stops.drain.clone()));
+    }
     Ok(Server {
         metrics_addr,
         metrics,
         limits: edge,
+        admin,
         coins,
-        stops,
+        drain,
         sessions,
         background,
-        grace: config.server.shutdown_grace(),
         tls,
         config: std::sync::Mutex::new(config.clone()),
     })
+}
+
+/// Listeners of one coin, by coin name.
+type CoinListeners = BTreeMap<String, Vec<Listener>>;
+
+/// Bind (or claim from `sockets`) the admin port and every coin listener.
+fn bind_all(
+    config: &Config,
+    sockets: &Sockets,
+) -> anyhow::Result<(tokio::net::TcpListener, CoinListeners)> {
+    let admin = crate::admin::bind(config.metrics.listen, sockets).map_err(anyhow::Error::msg)?;
+    let mut coins = BTreeMap::new();
+    for (name, coin) in &config.coins {
+        let mut listeners = Vec::new();
+        for entry in &coin.listen {
+            let addr = entry.url.socket_addr().map_err(anyhow::Error::msg)?;
+            let mut listener = Listener::bind(name, entry.url.scheme, addr, sockets)
+                .map_err(anyhow::Error::msg)?;
+            listener.proxy_protocol = entry.proxy_protocol;
+            if entry.url.scheme.is_websocket() {
+                listener.ws = Some(Arc::new(WsOptions::new(entry, &config.server)));
+            }
+            listeners.push(listener);
+        }
+        coins.insert(name.clone(), listeners);
+    }
+    Ok((admin, coins))
 }
 
 /// The `[server]` settings a pool generation is built from.
@@ -301,6 +425,36 @@ impl Server {
     /// opened with). Returns what could not be applied live (listeners,
     /// added or removed coins, the cache): those need a restart.
     pub fn reload(&self, new: Config) -> Result<Vec<String>, String> {
+        let result = self.apply(new);
+        let (kind, what) = match &result {
+            Ok(later) if later.is_empty() => (EventKind::Reload, "configuration reloaded".into()),
+            Ok(later) => (
+                EventKind::Reload,
+                format!(
+                    "configuration reloaded; applied on restart: {}",
+                    later.join(", ")
+                ),
+            ),
+            Err(e) => (EventKind::ReloadRejected, format!("reload rejected: {e}")),
+        };
+        self.metrics.journal.record(kind, None, None, &what, 1);
+        result
+    }
+
+    /// Read the configuration file again and [`Server::reload`] it (SIGHUP).
+    pub fn reload_file(&self, path: &std::path::Path) -> Result<Vec<String>, String> {
+        match Config::load(path) {
+            Ok(config) => self.reload(config),
+            Err(e) => {
+                let what = format!("reload rejected: {e}");
+                let kind = EventKind::ReloadRejected;
+                self.metrics.journal.record(kind, None, None, &what, 1);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn apply(&self, new: Config) -> Result<Vec<String>, String> {
         let mut current = self.config.lock().unwrap_or_else(|p| p.into_inner());
         let tls = match (&new.tls, &self.tls) {
             (Some(files), Some(_)) => {
@@ -327,6 +481,9 @@ impl Server {
         }
         if new.server.failover_hold_ms != current.server.failover_hold_ms {
             needs_restart.push("server.failover_hold_ms".to_string());
+        }
+        if new.server.handoff_socket != current.server.handoff_socket {
+            needs_restart.push("server.handoff_socket".to_string());
         }
         for name in current.coins.keys().filter(|n| !new.coins.contains_key(*n)) {
             needs_restart.push(format!("coins.{name} (removed)"));
@@ -364,6 +521,7 @@ impl Server {
                 tracing::info!(coin = %name, upstreams = coin.upstreams.len(), "upstream set replaced");
             }
         }
+        self.admin.set_auth(&new.metrics);
         if let Some(config) = tls {
             self.set_tls(config);
             tracing::info!("TLS certificate reloaded: new handshakes use it");
@@ -392,24 +550,30 @@ impl Server {
         }
     }
 
-    /// Graceful shutdown: stop accepting and reading, give in-flight
-    /// requests the grace period, then stop everything.
+    /// Graceful shutdown (see `drain`): `/readyz` 503 and
+    /// `drain_notice_secs` of serving as usual (not after a hand-over), then
+    /// stop accepting; sessions end once every request they sent is
+    /// answered, within `shutdown_grace_secs`; then stop everything.
     pub async fn shutdown(self) {
-        self.stops.drain.cancel();
-        self.sessions.close();
-        if tokio::time::timeout(self.grace, self.sessions.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                sessions = self.sessions.len(),
-                "grace period over with requests still in flight: closing them"
-            );
-        }
-        self.stops.hard.cancel();
-        self.sessions.wait().await;
+        let (notice, grace) = {
+            let c = self.config.lock().unwrap_or_else(|p| p.into_inner());
+            (c.server.drain_notice(), c.server.shutdown_grace())
+        };
+        self.drain.run(notice, grace, &self.sessions).await;
         self.background.close();
         self.background.wait().await;
+    }
+
+    /// Completes once a successor has taken the listeners over (then call
+    /// [`Server::shutdown`]: the sessions still drain).
+    pub async fn handed_over(&self) {
+        self.drain.handed_over.cancelled().await
+    }
+
+    /// A token that, cancelled, ends a shutdown in progress at once (a
+    /// second SIGTERM).
+    pub fn hard_stop(&self) -> CancellationToken {
+        self.drain.stops.hard.clone()
     }
 
     /// Number of live session tasks (for tests and metrics).

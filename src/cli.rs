@@ -19,6 +19,16 @@ pub struct Cli {
     /// Worker threads (0: one per CPU).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// In-place upgrade: once this process's upstreams are ready, take the
+    /// listening sockets over from the instance serving `[server]
+    /// handoff_socket`, which then drains and exits. Binds afresh when no
+    /// instance answers there.
+    #[arg(long)]
+    pub takeover: bool,
+    /// With --takeover: seconds to wait for a healthy upstream per coin
+    /// before giving up (the running instance keeps serving).
+    #[arg(long, default_value_t = 30)]
+    pub takeover_wait: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -6,9 +6,13 @@
 //!
 //! - [`config`]: the TOML schema, defaults and validation.
 //! - [`app`]: wires one isolated set per coin (pool, hub, router, listeners)
-//!   and owns the shutdown order.
+//!   and owns the start order; [`drain`] owns the stop order (not ready,
+//!   notice, stop accepting, sessions end once answered, hard stop).
 //! - [`listener`]: accept loops; PROXY protocol headers ([`proxy_protocol`])
 //!   and TLS handshakes are read in the spawned task, under [`limits`].
+//!   `listener::bind` is where every listening socket comes from (bound
+//!   afresh or handed over by a predecessor through [`handoff`], for
+//!   in-place upgrades).
 //! - [`tls`]: rustls configuration for listeners and for `ssl://` upstreams.
 //! - [`ws`]: `ws://` and `wss://` listeners: the HTTP upgrade, and an
 //!   adapter that turns WebSocket messages into lines for the session.
@@ -25,6 +29,10 @@
 //! - [`upstream`]: per-upstream connection supervisors; `upstream::conn` is
 //!   the actor that rewrites ids; `upstream::select` picks a connection.
 //! - [`reply`]: how an answer gets back to whoever asked.
+//! - [`admin`]: the side HTTP port (status page, `/status.json`, `/metrics`,
+//!   probes); what it shows is one [`status`] snapshot per request, read
+//!   from the pools, hubs, caches, metrics ([`metrics`]) and limits, plus
+//!   the recent events (`status::events`) those record.
 //!
 //! ```text
 //! wallet --TCP/TLS/WS--> listener --> session --> router --+-- local answer (server.*)
@@ -41,6 +49,8 @@ pub mod coalesce;
 pub mod codec;
 pub mod coin;
 pub mod config;
+pub mod drain;
+pub mod handoff;
 pub mod header;
 pub mod hub;
 pub mod jsonrpc;
@@ -53,11 +63,12 @@ pub mod proxy_protocol;
 pub mod reply;
 pub mod router;
 pub mod session;
+pub mod status;
 pub mod tls;
 pub mod upstream;
 pub mod ws;
 
-pub use app::{start, Server};
+pub use app::{start, start_with, Listen, Server};
 pub use config::Config;
 
 /// Run the proxy until `shutdown` completes, then shut down gracefully.

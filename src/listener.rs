@@ -11,6 +11,8 @@
 //! after the WebSocket upgrade (`ws`). It does not parse anything the client
 //! sends after the PROXY header (that is `ws`, `session` and `router`).
 
+pub mod bind;
+
 use crate::config::Scheme;
 use crate::limits::{CoinLimits, ConnPermit, GroupFull, Limit};
 use crate::proxy_protocol;
@@ -42,9 +44,16 @@ pub struct Listener {
 }
 
 impl Listener {
-    pub async fn bind(coin: &str, scheme: Scheme, addr: SocketAddr) -> Result<Listener, String> {
-        let socket = TcpListener::bind(addr)
-            .await
+    /// Listen on `addr`, on a socket handed over by a predecessor when
+    /// `sockets` holds one for that address (see [`bind`]).
+    pub fn bind(
+        coin: &str,
+        scheme: Scheme,
+        addr: SocketAddr,
+        sockets: &bind::Sockets,
+    ) -> Result<Listener, String> {
+        let socket = sockets
+            .listen(addr)
             .map_err(|e| format!("coin {coin}: cannot listen on {scheme}://{addr}: {e}"))?;
         let local_addr = socket.local_addr().map_err(|e| e.to_string())?;
         Ok(Listener {
@@ -57,7 +66,10 @@ impl Listener {
         })
     }
 
-    /// Accept until the drain token fires; sessions go into `tracker`.
+    /// Accept until the drain token fires (then the socket is dropped: it
+    /// closes unless a successor holds it); sessions go into `tracker`.
+    /// Connections already accepted finish their PROXY header and TLS
+    /// handshake and are served as draining sessions.
     pub async fn serve(
         self,
         router: Arc<Router>,
@@ -138,7 +150,7 @@ impl Connection {
                 proxy_protocol::read_header(&mut self.stream),
             );
             let header = tokio::select! {
-                _ = self.stops.drain.cancelled() => return,
+                _ = self.stops.hard.cancelled() => return,
                 r = read => r,
             };
             match header {
@@ -204,7 +216,7 @@ impl Connection {
                     Box::pin(acceptor.accept(self.stream)),
                 );
                 let stream = tokio::select! {
-                    _ = self.stops.drain.cancelled() => return,
+                    _ = self.stops.hard.cancelled() => return,
                     r = handshake => match r {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {

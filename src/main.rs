@@ -50,7 +50,14 @@ fn main() -> ExitCode {
     };
     tracing::info!(config = %args.config.display(), coins = ?config.coins.keys().collect::<Vec<_>>(), "starting");
     tracing::debug!(?config, "effective configuration");
-    match runtime.block_on(serve(config, &args.config)) {
+    let listen = if args.takeover {
+        electrum_lb::Listen::Takeover {
+            wait: std::time::Duration::from_secs(args.takeover_wait),
+        }
+    } else {
+        electrum_lb::Listen::Fresh
+    };
+    match runtime.block_on(serve(config, &args.config, listen)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -60,9 +67,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// Run until SIGINT/SIGTERM; SIGHUP re-reads the configuration file.
-async fn serve(config: Config, path: &std::path::Path) -> anyhow::Result<()> {
-    let server = electrum_lb::start(config).await?;
+/// Run until SIGINT/SIGTERM or until a successor took the listeners over;
+/// SIGHUP re-reads the configuration file. A second SIGINT/SIGTERM during
+/// the drain stops at once.
+async fn serve(
+    config: Config,
+    path: &std::path::Path,
+    listen: electrum_lb::Listen,
+) -> anyhow::Result<()> {
+    let server = electrum_lb::start_with(config, listen).await?;
     let stop = shutdown_signal();
     tokio::pin!(stop);
     #[cfg(unix)]
@@ -73,18 +86,29 @@ async fn serve(config: Config, path: &std::path::Path) -> anyhow::Result<()> {
         #[cfg(not(unix))]
         let reload = std::future::pending::<Option<()>>();
         tokio::select! {
-            _ = &mut stop => break,
+            _ = &mut stop => {
+                tracing::info!("shutting down");
+                break;
+            }
+            _ = server.handed_over() => break,
             _ = reload => {
                 tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
-                match Config::load(path).map_err(|e| e.to_string()).and_then(|c| server.reload(c)) {
+                match server.reload_file(path) {
                     Ok(_) => tracing::info!("configuration reloaded"),
                     Err(e) => tracing::error!(error = %e, "reload rejected: the running configuration is unchanged"),
                 }
             }
         }
     }
-    tracing::info!("shutting down");
+    let hard = server.hard_stop();
+    let again = tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::warn!("second stop signal: closing every session now");
+        hard.cancel();
+    });
     server.shutdown().await;
+    again.abort();
+    tracing::info!("stopped");
     Ok(())
 }
 

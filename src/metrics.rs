@@ -5,8 +5,13 @@
 //! per-coin handle bundle [`CoinMetrics`] that sessions and connections clone
 //! (the hot path never looks up a label), and rendering the text exposition,
 //! including values read from pools and hubs at scrape time.
+//!
+//! It also carries the process's event log (`status::events`): every part
+//! that holds metric handles can record an event the same way, so the log
+//! reaches the pool, the hub and the limits without extra wiring.
 
 use crate::jsonrpc::ErrorCode;
+use crate::status::events::{CoinEvents, EventLog};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -98,11 +103,13 @@ fn error_kind(code: ErrorCode) -> usize {
 /// The process-wide registry and metric families.
 pub struct Metrics {
     pub registry: Registry,
-    sessions_open: IntGaugeVec,
+    /// The recent events of this proxy (the status page shows them).
+    pub journal: Arc<EventLog>,
+    pub(crate) sessions_open: IntGaugeVec,
     sessions_total: IntCounterVec,
-    requests: IntCounterVec,
+    pub(crate) requests: IntCounterVec,
     request_seconds: HistogramVec,
-    errors: IntCounterVec,
+    pub(crate) errors: IntCounterVec,
     bytes_in: IntCounterVec,
     bytes_out: IntCounterVec,
     notifications: IntCounterVec,
@@ -110,12 +117,16 @@ pub struct Metrics {
     pub(crate) upstream_height: IntGaugeVec,
     pub(crate) upstream_in_flight: IntGaugeVec,
     pub(crate) upstream_connections: IntGaugeVec,
-    upstream_seconds: HistogramVec,
+    pub(crate) upstream_seconds: HistogramVec,
     pub(crate) subscriptions: IntGaugeVec,
     pub(crate) cache_requests: IntCounterVec,
     pub(crate) cache_entries: IntGaugeVec,
     pub(crate) cache_bytes: IntGaugeVec,
     pub(crate) cache_reorgs: IntCounterVec,
+    /// 1 from SIGTERM (or a hand-over) until the process exits.
+    pub draining: IntGauge,
+    sessions_drained: IntCounterVec,
+    drain_late_lines: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -231,7 +242,26 @@ impl Metrics {
                 opts("cache_reorgs_total", "Reorgs that dropped height-dependent cache entries."),
                 &["coin"]
             )),
+            draining: reg!(IntGauge::with_opts(opts(
+                "draining",
+                "1 while the process drains (SIGTERM or an in-place upgrade): /readyz answers 503."
+            ))),
+            sessions_drained: reg!(IntCounterVec::new(
+                opts(
+                    "sessions_drained_total",
+                    "Sessions ended by a drain: once every request read was answered and written (how=idle), or still busy when shutdown_grace_secs ran out (how=deadline)."
+                ),
+                &["coin", "how"]
+            )),
+            drain_late_lines: reg!(IntCounterVec::new(
+                opts(
+                    "drain_late_lines_total",
+                    "Lines a drained session received after it had closed its side: requests the client sent as the session ended, which it re-sends elsewhere."
+                ),
+                &["coin"]
+            )),
             registry,
+            journal: EventLog::new(),
         };
         #[cfg(target_os = "linux")]
         {
@@ -256,6 +286,10 @@ impl Metrics {
             bytes_in: self.bytes_in.with_label_values(&[coin]),
             bytes_out: self.bytes_out.with_label_values(&[coin]),
             notifications: self.notifications.with_label_values(&[coin]),
+            drained_idle: self.sessions_drained.with_label_values(&[coin, "idle"]),
+            drained_deadline: self.sessions_drained.with_label_values(&[coin, "deadline"]),
+            drain_late_lines: self.drain_late_lines.with_label_values(&[coin]),
+            journal: self.journal.for_coin(coin),
         })
     }
 
@@ -277,6 +311,13 @@ pub struct CoinMetrics {
     pub bytes_in: IntCounter,
     pub bytes_out: IntCounter,
     pub notifications: IntCounter,
+    /// Sessions a drain ended once idle / at the grace deadline.
+    pub drained_idle: IntCounter,
+    pub drained_deadline: IntCounter,
+    /// Lines received by drained sessions after they closed their side.
+    pub drain_late_lines: IntCounter,
+    /// Where this coin's pool, hub and limits record events.
+    pub journal: CoinEvents,
 }
 
 impl std::fmt::Debug for CoinMetrics {

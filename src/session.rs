@@ -14,6 +14,15 @@
 //! A client that stops reading then leaves the reader waiting for room; after
 //! the idle timeout it is disconnected.
 //!
+//! Draining (the proxy is stopping or handing over): the session keeps
+//! serving until it owes nothing: its first line has come, every request it
+//! read has been answered, and nothing it sent is waiting to be read. Then
+//! it ends: the writer flushes what is queued and closes its side, and what
+//! the client still sends (a request that crossed the close on the wire) is
+//! read and discarded briefly, so the close is not a reset that could
+//! destroy answers on their way. A session still busy when the grace period
+//! ends is closed by the hard stop.
+//!
 //! The session works on any `AsyncRead + AsyncWrite` (TCP, TLS, in-memory
 //! pipes in tests, the WebSocket adapter of `ws::lines`); it knows nothing
 //! of sockets.
@@ -46,7 +55,8 @@ pub struct SessionLimits {
 /// Tokens that end sessions.
 #[derive(Clone)]
 pub struct Stops {
-    /// Stop reading new requests (graceful shutdown begins).
+    /// Stop accepting; every session ends once it owes nothing (see
+    /// "Draining" above).
     pub drain: CancellationToken,
     /// Stop everything now (grace period over).
     pub hard: CancellationToken,
@@ -57,6 +67,11 @@ const WRITE_BATCH: usize = 64 * 1024;
 
 /// How often a paused reader looks again without a wake-up.
 const RECHECK: Duration = Duration::from_millis(100);
+
+/// After a drained session closed its side: how long, and how many lines,
+/// it reads and discards what the client still sends.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_LINES: u64 = 1000;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
@@ -77,6 +92,9 @@ enum End {
     /// No room for answers within the idle timeout: the client stopped reading.
     SlowReader,
     Refused,
+    /// Draining, and nothing was owed any more.
+    Drained,
+    /// The hard stop (the grace period of a drain ran out).
     Shutdown,
 }
 
@@ -98,11 +116,17 @@ pub async fn run<S>(
     let room = Arc::new(Notify::new());
     // Only to see how full the queue is; dropped before waiting for the writer.
     let gauge = tx.clone();
+    // Fired when a drained session ends: the writer writes what is queued
+    // and closes without waiting for the hub to let go of the session.
+    let finish = CancellationToken::new();
     let writer = tokio::spawn(write_loop(
         wr,
         rx,
-        kill.clone(),
-        stops.hard.clone(),
+        WriterEnds {
+            kill: kill.clone(),
+            hard: stops.hard.clone(),
+            finish: finish.clone(),
+        },
         router.metrics.bytes_out.clone(),
         room.clone(),
         gate.reply_limits(),
@@ -117,13 +141,15 @@ pub async fn run<S>(
     // Set up once, not per line: each of these registers itself with a
     // timer wheel or a waiter list when first polled.
     let drain = stops.drain.cancelled();
+    let hard = stops.hard.cancelled();
     let killed = kill.cancelled();
+    let mut draining = false;
     // The idle timer is re-armed lazily: a line only moves `deadline` later;
     // when the timer fires before it, it is set to the deadline and waited
     // again. The timer must never be later than the deadline.
     let mut deadline = Instant::now() + limits.first_line_timeout;
     let idle = tokio::time::sleep_until(deadline);
-    tokio::pin!(drain, killed, idle);
+    tokio::pin!(drain, hard, killed, idle);
 
     let end = loop {
         if !has_room(&gauge, &st.out, max_in_flight) {
@@ -131,7 +157,11 @@ pub async fn run<S>(
                 st.gate.hit(Limit::InFlight);
             }
             let waited = tokio::select! {
-                _ = &mut drain => break End::Shutdown,
+                _ = &mut drain, if !draining => {
+                    draining = true;
+                    continue;
+                }
+                _ = &mut hard => break End::Shutdown,
                 _ = &mut killed => break End::Disconnected,
                 r = tokio::time::timeout(limits.idle_timeout, wait_for_room(&gauge, &st.out, max_in_flight, &room)) => r,
             };
@@ -143,12 +173,30 @@ pub async fn run<S>(
             // Time spent waiting for room is not the client's idle time.
             deadline = Instant::now() + limits.idle_timeout;
         }
-        let frame = tokio::select! {
-            biased;
-            r = reader.next_frame() => Ok(r),
-            _ = &mut drain => break End::Shutdown,
-            _ = &mut killed => break End::Disconnected,
-            _ = &mut idle => Err(()),
+        let frame = if draining && owes_nothing(first_line, &st.out, &reader) {
+            // Bytes may have arrived that nobody has read yet: a request
+            // already received is answered before the session ends.
+            tokio::task::yield_now().await;
+            match tokio::time::timeout(Duration::ZERO, reader.next_frame()).await {
+                Ok(r) => Ok(r),
+                Err(_) => break End::Drained,
+            }
+        } else {
+            tokio::select! {
+                biased;
+                r = reader.next_frame() => Ok(r),
+                _ = &mut drain, if !draining => {
+                    draining = true;
+                    continue;
+                }
+                _ = &mut hard => break End::Shutdown,
+                _ = &mut killed => break End::Disconnected,
+                // An answer left: the session may owe nothing now (the
+                // writer's wake-up can come just before the request stops
+                // counting as pending, hence the timeout).
+                _ = tokio::time::timeout(RECHECK, room.notified()), if draining => continue,
+                _ = &mut idle => Err(()),
+            }
         };
         let frame = match frame {
             Err(()) if Instant::now() < deadline => {
@@ -199,13 +247,61 @@ pub async fn run<S>(
         }
     };
     tracing::debug!(?end, pending = st.out.pending(), "session ends");
+    match end {
+        End::Drained => metrics.drained_idle.inc(),
+        End::Shutdown => metrics.drained_deadline.inc(),
+        _ => {}
+    }
+    if matches!(end, End::Drained) {
+        finish.cancel();
+    }
     router.hub.session_closed(st.id, st.subs.drain().collect());
     // The writer finishes once every pending answer has been written (each
     // holds a clone of the queue's sender) or the hard stop comes.
     drop(st);
-    drop(reader);
     drop(gauge);
     let _ = writer.await;
+    if matches!(end, End::Drained) {
+        let late = linger(&mut reader, &stops.hard).await;
+        if late > 0 {
+            metrics.drain_late_lines.inc_by(late);
+            tracing::debug!(
+                lines = late,
+                "requests arrived after the drained session closed"
+            );
+        }
+    }
+}
+
+/// Whether a draining session may end: it has been asked something (a new
+/// connection is about to ask), every request it read is answered, and no
+/// part of a line is waiting in the buffer.
+fn owes_nothing<R: AsyncRead + Unpin>(
+    first_line: bool,
+    out: &Outbound,
+    reader: &LineReader<R>,
+) -> bool {
+    !first_line && out.pending() == 0 && reader.buffered() == 0
+}
+
+/// Read and discard what a client sends after the session closed its side,
+/// until it closes too (bounded in time and lines); returns the lines.
+async fn linger<R: AsyncRead + Unpin>(reader: &mut LineReader<R>, hard: &CancellationToken) -> u64 {
+    let mut lines = 0;
+    let discard = async {
+        while lines < LINGER_LINES {
+            match reader.next_frame().await {
+                Ok(Frame::Line(_)) => lines += 1,
+                Ok(Frame::Eof) | Err(CodecError::Io(_)) => break,
+                Err(CodecError::TooLong { .. }) => break,
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::time::timeout(LINGER, discard) => {}
+        _ = hard.cancelled() => {}
+    }
+    lines
 }
 
 /// Whether the queue can take the answers of every request in flight and
@@ -247,11 +343,19 @@ fn gather(rx: &mut mpsc::Receiver<Line>, buf: &mut Vec<u8>, limits: &ReplyLimits
     }
 }
 
+/// What ends the writer: `kill` (the client is gone or misbehaved) and
+/// `hard` (the proxy stops now) at once, dropping what is queued; `finish`
+/// (a drained session) once what is queued is written.
+struct WriterEnds {
+    kill: CancellationToken,
+    hard: CancellationToken,
+    finish: CancellationToken,
+}
+
 async fn write_loop<W>(
     mut wr: W,
     mut rx: mpsc::Receiver<Line>,
-    kill: CancellationToken,
-    hard: CancellationToken,
+    ends: WriterEnds,
     bytes_out: prometheus::IntCounter,
     room: Arc<Notify>,
     limits: ReplyLimits,
@@ -260,14 +364,24 @@ async fn write_loop<W>(
 {
     let mut buf: Vec<u8> = Vec::new();
     // Registered once for the whole session, not once per write.
+    let WriterEnds { kill, hard, finish } = ends;
     let killed = kill.cancelled();
     let stopped = hard.cancelled();
-    tokio::pin!(killed, stopped);
+    let finished = finish.cancelled();
+    tokio::pin!(killed, stopped, finished);
+    let mut closing = false;
     loop {
         let first = tokio::select! {
             biased;
             _ = &mut killed => break,
             _ = &mut stopped => break,
+            _ = &mut finished, if !closing => {
+                // Nothing more may be queued (a late notification is
+                // dropped); what is queued is still received and written.
+                rx.close();
+                closing = true;
+                continue;
+            }
             m = rx.recv() => match m {
                 Some(m) => m,
                 None => break,

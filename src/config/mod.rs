@@ -16,7 +16,7 @@ mod server;
 
 pub use coin::CoinConfig;
 pub use endpoint::{parse_fingerprint, ListenEntry, Scheme, UpstreamEntry, Url};
-pub use server::{CacheConfig, MetricsConfig, ServerConfig, TlsFiles};
+pub use server::{CacheConfig, MetricsConfig, ServerConfig, TlsFiles, ADMIN_PATHS};
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -135,6 +135,22 @@ impl Config {
         if s.max_batch == 0 {
             return Err(("server.max_batch".into(), "must be at least 1".into()));
         }
+        if s.drain_notice_secs > 3600 || s.shutdown_grace_secs > 3600 {
+            return Err((
+                "server.drain_notice_secs".into(),
+                "drain_notice_secs and shutdown_grace_secs must be at most 3600".into(),
+            ));
+        }
+        if let Some(path) = &s.handoff_socket {
+            // sun_path holds 108 bytes, and a temporary name adds ".PID".
+            if path.as_os_str().is_empty() || path.as_os_str().len() > 90 {
+                return Err((
+                    "server.handoff_socket".into(),
+                    "must be a path of 1 to 90 bytes (a Unix socket's limit)".into(),
+                ));
+            }
+        }
+        self.metrics.validate()?;
         if self.coins.is_empty() {
             return Err(("coins".into(), "no coin is configured".into()));
         }

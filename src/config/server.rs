@@ -31,19 +31,103 @@ impl Default for CacheConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// `[metrics]`: the side HTTP port and who may read it.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Side HTTP port for `/metrics`, `/healthz`, `/readyz`.
+    /// Side HTTP port for the status page, `/status.json`, `/metrics`,
+    /// `/healthz`, `/readyz`.
     #[serde(default = "default_metrics_listen")]
     pub listen: SocketAddr,
+    /// Basic-auth user name. With a password (or its hash) set, every path
+    /// but those in `open_paths` asks for these credentials.
+    pub username: Option<String>,
+    /// The password, in clear (keep the file readable by the service only).
+    pub password: Option<String>,
+    /// Or its SHA-256, hex (`printf %s 'secret' | sha256sum`).
+    pub password_sha256: Option<String>,
+    /// Paths served without credentials even when they are set: by default
+    /// what Prometheus and health probes read.
+    #[serde(default = "default_open_paths")]
+    pub open_paths: Vec<String>,
+}
+
+/// Paths `open_paths` may name.
+pub const ADMIN_PATHS: [&str; 5] = ["/", "/status.json", "/metrics", "/healthz", "/readyz"];
+
+fn default_open_paths() -> Vec<String> {
+    ["/metrics", "/healthz", "/readyz"]
+        .map(String::from)
+        .to_vec()
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             listen: default_metrics_listen(),
+            username: None,
+            password: None,
+            password_sha256: None,
+            open_paths: default_open_paths(),
         }
+    }
+}
+
+/// Never prints a password (the effective configuration is logged).
+impl std::fmt::Debug for MetricsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |v: &Option<String>| v.as_ref().map(|_| "<hidden>");
+        f.debug_struct("MetricsConfig")
+            .field("listen", &self.listen)
+            .field("username", &self.username)
+            .field("password", &hidden(&self.password))
+            .field("password_sha256", &hidden(&self.password_sha256))
+            .field("open_paths", &self.open_paths)
+            .finish()
+    }
+}
+
+impl MetricsConfig {
+    /// Whether credentials are configured.
+    pub fn has_credentials(&self) -> bool {
+        self.username.is_some()
+    }
+
+    /// Reject half-set credentials and unknown paths, naming the key.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let err = |k: &str, r: &str| Err((format!("metrics.{k}"), r.to_string()));
+        match (&self.username, &self.password, &self.password_sha256) {
+            (None, None, None) => {}
+            (None, _, _) => return err("username", "a password is set but no username"),
+            (Some(u), _, _) if u.is_empty() || u.contains(':') => {
+                return err("username", "must be non-empty and contain no ':'")
+            }
+            (Some(_), None, None) => {
+                return err("password", "a username needs password or password_sha256")
+            }
+            (Some(_), Some(_), Some(_)) => {
+                return err(
+                    "password_sha256",
+                    "set password or password_sha256, not both",
+                )
+            }
+            (Some(_), Some(p), None) if p.is_empty() => {
+                return err("password", "must not be empty")
+            }
+            (Some(_), None, Some(h)) if h.len() != 64 || hex::decode(h).is_err() => {
+                return err("password_sha256", "must be 64 hex digits (a SHA-256)")
+            }
+            _ => {}
+        }
+        for p in &self.open_paths {
+            if !ADMIN_PATHS.contains(&p.as_str()) {
+                return err(
+                    "open_paths",
+                    &format!("unknown path {p:?}; known: {}", ADMIN_PATHS.join(", ")),
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -72,8 +156,17 @@ pub struct ServerConfig {
     pub session_queue: usize,
     /// Seconds a forwarded request may wait for its upstream answer.
     pub request_timeout_secs: u64,
-    /// Seconds in-flight requests get to finish on SIGINT/SIGTERM.
+    /// Seconds after SIGTERM/SIGINT during which `/readyz` answers 503 but
+    /// the proxy still accepts and serves, so that a balancer's health check
+    /// takes it out of rotation before it stops accepting.
+    pub drain_notice_secs: u64,
+    /// Seconds sessions get, once accepting has stopped, to end on their own
+    /// terms (every request read answered and written); sessions still busy
+    /// then are closed.
     pub shutdown_grace_secs: u64,
+    /// A Unix socket through which a new process (`--takeover`) takes this
+    /// one's listening sockets over for an in-place upgrade. None: off.
+    pub handoff_socket: Option<PathBuf>,
     /// Seconds a new connection gets for its TLS handshake and first line.
     pub handshake_timeout_secs: u64,
     /// Seconds without any request after which a session is closed.
@@ -119,7 +212,9 @@ impl Default for ServerConfig {
             max_line_bytes: 1024 * 1024,
             session_queue: 1024,
             request_timeout_secs: 30,
+            drain_notice_secs: 0,
             shutdown_grace_secs: 10,
+            handoff_socket: None,
             handshake_timeout_secs: 20,
             idle_timeout_secs: 600,
             max_batch: 500,
@@ -143,6 +238,9 @@ impl Default for ServerConfig {
 impl ServerConfig {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
+    }
+    pub fn drain_notice(&self) -> Duration {
+        Duration::from_secs(self.drain_notice_secs)
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)

@@ -10,6 +10,8 @@
 //! Stalls and dead sockets are detected by the connections themselves.
 
 use super::pool::PoolInner;
+use crate::status::events::EventKind;
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -74,6 +76,30 @@ pub enum Finding {
     Ok,
     NoConnection,
     Lagging { behind: u64, best: u64 },
+}
+
+impl Finding {
+    /// How a flip to this finding shows in the event log.
+    pub fn event_kind(&self) -> EventKind {
+        match self {
+            Finding::Ok => EventKind::UpstreamUp,
+            Finding::NoConnection => EventKind::UpstreamDown,
+            Finding::Lagging { .. } => EventKind::UpstreamLagging,
+        }
+    }
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Finding::Ok => f.write_str("back in rotation"),
+            Finding::NoConnection => f.write_str("out of rotation: no connection"),
+            Finding::Lagging { behind, best } => write!(
+                f,
+                "out of rotation: {behind} blocks behind the best tip {best}"
+            ),
+        }
+    }
 }
 
 /// Judge one upstream: `tip` is its height (`None` when no connection is

@@ -13,6 +13,7 @@ use super::supervisor::{Supervisor, SupervisorSettings};
 use super::{select, ConnId, Job, PoolEvent, UpstreamStatus};
 use crate::config::{ServerConfig, UpstreamEntry};
 use crate::jsonrpc::{ErrorCode, RpcError};
+use crate::status::events::CoinEvents;
 use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -56,6 +57,11 @@ pub(super) struct PoolInner {
     pub settings: SupervisorSettings,
     /// Stops this generation's supervisors and health loop.
     pub stop: CancellationToken,
+    /// The rules the health loop judges by (the status page judges lag by
+    /// the same ones).
+    pub rules: HealthRules,
+    /// Health flips and connection failures are recorded here.
+    pub journal: CoinEvents,
 }
 
 /// The current generation of a pool; replaced whole on reload.
@@ -153,6 +159,7 @@ impl Pool {
                     .metrics
                     .as_ref()
                     .map(|m| m.upstream_latency(&upstream.label)),
+                journal: inner.journal.clone(),
                 shutdown: inner.stop.clone(),
             };
             self.base.tracker.spawn(sup.run());
@@ -232,6 +239,18 @@ impl Pool {
                 .genesis_hash
                 .clone()
         })
+    }
+
+    /// The health rules of the current generation.
+    pub fn rules(&self) -> HealthRules {
+        self.inner().rules
+    }
+
+    /// The URL label of the upstream whose connection is (or last was) `conn`.
+    pub fn upstream_of(&self, conn: ConnId) -> Option<String> {
+        let inner = self.inner();
+        let slot = inner.slots.iter().find(|s| s.shared.conn_id() == conn)?;
+        Some(inner.upstreams[slot.upstream].label.clone())
     }
 
     pub fn status(&self) -> Vec<UpstreamStatus> {
@@ -322,6 +341,12 @@ fn build(
         events: base.events.clone(),
         settings,
         stop: base.shutdown.child_token(),
+        rules: options.rules,
+        journal: options
+            .metrics
+            .as_ref()
+            .map(|m| m.journal.clone())
+            .unwrap_or_default(),
     });
     Ok((inner, rxs))
 }
@@ -362,6 +387,9 @@ impl PoolInner {
                     "upstream out of rotation: lagging behind the best tip"
                 ),
             }
+            inner
+                .journal
+                .record(finding.event_kind(), Some(&u.label), finding.to_string());
             // Whatever lives on its connections moves (or may come back).
             for s in inner
                 .slots

@@ -11,6 +11,7 @@ use super::connect::Dialer;
 use super::pool::Cell;
 use super::{Job, PoolEvent};
 use crate::jsonrpc::{ErrorCode, RpcError};
+use crate::status::events::{CoinEvents, EventKind};
 use rand::Rng;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -51,6 +52,8 @@ pub(super) struct Supervisor {
     pub settings: SupervisorSettings,
     /// Upstream request latency, observed by the connection.
     pub latency: Option<prometheus::Histogram>,
+    /// Connection failures are recorded here (and in the upstream's record).
+    pub journal: CoinEvents,
     pub shutdown: CancellationToken,
 }
 
@@ -100,6 +103,11 @@ impl Supervisor {
                     if ended.was_ready {
                         backoff = BACKOFF_START;
                     }
+                    self.journal.record(
+                        EventKind::ConnectionLost,
+                        Some(&self.label),
+                        &ended.reason,
+                    );
                     if ended.was_ready || was_up != Some(false) {
                         tracing::warn!(coin = %self.coin, upstream = %self.label, reason = %ended.reason, "upstream connection down");
                     }
@@ -107,6 +115,8 @@ impl Supervisor {
                     self.retry_or_fail(ended.unanswered);
                 }
                 Err(reason) => {
+                    self.journal
+                        .record(EventKind::Unreachable, Some(&self.label), &reason);
                     if was_up != Some(false) {
                         tracing::warn!(coin = %self.coin, upstream = %self.label, %reason, "upstream unreachable; retrying with backoff");
                     } else {
