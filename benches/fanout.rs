@@ -2,9 +2,17 @@
 //! proxy, one upstream notification, the time until the last session has it.
 //!
 //! ```text
-//! cargo bench --bench fanout              # N = 1,000 and N = 10,000
+//! cargo bench --bench fanout              # N = 1,000 and N = 10,000, over TCP then WebSocket
 //! cargo bench --bench fanout -- 2000 5000 # other sizes
+//! cargo bench --bench fanout -- tcp       # one transport only (tcp or ws)
 //! ```
+//!
+//! Each size runs over TCP and over WebSocket (`ws://`, tokio-tungstenite's
+//! client) against the same proxy process, and the WebSocket figure is also
+//! given as a ratio of the TCP one. Both sets of sessions are held at once
+//! and their rounds alternate when the open files limit allows 2N sessions
+//! (so that a slow moment of a shared machine hits both alike); otherwise
+//! (N = 10,000 under a limit of 20,000) one transport runs after the other.
 //!
 //! The proxy runs in a child process (this binary, re-executed with
 //! `FANOUT_PROXY_UPSTREAM` set) with its default runtime, one worker per
@@ -22,6 +30,7 @@
 #[path = "../tests/support/mock.rs"]
 mod mock;
 
+use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
@@ -53,6 +62,14 @@ fn main() {
     } else {
         sizes
     };
+    let words: Vec<String> = std::env::args().skip(1).collect();
+    let mut transports: Vec<Transport> = [Transport::Tcp, Transport::Ws]
+        .into_iter()
+        .filter(|t| words.iter().any(|w| w == t.name()))
+        .collect();
+    if transports.is_empty() {
+        transports = vec![Transport::Tcp, Transport::Ws];
+    }
     let limit = open_files_limit();
     println!(
         "fanout: open files limit {} per process",
@@ -62,7 +79,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime")
-        .block_on(bench(sizes, limit));
+        .block_on(bench(sizes, transports, limit));
 }
 
 /// The child: the proxy in front of `upstream`, until stdin closes.
@@ -73,7 +90,7 @@ fn run_proxy(upstream: &str) {
 listen = "127.0.0.1:0"
 
 [coins.bench]
-listen = ["tcp://127.0.0.1:0"]
+listen = ["tcp://127.0.0.1:0", "ws://127.0.0.1:0"]
 upstreams = ["{upstream}"]
 "#
     );
@@ -91,7 +108,10 @@ upstreams = ["{upstream}"]
         let addr = server
             .addr("bench", electrum_lb::config::Scheme::Tcp)
             .expect("tcp listener");
-        println!("LISTEN {addr}");
+        let ws = server
+            .addr("bench", electrum_lb::config::Scheme::Ws)
+            .expect("ws listener");
+        println!("LISTEN {addr} {ws}");
         std::io::stdout().flush().expect("stdout");
         // The parent closes our stdin when it is done.
         let _ = tokio::task::spawn_blocking(|| {
@@ -112,9 +132,95 @@ fn open_files_limit() -> Option<usize> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
-type Session = BufReader<TcpStream>;
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Tcp,
+    Ws,
+}
 
-async fn bench(sizes: Vec<usize>, limit: Option<usize>) {
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Ws => "ws",
+        }
+    }
+}
+
+/// One subscribed client: lines over TCP, or one message per line over
+/// WebSocket.
+enum Session {
+    Tcp(BufReader<TcpStream>),
+    Ws(Box<tokio_tungstenite::WebSocketStream<TcpStream>>),
+}
+
+impl Session {
+    async fn connect(proxy: SocketAddr, transport: Transport) -> Session {
+        let stream = TcpStream::connect(proxy).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        match transport {
+            Transport::Tcp => Session::Tcp(BufReader::new(stream)),
+            Transport::Ws => {
+                // A small read buffer: the default (128 KiB) times 10,000
+                // clients would be this process's memory, not the proxy's.
+                let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                    .read_buffer_size(4096);
+                let (ws, _) = tokio_tungstenite::client_async_with_config(
+                    format!("ws://{proxy}/"),
+                    stream,
+                    Some(config),
+                )
+                .await
+                .expect("WebSocket upgrade");
+                Session::Ws(Box::new(ws))
+            }
+        }
+    }
+
+    async fn send_line(&mut self, line: &str) {
+        match self {
+            Session::Tcp(s) => s
+                .get_mut()
+                .write_all(format!("{line}\n").as_bytes())
+                .await
+                .expect("write"),
+            Session::Ws(ws) => ws
+                .send(tokio_tungstenite::tungstenite::Message::text(line))
+                .await
+                .expect("send"),
+        }
+    }
+
+    /// The next line (TCP) or text message (WebSocket), into `line`.
+    async fn read_line(&mut self, line: &mut String) -> std::io::Result<usize> {
+        match self {
+            Session::Tcp(s) => s.read_line(line).await,
+            Session::Ws(ws) => loop {
+                match ws.next().await {
+                    Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+                        line.push_str(&t);
+                        return Ok(t.len());
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(std::io::Error::other(e)),
+                    None => return Ok(0),
+                }
+            },
+        }
+    }
+}
+
+/// The sessions of one transport in one size, and their figures.
+struct Set {
+    transport: Transport,
+    sh: String,
+    sessions: Vec<Session>,
+    setup: Duration,
+    lasts: Vec<Duration>,
+    medians: Vec<Duration>,
+}
+
+async fn bench(sizes: Vec<usize>, transports: Vec<Transport>, limit: Option<usize>) {
     let upstream = mock::Mock::start().await;
     let mut child = Command::new(std::env::current_exe().expect("own path"))
         .env(CHILD_ENV, upstream.url())
@@ -126,48 +232,97 @@ async fn bench(sizes: Vec<usize>, limit: Option<usize>) {
     let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
     let mut line = String::new();
     out.read_line(&mut line).expect("proxy address");
-    let proxy: SocketAddr = line
+    let addrs: Vec<SocketAddr> = line
         .trim()
         .strip_prefix("LISTEN ")
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected line from the proxy process: {line:?}"));
+        .map(|a| a.split(' ').filter_map(|a| a.parse().ok()).collect())
+        .unwrap_or_default();
+    let [tcp, ws] = addrs[..] else {
+        panic!("unexpected line from the proxy process: {line:?}");
+    };
 
     for (run, n) in sizes.into_iter().enumerate() {
-        if let Some(limit) = limit {
-            if n + 64 > limit {
+        // Both transports' sessions held at once, their rounds alternating,
+        // when the open files allow it (a slow moment of a shared machine
+        // then hits both alike); else one transport after the other.
+        let fits = |sets: usize| limit.is_none_or(|l| sets * n + 64 <= l);
+        let groups: Vec<Vec<Transport>> = if fits(transports.len()) {
+            vec![transports.clone()]
+        } else {
+            transports.iter().map(|t| vec![*t]).collect()
+        };
+        let interleaved = groups.len() == 1 && transports.len() > 1;
+        let mut figures: Vec<(Transport, Duration)> = Vec::new();
+        for group in groups {
+            if !fits(1) {
                 println!(
-                    "fanout N={n}: skipped: needs about {} open files per process, the limit is {limit} (raise it with `ulimit -n`)",
-                    n + 64
+                    "fanout N={n}: skipped: needs about {} open files per process, the limit is {} (raise it with `ulimit -n`)",
+                    n + 64,
+                    limit.unwrap_or(0)
                 );
-                continue;
+                break;
+            }
+            let mut sets = Vec::new();
+            for transport in group {
+                let proxy = match transport {
+                    Transport::Tcp => tcp,
+                    Transport::Ws => ws,
+                };
+                let sh = hex::encode(sha2_of(
+                    format!("fanout-{run}-{n}-{}", transport.name()).as_bytes(),
+                ));
+                let started = Instant::now();
+                let sessions = connect_and_subscribe(proxy, transport, n, &sh).await;
+                let setup = started.elapsed();
+                sets.push(Set {
+                    transport,
+                    sh,
+                    sessions,
+                    setup,
+                    lasts: Vec::new(),
+                    medians: Vec::new(),
+                });
+            }
+            for round in 0..ROUNDS {
+                for set in sets.iter_mut() {
+                    let history = vec![(format!("{:064x}", round + 1), 0i64)];
+                    let status = mock::status_of(&history).expect("non-empty");
+                    let sessions = std::mem::take(&mut set.sessions);
+                    let (back, last, median) =
+                        one_round(sessions, &upstream, &set.sh, history, &status).await;
+                    set.sessions = back;
+                    set.lasts.push(last);
+                    set.medians.push(median);
+                }
+            }
+            for mut set in sets {
+                set.lasts.sort();
+                set.medians.sort();
+                let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+                println!(
+                    "fanout N={n} {}: last session notified after {:.2} ms (median of {ROUNDS} rounds; best {:.2} ms, worst {:.2} ms); median session {:.2} ms; {n} sessions set up in {:.2} s",
+                    set.transport.name(),
+                    ms(set.lasts[ROUNDS / 2]),
+                    ms(set.lasts[0]),
+                    ms(set.lasts[ROUNDS - 1]),
+                    ms(set.medians[ROUNDS / 2]),
+                    set.setup.as_secs_f64(),
+                );
+                figures.push((set.transport, set.lasts[ROUNDS / 2]));
             }
         }
-        let sh = hex::encode(sha2_of(format!("fanout-{run}-{n}").as_bytes()));
-        let started = Instant::now();
-        let mut sessions = connect_and_subscribe(proxy, n, &sh).await;
-        let setup = started.elapsed();
-        let mut lasts = Vec::new();
-        let mut medians = Vec::new();
-        for round in 0..ROUNDS {
-            let history = vec![(format!("{:064x}", round + 1), 0i64)];
-            let status = mock::status_of(&history).expect("non-empty");
-            let (back, last, median) = one_round(sessions, &upstream, &sh, history, &status).await;
-            sessions = back;
-            lasts.push(last);
-            medians.push(median);
+        let of = |t: Transport| figures.iter().find(|(f, _)| *f == t).map(|(_, d)| *d);
+        if let (Some(tcp), Some(ws)) = (of(Transport::Tcp), of(Transport::Ws)) {
+            println!(
+                "fanout N={n}: WebSocket / TCP, last session notified: {:.2}x ({})",
+                ws.as_secs_f64() / tcp.as_secs_f64(),
+                if interleaved {
+                    "rounds alternated"
+                } else {
+                    "one transport after the other: both sets do not fit the open files limit"
+                }
+            );
         }
-        lasts.sort();
-        medians.sort();
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        println!(
-            "fanout N={n}: last session notified after {:.2} ms (median of {ROUNDS} rounds; best {:.2} ms, worst {:.2} ms); median session {:.2} ms; {n} sessions set up in {:.2} s",
-            ms(lasts[ROUNDS / 2]),
-            ms(lasts[0]),
-            ms(lasts[ROUNDS - 1]),
-            ms(medians[ROUNDS / 2]),
-            setup.as_secs_f64(),
-        );
-        drop(sessions);
     }
     drop(child.stdin.take());
     let _ = child.wait();
@@ -178,10 +333,15 @@ fn sha2_of(data: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(data).into()
 }
 
-async fn connect_and_subscribe(proxy: SocketAddr, n: usize, sh: &str) -> Vec<Session> {
+async fn connect_and_subscribe(
+    proxy: SocketAddr,
+    transport: Transport,
+    n: usize,
+    sh: &str,
+) -> Vec<Session> {
     let gate = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let request = format!(
-        "{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"blockchain.scripthash.subscribe\",\"params\":[\"{sh}\"]}}\n"
+        "{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"blockchain.scripthash.subscribe\",\"params\":[\"{sh}\"]}}"
     );
     let mut tasks = JoinSet::new();
     for _ in 0..n {
@@ -189,14 +349,8 @@ async fn connect_and_subscribe(proxy: SocketAddr, n: usize, sh: &str) -> Vec<Ses
         let request = request.clone();
         tasks.spawn(async move {
             let _permit = gate.acquire_owned().await.expect("open");
-            let stream = TcpStream::connect(proxy).await.expect("connect");
-            stream.set_nodelay(true).expect("nodelay");
-            let mut session = BufReader::new(stream);
-            session
-                .get_mut()
-                .write_all(request.as_bytes())
-                .await
-                .expect("write");
+            let mut session = Session::connect(proxy, transport).await;
+            session.send_line(&request).await;
             let mut reply = String::new();
             session.read_line(&mut reply).await.expect("reply");
             let v: Value = serde_json::from_str(&reply).expect("JSON reply");

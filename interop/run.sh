@@ -23,7 +23,7 @@ section "build"
 if [[ -z ${ELB_BIN:-} ]]; then
   cargo build --quiet --bin electrum-lb
 fi
-cargo test --quiet --test interop --test interop_protocol --no-run
+cargo test --quiet --test interop --test interop_protocol --test interop_ws --no-run
 
 dir=$(mktemp -d "${TMPDIR:-/tmp}/electrum-lb-interop.XXXXXX")
 stack() { "$py" interop/stack.py --dir "$dir" "$@"; }
@@ -49,6 +49,9 @@ section "stack up"
 stack up
 # shellcheck disable=SC1091
 source "$dir/env"
+
+section "WebSocket: one session direct to ElectrumX's ws service and through electrum-lb"
+cargo test --test interop_ws -- --ignored --nocapture
 
 section "BDK electrum-client and the Electrum wallet through electrum-lb"
 cargo test --test interop -- --ignored --nocapture

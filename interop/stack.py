@@ -196,7 +196,7 @@ class Stack:
             "DB_ENGINE": "leveldb",
             "DB_DIRECTORY": str(self.dir / f"electrumx{n}"),
             "DAEMON_URL": f"http://{RPC_USER}:{RPC_PASSWORD}@127.0.0.1:{self.state['rpc_port']}/",
-            "SERVICES": f"{service}://127.0.0.1:{port}",
+            "SERVICES": f"{service}://127.0.0.1:{port}" + self.electrumx_ws_service(n),
             "PEER_DISCOVERY": "off",
             "PEER_ANNOUNCE": "",
             # every loopback session is in one cost group: never throttle it
@@ -254,7 +254,7 @@ key = "{key}"
 health_interval_ms = 250
 
 [coins.{COIN}]
-listen = ["tcp://127.0.0.1:0", "ssl://127.0.0.1:0"]
+listen = ["tcp://127.0.0.1:0", "ssl://127.0.0.1:0", {self.lb_ws_listeners()}]
 # regtest base58 versions, so the legacy blockchain.address.* methods (which
 # ElectrumX 2.0 no longer has) are translated by the proxy
 p2pkh_version = 111
@@ -276,10 +276,11 @@ upstreams = [
                 r"listening .*listen=tcp://127\.0\.0\.1:(\d+)",
                 r"listening .*listen=ssl://127\.0\.0\.1:(\d+)",
                 r"metrics, /healthz and /readyz served listen=127\.0\.0\.1:(\d+)")]
-            return all(found) and [int(m[1]) for m in found]
+            return all(found) and self.lb_ws_ports(text) and [int(m[1]) for m in found]
 
         tcp_port, ssl_port, metrics_port = wait_for("electrum-lb's listeners", bound)
-        self.state.update(lb_tcp=tcp_port, lb_ssl=ssl_port, lb_metrics=metrics_port)
+        self.state.update(lb_tcp=tcp_port, lb_ssl=ssl_port, lb_metrics=metrics_port,
+                          **self.lb_ws_ports(self.logfile("electrum-lb").read_text()))
         self.save()
         for n in (1, 2):
             self.wait_upstream(n, True)
@@ -296,6 +297,34 @@ upstreams = [
     def wait_upstream(self, n, up):
         wait_for(f"electrum-lb to see upstream {n} {'up' if up else 'down'}",
                  lambda: self.upstream_up(n) == up)
+
+    # --- WebSocket (tests/interop_ws.rs) ---------------------------------------
+
+    def electrumx_ws_service(self, n):
+        """ElectrumX 1 also serves ws://: the direct side of the WebSocket
+        comparison. Returns the extra SERVICES entry."""
+        port = self.state.get("electrumx_ws", {}).get(str(n))
+        return f",ws://127.0.0.1:{port}" if port else ""
+
+    @staticmethod
+    def lb_ws_listeners():
+        return '"ws://127.0.0.1:0", "wss://127.0.0.1:0"'
+
+    @staticmethod
+    def lb_ws_ports(log_text):
+        """electrum-lb's ws:// and wss:// ports, from its "listening" lines."""
+        found = [re.search(rf"listening .*listen={scheme}://127\.0\.0\.1:(\d+)", log_text)
+                 for scheme in ("ws", "wss")]
+        return all(found) and {"lb_ws": int(found[0][1]), "lb_wss": int(found[1][1])}
+
+    def ws_env(self):
+        """What tests/interop_ws.rs reads."""
+        s = self.state
+        return {
+            "INTEROP_ELECTRUMX_WS_URL": f"ws://127.0.0.1:{s['electrumx_ws']['1']}/",
+            "INTEROP_WS_URL": f"ws://127.0.0.1:{s['lb_ws']}/",
+            "INTEROP_WSS_URL": f"wss://127.0.0.1:{s['lb_wss']}/",
+        }
 
     # --- the Electrum wallet ---------------------------------------------------
 
@@ -340,7 +369,8 @@ upstreams = [
     def up(self):
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "logs").mkdir(exist_ok=True)
-        self.state = {"rpc_port": free_port(), "electrumx": {"1": free_port(), "2": free_port()}}
+        self.state = {"rpc_port": free_port(), "electrumx": {"1": free_port(), "2": free_port()},
+                      "electrumx_ws": {"1": free_port()}}
         self.save()
         started = time.monotonic()
         self.start_node()
@@ -367,6 +397,7 @@ upstreams = [
             "INTEROP_ELECTRUMX_URL": self.electrumx_url(1),
             "INTEROP_MINER_ADDRESS": s["miner_address"],
             "INTEROP_WALLET_ADDRESS": s["wallet_address"],
+            **self.ws_env(),
         }.items()))
         log(f"stack up in {time.monotonic() - started:.1f}s; state in {self.dir}")
 

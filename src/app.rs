@@ -23,6 +23,7 @@ use crate::status::{CoinSource, Status};
 use crate::upstream::health::HealthRules;
 use crate::upstream::pool::PoolOptions;
 use crate::upstream::{Pool, UpstreamStatus};
+use crate::ws::WsOptions;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -228,10 +229,7 @@ pub async fn start_with(config: Config, listen: Listen) -> anyhow::Result<Server
             cache,
         });
         for l in listeners {
-            let tls = match l.scheme {
-                Scheme::Ssl => tls.clone(),
-                Scheme::Tcp => None,
-            };
+            let tls = if l.scheme.is_tls() { tls.clone() } else { None };
             background.spawn(l.serve(
                 router.clone(),
                 tls,
@@ -329,6 +327,9 @@ fn bind_all(
             let mut listener = Listener::bind(name, entry.url.scheme, addr, sockets)
                 .map_err(anyhow::Error::msg)?;
             listener.proxy_protocol = entry.proxy_protocol;
+            if entry.url.scheme.is_websocket() {
+                listener.ws = Some(Arc::new(WsOptions::new(entry, &config.server)));
+            }
             listeners.push(listener);
         }
         coins.insert(name.clone(), listeners);
@@ -372,6 +373,13 @@ fn coin_info(
     }
     if let Some(p) = port(Scheme::Ssl) {
         ports.insert("ssl_port".into(), p.into());
+    }
+    // As ElectrumX reports its WebSocket services.
+    if let Some(p) = port(Scheme::Ws) {
+        ports.insert("ws_port".into(), p.into());
+    }
+    if let Some(p) = port(Scheme::Wss) {
+        ports.insert("wss_port".into(), p.into());
     }
     let hosts = serde_json::json!({ host: ports }).to_string();
     let versions = match (

@@ -29,6 +29,28 @@ pub enum CodecError {
     Io(#[from] std::io::Error),
 }
 
+/// What a transport that frames messages itself (WebSocket) returns, inside
+/// an `io::Error`, for a message over its limit: the reader reports it as
+/// [`CodecError::TooLong`], so the session answers it as it answers a line
+/// that is too long.
+#[derive(Debug, thiserror::Error)]
+#[error("message longer than {max} bytes")]
+pub struct MessageTooLong {
+    pub max: usize,
+}
+
+impl CodecError {
+    fn from_read(e: std::io::Error) -> CodecError {
+        match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<MessageTooLong>())
+        {
+            Some(too_long) => CodecError::TooLong { max: too_long.max },
+            None => CodecError::Io(e),
+        }
+    }
+}
+
 /// Initial capacity of a connection's read buffer.
 const INITIAL_CAPACITY: usize = 512;
 /// Above this capacity an emptied buffer is released rather than kept.
@@ -80,7 +102,11 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             if self.buf.capacity() - self.buf.len() < INITIAL_CAPACITY / 2 {
                 self.buf.reserve(self.buf.len().max(INITIAL_CAPACITY));
             }
-            let n = self.inner.read_buf(&mut self.buf).await?;
+            let n = self
+                .inner
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(CodecError::from_read)?;
             if n == 0 {
                 self.eof = true;
             }
@@ -208,6 +234,27 @@ mod tests {
         assert_eq!(reader.next_buffered().unwrap(), None);
         tx.write_all(b"\n").await.unwrap();
         assert_eq!(reader.next_frame().await.unwrap(), Frame::Line("cc".into()));
+    }
+
+    #[tokio::test]
+    async fn a_transport_refusing_a_long_message_reads_as_a_long_line() {
+        struct Refusing;
+        impl AsyncRead for Refusing {
+            fn poll_read(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                _: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                let e =
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, MessageTooLong { max: 7 });
+                std::task::Poll::Ready(Err(e))
+            }
+        }
+        let mut reader = LineReader::new(Refusing, 100);
+        assert!(matches!(
+            reader.next_frame().await,
+            Err(CodecError::TooLong { max: 7 })
+        ));
     }
 
     #[tokio::test]

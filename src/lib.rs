@@ -14,6 +14,8 @@
 //!   afresh or handed over by a predecessor through [`handoff`], for
 //!   in-place upgrades).
 //! - [`tls`]: rustls configuration for listeners and for `ssl://` upstreams.
+//! - [`ws`]: `ws://` and `wss://` listeners: the HTTP upgrade, and an
+//!   adapter that turns WebSocket messages into lines for the session.
 //! - [`session`]: one client, transport-agnostic: a reader loop and a writer
 //!   task joined by a bounded queue.
 //! - [`codec`]: bounded newline framing; [`jsonrpc`]: classifying lines and
@@ -37,10 +39,10 @@
 //!   the recent events (`status::events`) those record.
 //!
 //! ```text
-//! wallet --TCP/TLS--> listener --> session --> router --+-- local answer (server.*)
-//!                                     ^                 +-- hub (subscriptions) --+
-//!                                     |                 '-- cache -- forward ----+--> pool --> conn --> ElectrumX
-//!                                     '---- bounded queue <--- answers / notifications <---'
+//! wallet --TCP/TLS/WS--> listener --> session --> router --+-- local answer (server.*)
+//!                                        ^                 +-- hub (subscriptions) --+
+//!                                        |                 '-- cache -- forward ----+--> pool --> conn --> ElectrumX
+//!                                        '---- bounded queue <--- answers / notifications <---'
 //! ```
 #![forbid(unsafe_code)]
 
@@ -72,6 +74,7 @@ pub mod status;
 pub mod tls;
 pub mod tx;
 pub mod upstream;
+pub mod ws;
 
 pub use app::{start, start_with, Listen, Server};
 pub use config::Config;

@@ -4,11 +4,12 @@
 //! happens before a session: a slot among `limits.max_sessions` (taken at
 //! accept), the PROXY protocol header on listeners that expect one, the
 //! client's admission into its IP group (refused with an error line, or a
-//! plain close on TLS), the TLS handshake (inside the spawned task, with a
-//! timeout) and starting the session in a tracing span that names the coin,
-//! the real client (`peer`), the balancer it came through (`via`) and the
-//! transport. It does not parse anything the client sends after the PROXY
-//! header (that is `session` and `router`).
+//! plain close on TLS and WebSocket), the TLS handshake (inside the spawned
+//! task, with a timeout) and starting the session in a tracing span that
+//! names the coin, the real client (`peer`), the balancer it came through
+//! (`via`) and the transport; on `ws://` and `wss://` the session starts
+//! after the WebSocket upgrade (`ws`). It does not parse anything the client
+//! sends after the PROXY header (that is `ws`, `session` and `router`).
 
 pub mod bind;
 
@@ -17,6 +18,7 @@ use crate::limits::{CoinLimits, ConnPermit, GroupFull, Limit};
 use crate::proxy_protocol;
 use crate::router::Router;
 use crate::session::{self, SessionLimits, Stops};
+use crate::ws::WsOptions;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -25,8 +27,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-/// The TLS configuration every `ssl://` listener reads at each handshake, so
-/// a reload applies to new handshakes only.
+/// The TLS configuration every `ssl://` and `wss://` listener reads at each
+/// handshake, so a reload applies to new handshakes only.
 pub type TlsHandle = Arc<RwLock<Arc<rustls::ServerConfig>>>;
 
 /// One bound listener, ready to accept.
@@ -37,6 +39,8 @@ pub struct Listener {
     pub local_addr: SocketAddr,
     /// Every connection starts with a PROXY protocol (v1 or v2) header.
     pub proxy_protocol: bool,
+    /// `ws://` and `wss://`: how connections are upgraded and served.
+    pub ws: Option<Arc<WsOptions>>,
 }
 
 impl Listener {
@@ -58,6 +62,7 @@ impl Listener {
             socket,
             local_addr,
             proxy_protocol: false,
+            ws: None,
         })
     }
 
@@ -107,6 +112,8 @@ impl Listener {
             let conn = Connection {
                 stream,
                 peer,
+                scheme: self.scheme,
+                ws: self.ws.clone(),
                 proxy_protocol: self.proxy_protocol,
                 permit,
                 tls: tls.clone(),
@@ -123,6 +130,8 @@ struct Connection {
     stream: TcpStream,
     /// The socket's peer (the balancer, on a PROXY protocol listener).
     peer: SocketAddr,
+    scheme: Scheme,
+    ws: Option<Arc<WsOptions>>,
     proxy_protocol: bool,
     permit: ConnPermit,
     tls: Option<TlsHandle>,
@@ -167,7 +176,7 @@ impl Connection {
             Ok(gate) => gate,
             Err(full) => {
                 tracing::debug!(group = %full.group, "too many sessions from this group: refused");
-                if self.tls.is_none() {
+                if self.scheme == Scheme::Tcp {
                     // Boxed: its 4 KiB read buffer would otherwise be part
                     // of every session's task.
                     Box::pin(refuse(self.stream, full)).await;
@@ -175,11 +184,27 @@ impl Connection {
                 return;
             }
         };
+        let transport = self.scheme.as_str();
         match self.tls {
-            None => {
-                let _open = self.router.metrics.session_opened("tcp");
-                session::run(self.stream, self.router, self.limits, self.stops, gate).await
-            }
+            None => match self.ws {
+                None => {
+                    let _open = self.router.metrics.session_opened(transport);
+                    session::run(self.stream, self.router, self.limits, self.stops, gate).await
+                }
+                // Boxed, as TLS below: WebSocket states off every TCP task.
+                Some(ws) => {
+                    Box::pin(crate::ws::serve(
+                        self.stream,
+                        ws,
+                        transport,
+                        self.router,
+                        self.limits,
+                        self.stops,
+                        gate,
+                    ))
+                    .await
+                }
+            },
             Some(handle) => {
                 let config = handle.read().unwrap_or_else(|p| p.into_inner()).clone();
                 let acceptor = tokio_rustls::TlsAcceptor::from(config);
@@ -205,7 +230,19 @@ impl Connection {
                         }
                     },
                 };
-                let _open = self.router.metrics.session_opened("ssl");
+                if let Some(ws) = self.ws {
+                    return Box::pin(crate::ws::serve(
+                        stream,
+                        ws,
+                        transport,
+                        self.router,
+                        self.limits,
+                        self.stops,
+                        gate,
+                    ))
+                    .await;
+                }
+                let _open = self.router.metrics.session_opened(transport);
                 Box::pin(session::run(
                     stream,
                     self.router,

@@ -24,7 +24,8 @@
 //! ends is closed by the hard stop.
 //!
 //! The session works on any `AsyncRead + AsyncWrite` (TCP, TLS, in-memory
-//! pipes in tests, a WebSocket adapter later); it knows nothing of sockets.
+//! pipes in tests, the WebSocket adapter of `ws::lines`); it knows nothing
+//! of sockets.
 
 use crate::codec::{CodecError, Frame, LineReader};
 use crate::hub::SessionId;
@@ -399,9 +400,14 @@ async fn write_loop<W>(
             gather(&mut rx, &mut buf, &limits);
         }
         room.notify_one();
+        // Flushed too: a transport may hold written bytes back until then
+        // (the WebSocket adapter; TCP and TLS write through).
         let written = tokio::select! {
             biased;
-            r = wr.write_all(&buf) => r,
+            r = async {
+                wr.write_all(&buf).await?;
+                wr.flush().await
+            } => r,
             _ = &mut killed => break,
             _ = &mut stopped => break,
         };

@@ -46,7 +46,9 @@
 //!
 //! Also measured: p50 at light load (16 connections, one request in flight
 //! each) and the resident memory of electrum-lb (and HAProxy) holding idle
-//! sessions that sent `server.version` and `blockchain.headers.subscribe`.
+//! sessions that sent `server.version` and `blockchain.headers.subscribe`;
+//! for electrum-lb over TCP and over WebSocket (row `lb ws`, a fresh
+//! process, `ws://` sessions from tokio-tungstenite's client).
 //!
 //! Columns: answers per second in the measured window; the same against
 //! HAProxy's in that workload; latency percentiles from send to answer;
@@ -60,6 +62,7 @@ mod load;
 mod mock;
 mod options;
 mod procs;
+mod ws;
 
 use chain::*;
 use load::*;
@@ -112,6 +115,8 @@ pub(crate) enum Path {
     Lb,
     /// electrum-lb with `--threads 1` (a current-thread runtime).
     Lb1,
+    /// electrum-lb, its `ws://` listener (idle memory only).
+    LbWs,
 }
 
 impl Path {
@@ -121,6 +126,7 @@ impl Path {
             Path::Haproxy => "haproxy",
             Path::Lb => "electrum-lb",
             Path::Lb1 => "lb -t1",
+            Path::LbWs => "lb ws",
         }
     }
 }
@@ -142,7 +148,7 @@ impl Bench {
                 let addrs = p.addrs.clone();
                 (Some(p), addrs)
             }
-            Path::Lb | Path::Lb1 => {
+            Path::Lb | Path::Lb1 | Path::LbWs => {
                 let threads = match path {
                     Path::Lb1 => Some("1".to_string()),
                     _ => std::env::var(THREADS_ENV).ok(),
@@ -310,7 +316,7 @@ pub(crate) async fn idle_memory(
         ));
     }
     let mut out = Vec::new();
-    let mut paths = vec![Path::Lb];
+    let mut paths = vec![Path::Lb, Path::LbWs];
     if bench.haproxy {
         paths.push(Path::Haproxy);
     }
@@ -323,7 +329,12 @@ pub(crate) async fn idle_memory(
             Path::Haproxy => n.min((limit as usize).saturating_sub(256) / 2),
             _ => n,
         };
-        let sessions = open_idle_sessions(targets[0], count).await;
+        let sessions: Box<dyn std::any::Any + Send> = match p {
+            Path::LbWs => Box::new(
+                ws::open_idle_ws_sessions(front.ws.expect("a ws:// listener"), count).await,
+            ),
+            _ => Box::new(open_idle_sessions(targets[0], count).await),
+        };
         // Let allocations settle before reading.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let loaded = rss_kib(front.pid()).unwrap_or(0);
@@ -453,6 +464,9 @@ pub(crate) fn print_table(
             }
         }
         Err(why) => println!("idle sessions: {why}"),
+    }
+    if let Ok(rows) = memory {
+        ws::print_idle_ratio(rows);
     }
 
     // The targets, from the figures above.

@@ -12,6 +12,8 @@ use tokio::net::TcpStream;
 pub(crate) struct Proc {
     pub(crate) child: Child,
     pub(crate) addrs: Vec<SocketAddr>,
+    /// electrum-lb's `ws://` listener (idle WebSocket sessions).
+    pub(crate) ws: Option<SocketAddr>,
 }
 
 impl Proc {
@@ -37,7 +39,11 @@ impl Proc {
             .split(' ')
             .map(|a| a.parse().expect("address"))
             .collect();
-        Proc { child, addrs }
+        Proc {
+            child,
+            addrs,
+            ws: None,
+        }
     }
 
     pub(crate) fn pid(&self) -> u32 {
@@ -62,7 +68,7 @@ pub(crate) fn start_electrum_lb(
 ) -> Proc {
     let urls: Vec<String> = upstreams.iter().map(|a| format!("\"tcp://{a}\"")).collect();
     let text = format!(
-        "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[coins.bench]\nlisten = [\"tcp://127.0.0.1:0\"]\nupstreams = [{}]\n",
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[coins.bench]\nlisten = [\"tcp://127.0.0.1:0\", \"ws://127.0.0.1:0\"]\nupstreams = [{}]\n",
         urls.join(", ")
     );
     let path = dir.join("electrum-lb.toml");
@@ -96,16 +102,19 @@ pub(crate) fn start_electrum_lb(
         line[at..].split_whitespace().next().map(str::to_string)
     };
     let mut listen = None;
+    let mut ws = None;
     let mut up = std::collections::HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while listen.is_none() || up.len() < upstreams.len() {
+    while listen.is_none() || ws.is_none() || up.len() < upstreams.len() {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = rx
             .recv_timeout(left)
             .expect("electrum-lb did not get ready in time");
         let line = strip_ansi(&line);
         if line.contains("listening") {
-            listen = value(&line, "listen=tcp://").and_then(|a| a.parse::<SocketAddr>().ok());
+            let addr = |scheme| value(&line, scheme).and_then(|a| a.parse::<SocketAddr>().ok());
+            listen = listen.or(addr("listen=tcp://"));
+            ws = ws.or(addr("listen=ws://"));
         }
         if line.contains("upstream connection up") {
             up.extend(value(&line, "upstream="));
@@ -117,6 +126,7 @@ pub(crate) fn start_electrum_lb(
     Proc {
         child,
         addrs: vec![listen.expect("listen address")],
+        ws,
     }
 }
 
@@ -179,6 +189,7 @@ pub(crate) async fn start_haproxy(upstreams: &[SocketAddr], dir: &std::path::Pat
     Proc {
         child,
         addrs: vec![addr],
+        ws: None,
     }
 }
 

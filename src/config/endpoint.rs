@@ -1,6 +1,7 @@
-//! Listener and upstream URLs (`tcp://`, `ssl://`) and the options an entry
-//! may carry as a table; a pinned certificate fingerprint is parsed here so
-//! that both validation and the TLS setup read it the same way.
+//! Listener and upstream URLs (`tcp://`, `ssl://`, and for listeners `ws://`
+//! and `wss://`) and the options an entry may carry as a table; a pinned
+//! certificate fingerprint is parsed here so that both validation and the
+//! TLS setup read it the same way.
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
@@ -13,6 +14,10 @@ use std::path::PathBuf;
 pub enum Scheme {
     Tcp,
     Ssl,
+    /// WebSocket (listeners only), one JSON-RPC message per frame.
+    Ws,
+    /// WebSocket over TLS (listeners only).
+    Wss,
 }
 
 impl Scheme {
@@ -20,7 +25,19 @@ impl Scheme {
         match self {
             Scheme::Tcp => "tcp",
             Scheme::Ssl => "ssl",
+            Scheme::Ws => "ws",
+            Scheme::Wss => "wss",
         }
+    }
+
+    /// The connection starts with a TLS handshake (`ssl://`, `wss://`).
+    pub fn is_tls(self) -> bool {
+        matches!(self, Scheme::Ssl | Scheme::Wss)
+    }
+
+    /// The connection is upgraded to WebSocket (`ws://`, `wss://`).
+    pub fn is_websocket(self) -> bool {
+        matches!(self, Scheme::Ws | Scheme::Wss)
     }
 }
 
@@ -58,9 +75,11 @@ impl std::str::FromStr for Url {
         let scheme = match scheme {
             "tcp" => Scheme::Tcp,
             "ssl" | "tls" => Scheme::Ssl,
+            "ws" => Scheme::Ws,
+            "wss" => Scheme::Wss,
             other => {
                 return Err(format!(
-                    "unknown scheme `{other}` in `{s}`: use tcp:// or ssl://"
+                    "unknown scheme `{other}` in `{s}`: use tcp://, ssl://, ws:// or wss://"
                 ))
             }
         };
@@ -105,6 +124,18 @@ pub struct ListenEntry {
     pub url: Url,
     /// Expect a PROXY protocol (v1 or v2) header on every connection.
     pub proxy_protocol: bool,
+    /// `ws://` and `wss://` only: the HTTP path the upgrade is accepted on
+    /// (`None`: `/`).
+    pub path: Option<String>,
+    /// `ws://` and `wss://` only: the `Origin` values accepted (`None`: any).
+    pub origins: Option<Vec<String>>,
+}
+
+impl ListenEntry {
+    /// The path a WebSocket upgrade is accepted on.
+    pub fn ws_path(&self) -> &str {
+        self.path.as_deref().unwrap_or("/")
+    }
 }
 
 #[derive(Deserialize)]
@@ -113,6 +144,10 @@ struct ListenTable {
     url: String,
     #[serde(default)]
     proxy_protocol: bool,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    origins: Option<Vec<String>>,
 }
 
 impl TryFrom<ListenTable> for ListenEntry {
@@ -121,6 +156,8 @@ impl TryFrom<ListenTable> for ListenEntry {
         Ok(ListenEntry {
             url: t.url.parse()?,
             proxy_protocol: t.proxy_protocol,
+            path: t.path,
+            origins: t.origins,
         })
     }
 }
@@ -131,6 +168,8 @@ impl TryFrom<String> for ListenEntry {
         Ok(ListenEntry {
             url: s.parse()?,
             proxy_protocol: false,
+            path: None,
+            origins: None,
         })
     }
 }

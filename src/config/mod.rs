@@ -166,12 +166,22 @@ impl Config {
                     .url
                     .socket_addr()
                     .map_err(|e| (format!("{}[{i}]", key("listen")), e))?;
-                if l.url.scheme == Scheme::Ssl && self.tls.is_none() {
+                if l.url.scheme.is_tls() && self.tls.is_none() {
                     return Err((
                         format!("{}[{i}]", key("listen")),
-                        "an ssl:// listener needs a [tls] table with cert and key".into(),
+                        format!(
+                            "{} {}:// listener needs a [tls] table with cert and key",
+                            if l.url.scheme == Scheme::Ssl {
+                                "an"
+                            } else {
+                                "a"
+                            },
+                            l.url.scheme
+                        ),
                     ));
                 }
+                validate_websocket(l)
+                    .map_err(|(k, e)| (format!("{}[{i}]{k}", key("listen")), e))?;
                 if addr.port() != 0 {
                     if let Some(prev) = bound.insert(addr, format!("{}[{i}]", key("listen"))) {
                         return Err((
@@ -197,6 +207,12 @@ impl Config {
                 }
                 if u.weight == 0 {
                     return Err((format!("{k}.weight"), "must be at least 1".into()));
+                }
+                if u.url.scheme.is_websocket() {
+                    return Err((
+                        k,
+                        "WebSocket upstreams are not supported: use tcp:// or ssl://".into(),
+                    ));
                 }
                 let tls_opts = u.ca_file.is_some() || u.fingerprint.is_some() || u.insecure;
                 if u.url.scheme == Scheme::Tcp && tls_opts {
@@ -255,6 +271,44 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The WebSocket options of one listener: only on `ws://` and `wss://`, a
+/// path that starts with `/`, origins written as browsers send them
+/// (`scheme://host[:port]`, no path). The error's key is relative to the
+/// entry (`.path`, `.origins`).
+fn validate_websocket(l: &ListenEntry) -> Result<(), (String, String)> {
+    if !l.url.scheme.is_websocket() {
+        if l.path.is_some() || l.origins.is_some() {
+            return Err((
+                String::new(),
+                "path and origins apply only to ws:// and wss:// listeners".into(),
+            ));
+        }
+        return Ok(());
+    }
+    if let Some(path) = &l.path {
+        if !path.starts_with('/') || path.contains(char::is_whitespace) || path.contains('?') {
+            return Err((
+                ".path".into(),
+                "must be an HTTP path such as \"/\" or \"/electrum\" (no query)".into(),
+            ));
+        }
+    }
+    for origin in l.origins.iter().flatten() {
+        let ok = origin.split_once("://").is_some_and(|(scheme, host)| {
+            !scheme.is_empty() && !host.is_empty() && !host.contains('/')
+        });
+        if !ok && origin != "null" {
+            return Err((
+                ".origins".into(),
+                format!(
+                    "`{origin}` is not an origin: write it as a browser sends it, e.g. \"https://wallet.example.org\" (scheme and host, no path)"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The dotted key whose value sits at `offset`: the last `[table]` header
@@ -381,6 +435,60 @@ upstreams = ["tcp://a:1", { url = "ssl://b:2", insecure = true, backup = true, w
         assert!(coin.listen[0].proxy_protocol);
         assert!(coin.upstreams[1].insecure && coin.upstreams[1].backup);
         assert_eq!(coin.upstreams[1].weight, 3);
+    }
+
+    #[test]
+    fn websocket_listeners() {
+        let text = format!(
+            r#"{}
+[coins.test]
+listen = ["ws://127.0.0.1:0", {{ url = "wss://127.0.0.1:0", path = "/electrum", origins = ["https://wallet.example.org"] }}]
+upstreams = ["tcp://a:1"]
+"#,
+            "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n"
+        );
+        let c = Config::parse(&text, "t.toml").unwrap();
+        let coin = &c.coins["test"];
+        assert_eq!(coin.listen[0].url.scheme, Scheme::Ws);
+        assert_eq!(coin.listen[0].ws_path(), "/");
+        assert_eq!(coin.listen[1].url.scheme, Scheme::Wss);
+        assert_eq!(coin.listen[1].ws_path(), "/electrum");
+        assert_eq!(
+            coin.listen[1].origins.as_deref(),
+            Some(&["https://wallet.example.org".to_string()][..])
+        );
+        assert_eq!(c.server.ws_ping_secs, 20);
+    }
+
+    #[test]
+    fn websocket_errors_name_the_key() {
+        let e = err("[coins.x]\nlisten = [\"wss://127.0.0.1:0\"]\nupstreams = [\"tcp://a:1\"]\n");
+        assert_eq!(
+            e,
+            "bad.toml: coins.x.listen[0]: a wss:// listener needs a [tls] table with cert and key"
+        );
+        let e = err("[coins.x]\nlisten = [{ url = \"tcp://127.0.0.1:0\", path = \"/\" }]\nupstreams = [\"tcp://a:1\"]\n");
+        assert_eq!(
+            e,
+            "bad.toml: coins.x.listen[0]: path and origins apply only to ws:// and wss:// listeners"
+        );
+        let e = err("[coins.x]\nlisten = [{ url = \"ws://127.0.0.1:0\", path = \"electrum\" }]\nupstreams = [\"tcp://a:1\"]\n");
+        assert!(
+            e.starts_with("bad.toml: coins.x.listen[0].path: must be an HTTP path"),
+            "{e}"
+        );
+        let e = err("[coins.x]\nlisten = [{ url = \"ws://127.0.0.1:0\", origins = [\"https://a.org/wallet\"] }]\nupstreams = [\"tcp://a:1\"]\n");
+        assert!(
+            e.starts_with(
+                "bad.toml: coins.x.listen[0].origins: `https://a.org/wallet` is not an origin"
+            ),
+            "{e}"
+        );
+        let e = err("[coins.x]\nlisten = [\"ws://127.0.0.1:0\"]\nupstreams = [\"ws://a:1\"]\n");
+        assert_eq!(
+            e,
+            "bad.toml: coins.x.upstreams[0]: WebSocket upstreams are not supported: use tcp:// or ssl://"
+        );
     }
 
     fn err(text: &str) -> String {

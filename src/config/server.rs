@@ -198,6 +198,10 @@ pub struct ServerConfig {
     /// Longest wait between two attempts to reach an upstream that is
     /// down: the delay starts at 200 ms and doubles up to this (+-25%).
     pub upstream_reconnect_max_ms: u64,
+    /// Seconds of silence from a WebSocket client after which the proxy
+    /// sends it a ping (keeps proxies and NATs from dropping an idle
+    /// browser connection). 0: never.
+    pub ws_ping_secs: u64,
     /// Software name reported by `server.version` and `server.features`.
     pub server_name: String,
 }
@@ -223,6 +227,9 @@ impl Default for ServerConfig {
             health_fall: 2,
             failover_hold_ms: 10_000,
             upstream_reconnect_max_ms: 30_000,
+            // ElectrumX (the `websockets` library) and Fulcrum both ping
+            // every 20 s.
+            ws_ping_secs: 20,
             server_name: format!("electrum-lb {}", env!("CARGO_PKG_VERSION")),
         }
     }

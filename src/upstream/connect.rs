@@ -32,6 +32,14 @@ impl Dialer {
                     .map_err(|e| format!("{}: invalid server name: {e}", entry.url))?;
                 Some((tokio_rustls::TlsConnector::from(Arc::clone(&config)), name))
             }
+            // Refused by `Config::validate` already; kept for `Dialer` users
+            // that skip it.
+            Scheme::Ws | Scheme::Wss => {
+                return Err(format!(
+                    "{}: WebSocket upstreams are not supported: use tcp:// or ssl://",
+                    entry.url
+                ))
+            }
         };
         Ok(Dialer { entry, tls })
     }

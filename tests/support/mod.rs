@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod mock;
+pub mod ws;
 
 use electrum_lb::config::Scheme;
 use electrum_lb::{Config, Server};
