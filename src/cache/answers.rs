@@ -280,7 +280,8 @@ impl Cache {
             settled: false,
             status: "".into(),
             keys: Vec::new(),
-            touched: false,
+            // Just subscribed or just read: not idle yet.
+            touched: true,
         });
         if script.generation != 0 && script.settled == settled && *script.status == *status {
             return;
