@@ -69,11 +69,11 @@ async fn identical_reads_in_flight_reach_the_upstream_once() {
     mock.release_answers();
     let mut first: Vec<Value> = Vec::new();
     for (i, c) in clients.iter_mut().enumerate() {
-        for m in 0..READS.len() {
+        for (m, method) in READS.iter().enumerate() {
             let v = reply(c, json!(i * 10 + m)).await;
             assert!(v.get("error").is_none(), "{v}");
             match first.get(m) {
-                Some(f) => assert_eq!(&v["result"], f, "{}", READS[m]),
+                Some(f) => assert_eq!(&v["result"], f, "{method}"),
                 None => first.push(v["result"].clone()),
             }
         }

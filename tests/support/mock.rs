@@ -168,8 +168,11 @@ struct Shared {
     /// spenders up (see [`Mock::set_outpoint_refusal`]).
     outpoint_refusal: AtomicBool,
     /// Answers computed but not sent yet (see [`Mock::hold_answers`]).
-    held: Mutex<Option<Vec<(mpsc::UnboundedSender<String>, String)>>>,
+    held: Mutex<Option<Vec<HeldAnswer>>>,
 }
+
+/// An answer kept back, and the connection it goes to.
+type HeldAnswer = (mpsc::UnboundedSender<String>, String);
 
 impl Shared {
     /// Keep an answer back while answers are held; give it back otherwise.
