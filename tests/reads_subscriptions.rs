@@ -32,7 +32,11 @@ fn history(n: usize) -> Vec<(String, i64)> {
 }
 
 async fn proxy(mock: &Mock, cache: &str) -> Server {
-    let text = config_multi("", &[("test", vec![format!("{:?}", mock.url())], "")]);
+    proxy_coin(mock, cache, "").await
+}
+
+async fn proxy_coin(mock: &Mock, cache: &str, coin: &str) -> Server {
+    let text = config_multi("", &[("test", vec![format!("{:?}", mock.url())], coin)]);
     let server = start_proxy(&format!("{text}\n[cache]\n{cache}\n")).await;
     wait_ready(&server, "test").await;
     server
@@ -71,29 +75,65 @@ async fn a_scripthash_read_twice_is_subscribed_and_then_read_from_memory() {
     server.shutdown().await;
 }
 
+/// Read `sh`, then make sure the hub has handled what that read told it:
+/// its commands are handled in order, and a tip subscribe is one.
+async fn read_and_fence(c: &mut Client, sh: &str) {
+    c.call(HISTORY, json!([sh])).await;
+    c.call("blockchain.headers.subscribe", json!([])).await;
+}
+
 #[tokio::test]
 async fn read_driven_subscriptions_are_bounded_and_unsubscribed() {
     let mock = Mock::start().await;
     let server = proxy(&mock, "read_subscriptions = 2").await;
     let mut reader = Client::connect(tcp_addr(&server, "test")).await;
     let shs: Vec<String> = (10..13).map(scripthash).collect();
-    for (i, sh) in shs.iter().enumerate() {
-        reader.call(HISTORY, json!([sh])).await;
-        reader.call(HISTORY, json!([sh])).await;
+    for (i, sh) in shs.iter().take(2).enumerate() {
+        read_and_fence(&mut reader, sh).await;
+        read_and_fence(&mut reader, sh).await;
         wait_until(|| settled(&server, sh)).await;
         assert_eq!(counters(&server).subscribe.get(), i as u64 + 1);
     }
-    // The third took the place of the least recently read one, which was
-    // unsubscribed upstream.
+    // Full, and both were read since the hub last looked (they were just
+    // subscribed): a newcomer does not replace them.
+    read_and_fence(&mut reader, &shs[2]).await;
+    read_and_fence(&mut reader, &shs[2]).await;
+    assert_eq!(counters(&server).subscribe.get(), 2);
+    assert_eq!(mock.count(UNSUBSCRIBE), 0);
+    // Neither was read since: the next read of the newcomer takes the
+    // place of the least recently read one, unsubscribed upstream.
+    read_and_fence(&mut reader, &shs[2]).await;
+    wait_until(|| settled(&server, &shs[2])).await;
     wait_until(|| mock.count(UNSUBSCRIBE) == 1).await;
     assert_eq!(mock.subscriptions(), 2);
     assert!(server.coins["test"].router.hub.route(&shs[0]).is_none());
-    assert!(settled(&server, &shs[1]) && settled(&server, &shs[2]));
+    assert!(settled(&server, &shs[1]));
+    assert_eq!(counters(&server).subscribe.get(), 3);
     assert_eq!(counters(&server).unsubscribe.get(), 1);
-    // A wallet's subscription to one of them keeps it, whatever reads do.
+    // A wallet subscribing to one of them shares the hub's subscription.
     let (_wallet, _) = subscribed_wallet(tcp_addr(&server, "test"), &shs[1]).await;
-    assert_eq!(mock.subscriptions(), 2, "shared with the hub's");
+    assert_eq!(mock.subscriptions(), 2);
     assert_eq!(mock.count("blockchain.scripthash.subscribe"), 3);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_wallet_subscription_takes_the_place_of_a_read_driven_one() {
+    let mock = Mock::start().await;
+    let server = proxy_coin(&mock, "", "max_subscriptions_total = 1").await;
+    let addr = tcp_addr(&server, "test");
+    let mut reader = Client::connect(addr).await;
+    let (read, wanted) = (scripthash(40), scripthash(41));
+    read_and_fence(&mut reader, &read).await;
+    read_and_fence(&mut reader, &read).await;
+    wait_until(|| settled(&server, &read)).await;
+    // The coin is full of the hub's own subscription: a wallet's comes
+    // first.
+    let (_wallet, status) = subscribed_wallet(addr, &wanted).await;
+    assert_eq!(status, json!(null));
+    assert!(server.coins["test"].router.hub.route(&read).is_none());
+    wait_until(|| mock.count(UNSUBSCRIBE) == 1).await;
+    assert_eq!(mock.subscriptions(), 1);
     server.shutdown().await;
 }
 

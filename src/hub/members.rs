@@ -64,7 +64,7 @@ impl Actor {
                     let mut held = self.scripts.entries.len() + self.outpoints.entries.len();
                     // A wallet's subscription takes the place of one the hub
                     // holds for reads.
-                    if held >= self.config.max_topics && self.evict_read_sub() {
+                    if held >= self.config.max_topics && self.evict_read_sub(true) {
                         held = self.scripts.entries.len() + self.outpoints.entries.len();
                     }
                     if held >= self.config.max_topics {

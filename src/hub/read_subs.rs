@@ -19,7 +19,11 @@
 //!   against the coin's subscription limit like any other: a wallet's
 //!   subscribe that finds the coin full takes the place of one;
 //! - when full, the least recently read one goes (second-chance order: a
-//!   scripthash read since the hub last looked is passed over once);
+//!   scripthash read since the hub last looked is passed over once), but
+//!   only if one of the next few looked at was not read since the hub last
+//!   looked: when every one is being read, a newcomer is not subscribed
+//!   (replacing hot subscriptions with each other would cost a subscribe
+//!   and an unsubscribe per read);
 //! - one not read for `idle` (`[cache] read_subscription_idle_secs`) goes;
 //! - one whose subscribe fails (an error, no upstream of a level that has
 //!   scripthash subscriptions) goes at once, and is not retried.
@@ -39,6 +43,10 @@ use super::Topic;
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// How many read-driven subscriptions a newcomer may look at for one to
+/// replace.
+const EVICTION_LOOKS: usize = 8;
 
 /// The read-driven subscriptions of one coin.
 pub(super) struct ReadSubs {
@@ -78,6 +86,12 @@ impl ReadSubs {
             self.seen.retain(|s| s != sh);
             return true;
         }
+        self.remember(sh);
+        false
+    }
+
+    /// Remember that `sh` was read, forgetting the oldest beyond `limit`.
+    fn remember(&mut self, sh: &str) {
         if self.seen.len() >= self.limit {
             if let Some(old) = self.seen.pop_front() {
                 self.seen_set.remove(&old);
@@ -85,7 +99,6 @@ impl ReadSubs {
         }
         self.seen.push_back(sh.to_string());
         self.seen_set.insert(sh.to_string());
-        false
     }
 }
 
@@ -98,7 +111,9 @@ impl Actor {
         if !self.read_subs.admit(&sh) {
             return;
         }
-        if self.read_subs.len() >= self.read_subs.limit && !self.evict_read_sub() {
+        if self.read_subs.len() >= self.read_subs.limit && !self.evict_read_sub(false) {
+            // Its next read tries again (the marks looked at are cleared).
+            self.read_subs.remember(&sh);
             return;
         }
         let held = self.scripts.entries.len() + self.outpoints.entries.len();
@@ -124,18 +139,27 @@ impl Actor {
     }
 
     /// Drop the least recently read read-driven subscription; false when
-    /// there is none.
-    pub(super) fn evict_read_sub(&mut self) -> bool {
-        // Each is passed over at most once, so this ends.
-        let mut passes = self.read_subs.ring.len() * 2;
-        while let Some(sh) = self.read_subs.ring.pop_front() {
-            passes = passes.saturating_sub(1);
+    /// there is none, or, unless `force`, none of the next
+    /// [`EVICTION_LOOKS`] went unread since the hub last looked.
+    pub(super) fn evict_read_sub(&mut self, force: bool) -> bool {
+        // Forced: two rounds clear every mark, and the last look evicts
+        // whatever it finds.
+        let mut looks = if force {
+            self.read_subs.ring.len() * 2
+        } else {
+            EVICTION_LOOKS.min(self.read_subs.ring.len())
+        };
+        while looks > 0 {
+            let Some(sh) = self.read_subs.ring.pop_front() else {
+                break;
+            };
+            looks -= 1;
             let read = self
                 .config
                 .cache
                 .as_ref()
                 .is_some_and(|c| c.take_touched(&sh));
-            if read && passes > 0 {
+            if read && (looks > 0 || !force) {
                 self.read_subs.ring.push_back(sh);
                 continue;
             }

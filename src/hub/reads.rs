@@ -23,7 +23,10 @@
 //!
 //! Owns: [`route_of`] (published to the router through the affinity map),
 //! the reads parked in entries and their index, sending them once the
-//! subscription has settled, and failing those whose deadline passed.
+//! subscription has settled, failing those whose deadline passed, and
+//! telling the cache what each scripthash's kept answers follow (its
+//! status, and whether its reads go to a settled connection: see
+//! `cache::answers`) before anyone is told of a change.
 
 use super::actor::Actor;
 use super::entry::{Entry, Value};
