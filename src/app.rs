@@ -152,7 +152,7 @@ pub async fn start_with(config: Config, listen: Listen) -> anyhow::Result<Server
             &background,
         )
         .map_err(anyhow::Error::msg)?;
-        let cache = Arc::new(Cache::new(&config.cache));
+        let cache = Arc::new(Cache::new(&config.cache).with_counters(coin_metrics.read_answers()));
         let hub = Hub::start(
             HubConfig {
                 coin: name.clone(),

@@ -4,9 +4,11 @@
 //! Owns: the map "request key -> everyone waiting for that answer" and the
 //! fan-out of one answer (result, upstream error or the proxy's own error)
 //! to all of them. It does not decide what may be coalesced (that is the
-//! cache's policy: only reads whose answer does not depend on when they were
-//! sent) and does not send anything itself: whoever gets a [`Flight`] from
-//! [`Coalescer::join`] sends the one request and lands its answer.
+//! cache's policy: reads whose answer does not depend on when they were
+//! sent, and scripthash reads within one status generation, whose key
+//! carries it: see `cache::answers`) and does not send anything itself:
+//! whoever gets a [`Flight`] from [`Coalescer::join`] sends the one request
+//! and lands its answer.
 //!
 //! Locks: one map mutex, held only to look up, insert or remove a flight,
 //! never across an await; each flight's waiter list has its own mutex, taken

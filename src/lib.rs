@@ -27,7 +27,10 @@
 //!   the [`hub`], translations in [`legacy`] and [`coin`] (addresses),
 //!   [`header`] shapes, and forwarding to the [`upstream`] pool through the
 //!   [`cache`] (immutable answers from memory; identical reads in flight
-//!   share one request, see [`coalesce`]).
+//!   share one request, see [`coalesce`]; scripthash reads answered from
+//!   memory while the hub's subscription says their status is unchanged,
+//!   `cache::answers`, the hub subscribing to what wallets read,
+//!   `hub::read_subs`).
 //! - [`upstream`]: per-upstream connection supervisors; `upstream::conn` is
 //!   the actor that rewrites ids (and learns each connection's protocol
 //!   level); `upstream::select` picks a connection among those whose level

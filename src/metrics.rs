@@ -446,6 +446,33 @@ impl Drop for SessionGuard {
     }
 }
 
+// ---- Scripthash reads and their kept answers (issue 14, `cache::answers`) ----
+// Kept apart from the families above: registered per coin, with the coin as
+// a constant label, by the cache's owner when the coin starts.
+
+impl CoinMetrics {
+    /// `electrum_lb_read_answers_total{coin, event}`: scripthash reads
+    /// answered from memory, joined, sent upstream; answers kept, refused,
+    /// dropped; read-driven subscriptions started and dropped (see
+    /// [`crate::cache::ANSWER_EVENTS`]). Counted but not exported when the
+    /// coin registered them already.
+    pub fn read_answers(&self) -> crate::cache::AnswerCounters {
+        let family = IntCounterVec::new(
+            opts(
+                "read_answers_total",
+                "Scripthash reads (history, balance, unspent, mempool): answered from memory (hit), joined to an identical read in flight (join), sent upstream (miss); answers kept (store), not kept because their status was not the subscribers' (mismatch), dropped on a status change, failover or reorg (invalidate); read-driven subscriptions started (subscribe) and dropped (unsubscribe).",
+            )
+            .const_label("coin", &self.coin),
+            &["event"],
+        )
+        .expect("valid metric");
+        if let Err(e) = self.registry.registry.register(Box::new(family.clone())) {
+            tracing::warn!(coin = %self.coin, "read answer counters not exported: {e}");
+        }
+        crate::cache::AnswerCounters::from_fn(|event| family.with_label_values(&[event]))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

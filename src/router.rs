@@ -109,12 +109,7 @@ impl Drop for SessionState {
 }
 
 /// Methods whose answer depends on a scripthash's subscription state.
-const SCRIPTHASH_READS: [&str; 4] = [
-    "blockchain.scripthash.get_balance",
-    "blockchain.scripthash.get_history",
-    "blockchain.scripthash.get_mempool",
-    "blockchain.scripthash.listunspent",
-];
+const SCRIPTHASH_READS: [&str; 4] = crate::cache::READS;
 
 impl Router {
     /// Handle one line from a client.
@@ -355,7 +350,8 @@ impl Router {
     /// Forward a request upstream, unless the cache answers it or an
     /// identical one is already in flight; a read about a subscribed
     /// scripthash (`affinity`) goes to the connection holding its
-    /// subscription.
+    /// subscription, and is answered from memory while its status has not
+    /// changed (see `cache::answers`).
     pub(crate) fn forward(
         &self,
         method: &str,
@@ -376,6 +372,13 @@ impl Router {
         affinity: Option<&str>,
         need: Need,
     ) {
+        if let Some(sh) = affinity {
+            // Nobody was told a status of it: a scripthash read again and
+            // again may be subscribed by the hub (see `hub::read_subs`).
+            if SCRIPTHASH_READS.contains(&method) && self.hub.route(sh).is_none() {
+                self.hub.notice_read(sh);
+            }
+        }
         self.cache.serve(method, params, responder, |r| {
             self.send(method, params, r, affinity, need)
         });

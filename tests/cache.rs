@@ -138,7 +138,9 @@ async fn histories_errors_and_tip_near_headers_are_never_cached() {
     let mock = Mock::start().await;
     let sh = scripthash(1);
     mock.set_history(&sh, vec![(txid(1), 90)]);
-    let server = proxy(&mock, "", "").await;
+    // Nobody subscribes, and the hub does not either: without a
+    // subscription, histories are never kept (tests/reads_*.rs: with one).
+    let server = proxy(&mock, "", "\n[cache]\nread_subscriptions = 0\n").await;
     let addr = tcp_addr(&server, "test");
     let (mut a, mut b) = (Client::connect(addr).await, Client::connect(addr).await);
     let (tip, _) = mock.tip();

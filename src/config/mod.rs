@@ -88,6 +88,7 @@ impl Config {
 
     /// Reject contradictions, naming the offending key.
     pub fn validate(&self) -> Result<(), (String, String)> {
+        self.cache.validate()?;
         let s = &self.server;
         if s.max_line_bytes < 1024 {
             return Err((

@@ -18,6 +18,26 @@ pub struct CacheConfig {
     pub reorg_margin: u64,
     /// Seconds fee estimates are served from memory.
     pub fee_ttl_secs: u64,
+    /// Scripthashes read but subscribed by no wallet that the hub may
+    /// subscribe to itself, per coin, so their reads are answered from
+    /// memory between status changes (see `cache::answers`); 0: none.
+    pub read_subscriptions: usize,
+    /// A read-driven subscription not read for this long is dropped (and
+    /// unsubscribed upstream).
+    pub read_subscription_idle_secs: u64,
+}
+
+impl CacheConfig {
+    /// Contradictions, naming the key.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.read_subscriptions > 0 && self.read_subscription_idle_secs == 0 {
+            return Err((
+                "cache.read_subscription_idle_secs".into(),
+                "must be at least 1 when read_subscriptions is set".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for CacheConfig {
@@ -27,6 +47,8 @@ impl Default for CacheConfig {
             max_bytes: 64 * 1024 * 1024,
             reorg_margin: 6,
             fee_ttl_secs: 5,
+            read_subscriptions: 1000,
+            read_subscription_idle_secs: 300,
         }
     }
 }

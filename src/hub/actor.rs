@@ -12,6 +12,7 @@ use super::failover::Holds;
 use super::headers::Headers;
 use super::members::SessionSubs;
 use super::outpoint::Outpoints;
+use super::read_subs::ReadSubs;
 use super::scripthash::Scripts;
 use super::{Command, Form, HubConfig, HubStats, Route, SessionId, Topic};
 use crate::jsonrpc::{self, ErrorCode, RpcError};
@@ -47,6 +48,8 @@ pub(super) struct Actor {
     pub holds: Holds,
     /// Scripthashes with parked reads (see `reads`).
     pub parked: HashSet<String>,
+    /// Subscriptions the hub holds because wallets read (see `read_subs`).
+    pub read_subs: ReadSubs,
 }
 
 impl Actor {
@@ -57,6 +60,10 @@ impl Actor {
         affinity: Arc<DashMap<String, Route>>,
         stats: Arc<HubStats>,
     ) -> Actor {
+        let (limit, idle) = config
+            .cache
+            .as_ref()
+            .map_or((0, Duration::from_secs(1)), |c| c.read_subscriptions());
         Actor {
             config,
             pool,
@@ -70,6 +77,7 @@ impl Actor {
             next_generation: 1,
             holds: Holds::default(),
             parked: HashSet::new(),
+            read_subs: ReadSubs::new(limit, idle),
         }
     }
 
@@ -90,6 +98,7 @@ impl Actor {
                 _ = retry.tick() => {
                     self.retry_orphans();
                     self.expire_parked();
+                    self.sweep_read_subs();
                 }
                 _ = sleep_until_some(hold_ends), if hold_ends.is_some() => self.end_holds(),
             }
@@ -160,6 +169,7 @@ impl Actor {
             } => self.on_subscribed(topic, conn, generation, reply),
             Command::Read { scripthash, job } => self.on_read(scripthash, job),
             Command::Outpoint(done) => self.on_outpoint_done(done),
+            Command::Noticed { scripthash } => self.on_noticed(scripthash),
         }
     }
 
@@ -187,6 +197,14 @@ impl Actor {
             return;
         };
         let Some(value) = entry.value.clone() else {
+            return;
+        };
+        if let Topic::Script(sh) = topic {
+            // Kept answers of the old status go before anyone hears of
+            // the new one.
+            self.follow_answers(sh);
+        }
+        let Some(entry) = self.entry(topic) else {
             return;
         };
         let mut lines: HashMap<&Form, Option<jsonrpc::Line>> = HashMap::new();

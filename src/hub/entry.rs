@@ -66,6 +66,9 @@ pub(super) struct Entry {
     /// Outpoint entries: the scripthash whose status this outpoint is
     /// emulated over, instead of an upstream subscription of its own.
     pub watching: Option<String>,
+    /// Scripthash entries: subscribed by the hub because wallets read it
+    /// (see `read_subs`); keeps the entry alive as subscribers do.
+    pub read_driven: bool,
 }
 
 impl Entry {
@@ -82,7 +85,10 @@ impl Entry {
 
     /// Nobody holds it any more.
     pub fn unused(&self) -> bool {
-        self.subscribers.is_empty() && self.waiting.is_empty() && self.watchers.is_empty()
+        self.subscribers.is_empty()
+            && self.waiting.is_empty()
+            && self.watchers.is_empty()
+            && !self.read_driven
     }
 }
 

@@ -61,7 +61,12 @@ impl Actor {
                     return;
                 }
                 if self.entry(&topic).is_none() {
-                    let held = self.scripts.entries.len() + self.outpoints.entries.len();
+                    let mut held = self.scripts.entries.len() + self.outpoints.entries.len();
+                    // A wallet's subscription takes the place of one the hub
+                    // holds for reads.
+                    if held >= self.config.max_topics && self.evict_read_sub(true) {
+                        held = self.scripts.entries.len() + self.outpoints.entries.len();
+                    }
                     if held >= self.config.max_topics {
                         responder.fail(RpcError::new(
                             ErrorCode::LimitExceeded,

@@ -33,7 +33,10 @@
 //!   notifications;
 //! - `failover`: the status hold after a subscription moved;
 //! - `reads`: reads that follow a subscription (affinity) and wait while it
-//!   moves.
+//!   moves, and the status each scripthash's kept answers follow (see
+//!   `cache::answers`);
+//! - `read_subs`: scripthashes read but not subscribed, subscribed by the
+//!   hub so their reads are answered from memory.
 
 mod actor;
 mod entry;
@@ -41,6 +44,7 @@ mod failover;
 mod headers;
 mod members;
 mod outpoint;
+mod read_subs;
 mod reads;
 mod scripthash;
 mod upstream;
@@ -150,6 +154,9 @@ pub struct Hub {
     tx: mpsc::UnboundedSender<Command>,
     affinity: Arc<DashMap<String, Route>>,
     pub stats: Arc<HubStats>,
+    /// Whether reads of unsubscribed scripthashes are told to the hub
+    /// (read-driven subscriptions are on).
+    noticing: bool,
 }
 
 /// Where a read about a subscribed scripthash goes.
@@ -198,6 +205,11 @@ enum Command {
     },
     /// An emulated outpoint's work came back (see `outpoint`).
     Outpoint(outpoint::Done),
+    /// A read of a scripthash (lowercase) nobody was told a status of
+    /// (see `read_subs`).
+    Noticed {
+        scripthash: String,
+    },
 }
 
 /// Hub settings.
@@ -225,10 +237,15 @@ impl Hub {
         tracker: &TaskTracker,
     ) -> Hub {
         let (tx, rx) = mpsc::unbounded_channel();
+        let noticing = config
+            .cache
+            .as_ref()
+            .is_some_and(|c| c.read_subscriptions().0 > 0);
         let hub = Hub {
             tx: tx.clone(),
             affinity: Arc::new(DashMap::new()),
             stats: Arc::new(HubStats::default()),
+            noticing,
         };
         let actor = Actor::new(config, pool, tx, hub.affinity.clone(), hub.stats.clone());
         tracker.spawn(actor.run(rx, events, shutdown.clone()));
@@ -327,6 +344,17 @@ impl Hub {
     /// subscribe is still on its way), and it may go anywhere.
     pub fn route(&self, scripthash: &str) -> Option<Route> {
         self.affinity.get(scripthash).map(|r| *r)
+    }
+
+    /// A wallet reads this scripthash (lowercase) and [`Hub::route`] said
+    /// nobody was told a status of it: read again soon, the hub may
+    /// subscribe to it itself (see `read_subs`).
+    pub fn notice_read(&self, scripthash: &str) {
+        if self.noticing {
+            let _ = self.tx.send(Command::Noticed {
+                scripthash: scripthash.to_string(),
+            });
+        }
     }
 
     /// Send a read of a subscribed scripthash (lowercase) to the connection

@@ -23,10 +23,13 @@
 //!
 //! Owns: [`route_of`] (published to the router through the affinity map),
 //! the reads parked in entries and their index, sending them once the
-//! subscription has settled, and failing those whose deadline passed.
+//! subscription has settled, failing those whose deadline passed, and
+//! telling the cache what each scripthash's kept answers follow (its
+//! status, and whether its reads go to a settled connection: see
+//! `cache::answers`) before anyone is told of a change.
 
 use super::actor::Actor;
-use super::entry::Entry;
+use super::entry::{Entry, Value};
 use super::{Route, Topic};
 use crate::jsonrpc::{ErrorCode, RpcError};
 use crate::upstream::Job;
@@ -77,6 +80,7 @@ impl Actor {
     /// nobody was told a status), and keep the indexes of held and parked
     /// entries.
     pub(super) fn settle(&mut self, sh: &str) {
+        self.follow_answers(sh);
         let Some(entry) = self.scripts.entries.get_mut(sh) else {
             self.affinity.remove(sh);
             self.holds
@@ -126,6 +130,24 @@ impl Actor {
             self.parked.remove(sh);
         }
         entry.parked = kept;
+    }
+
+    /// Tell the cache what subscribers of `sh` were told and whether its
+    /// reads go to a settled connection: kept answers follow that (see
+    /// `cache::answers`).
+    pub(super) fn follow_answers(&self, sh: &str) {
+        let Some(cache) = &self.config.cache else {
+            return;
+        };
+        let Some(entry) = self.scripts.entries.get(sh) else {
+            return cache.forget_status(sh);
+        };
+        let settled = matches!(route_of(entry), Some(Route::Conn(_)));
+        let status = match &entry.value {
+            Some(Value::Status(s)) => Some(s.as_str()),
+            _ => None,
+        };
+        cache.follow_status(sh, settled, status);
     }
 
     /// Fail parked reads whose deadline passed (a subscription that takes

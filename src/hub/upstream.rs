@@ -65,6 +65,9 @@ impl Actor {
                 },
                 None,
             );
+            if let Topic::Script(sh) = &topic {
+                self.abandon_read_sub(sh);
+            }
             return;
         };
         entry.pending = Some((conn, generation));
@@ -209,6 +212,8 @@ impl Actor {
                 relay.as_deref(),
             );
             if let Topic::Script(sh) = &topic {
+                // A read-driven subscription is not retried.
+                self.abandon_read_sub(sh);
                 self.settle(sh);
             }
             return;

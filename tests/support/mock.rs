@@ -167,6 +167,24 @@ struct Shared {
     /// Refuse outpoint methods like an ElectrumX whose node cannot look
     /// spenders up (see [`Mock::set_outpoint_refusal`]).
     outpoint_refusal: AtomicBool,
+    /// Answers computed but not sent yet (see [`Mock::hold_answers`]).
+    held: Mutex<Option<Vec<HeldAnswer>>>,
+}
+
+/// An answer kept back, and the connection it goes to.
+type HeldAnswer = (mpsc::UnboundedSender<String>, String);
+
+impl Shared {
+    /// Keep an answer back while answers are held; give it back otherwise.
+    fn hold(&self, tx: &mpsc::UnboundedSender<String>, line: String) -> Option<String> {
+        match self.held.lock().unwrap().as_mut() {
+            Some(held) => {
+                held.push((tx.clone(), line));
+                None
+            }
+            None => Some(line),
+        }
+    }
 }
 
 /// A running mock upstream.
@@ -212,6 +230,7 @@ impl Mock {
             delay_ms: AtomicU64::new(0),
             protocol_1_6: AtomicBool::new(false),
             outpoint_refusal: AtomicBool::new(false),
+            held: Mutex::new(None),
         });
         let listener = shareable_socket("127.0.0.1:0".parse().unwrap())
             .listen(1024)
@@ -432,6 +451,35 @@ impl Mock {
         self.notify_tip(height, &hex);
     }
 
+    /// Compute answers as usual but keep them back (notifications still go
+    /// out) until [`Mock::release_answers`]: requests stay in flight for as
+    /// long as a test needs, without timing.
+    pub fn hold_answers(&self) {
+        self.shared
+            .held
+            .lock()
+            .unwrap()
+            .get_or_insert_with(Vec::new);
+    }
+
+    /// Answers held back now.
+    pub fn held_answers(&self) -> usize {
+        self.shared
+            .held
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map_or(0, Vec::len)
+    }
+
+    /// Send every held answer, in order, and answer at once again.
+    pub fn release_answers(&self) {
+        let held = self.shared.held.lock().unwrap().take();
+        for (tx, line) in held.into_iter().flatten() {
+            let _ = tx.send(line);
+        }
+    }
+
     /// Accept, read, never answer (or back to normal with `false`).
     pub fn set_stalled(&self, stalled: bool) {
         self.shared.stalled.store(stalled, Ordering::SeqCst);
@@ -593,6 +641,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, shared: Ar
             }
         }
         .to_string();
+        let Some(line) = shared.hold(&tx, line) else {
+            continue;
+        };
         if delay > 0 {
             let tx = tx.clone();
             tokio::spawn(async move {

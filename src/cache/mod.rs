@@ -24,9 +24,11 @@
 //!   `mempool.get_fee_histogram` for `fee_ttl`, and `mempool.recent`
 //!   (protocol 1.7: the same few transactions for every wallet) as well.
 //!
-//! Nothing about histories, balances, unspents or the mempool is cached or
-//! coalesced: the subscription hub keeps those current, and a history sent
-//! before a status notification could contradict it (DESIGN, constraint 2).
+//! Histories, balances, unspents and mempool answers of a scripthash are
+//! not under this policy: `answers` joins them within one status generation
+//! and keeps them only while the hub's subscription to that scripthash says
+//! nothing changed (DESIGN, constraint 2). They share the store and its
+//! byte budget.
 //!
 //! Reorgs: the hub reports every new tip ([`Cache::on_tip`]). A tip below the
 //! previous one, or another header at the same height, is a reorg. A tip
@@ -39,10 +41,17 @@
 //! shows as a higher tip (a longer branch announced at once) cannot be told
 //! from an ordinary block: `reorg_margin` is what protects against it.
 
+mod answers;
+mod policy;
+
+pub use answers::{history_status, read_of, AnswerCounters, EVENTS as ANSWER_EVENTS, READS};
+pub use policy::{policy, Policy};
+
 use crate::coalesce::Coalescer;
 use crate::config::CacheConfig;
 use crate::jsonrpc::{ErrorCode, RpcError};
 use crate::reply::{Answer, InternalReply, Responder};
+use answers::Answers;
 use serde_json::value::RawValue;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -55,106 +64,6 @@ const ENTRY_OVERHEAD: u64 = 96;
 /// Average entry size assumed to size the table up front.
 const AVERAGE_ENTRY: u64 = 1024;
 
-/// How a request may be served from memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
-    /// Immutable whatever the chain does (a raw transaction).
-    Forever,
-    /// Immutable once this height is `reorg_margin` blocks deep.
-    Height(u64),
-    /// Kept for the fee TTL.
-    Fees,
-}
-
-/// The policy of a forwarded request; `None`: never cached nor coalesced.
-pub fn policy(method: &str, params: &str) -> Option<Policy> {
-    match method {
-        "blockchain.transaction.get" => {
-            if lone_string(params) {
-                return Some(Policy::Forever);
-            }
-            let args = args(params)?;
-            let verbose = match args.as_slice() {
-                [_] => false,
-                [_, v] => v.get() != "false",
-                _ => return None,
-            };
-            (!verbose && args[0].get().starts_with('"')).then_some(Policy::Forever)
-        }
-        "blockchain.block.header" => {
-            // [height] or [height, cp_height]
-            if let Some(h) = lone_uint(params) {
-                return Some(Policy::Height(h));
-            }
-            let args = args(params)?;
-            match args.as_slice() {
-                [h] => Some(Policy::Height(uint(h)?)),
-                [h, cp] => Some(Policy::Height(uint(h)?.max(uint(cp)?))),
-                _ => None,
-            }
-        }
-        "blockchain.block.headers" => {
-            // [start, count] or [start, count, cp_height]
-            let args = args(params)?;
-            let (start, count, cp) = match args.as_slice() {
-                [s, c] => (uint(s)?, uint(c)?, 0),
-                [s, c, cp] => (uint(s)?, uint(c)?, uint(cp)?),
-                _ => return None,
-            };
-            let last = start.checked_add(count.max(1) - 1)?;
-            Some(Policy::Height(last.max(cp)))
-        }
-        "blockchain.transaction.get_merkle" => {
-            // [txid, height]
-            match args(params)?.as_slice() {
-                [_, h] => Some(Policy::Height(uint(h)?)),
-                _ => None,
-            }
-        }
-        "blockchain.transaction.id_from_pos" => {
-            // [height, tx_pos] or [height, tx_pos, merkle]
-            match args(params)?.as_slice() {
-                [h, _] | [h, _, _] => Some(Policy::Height(uint(h)?)),
-                _ => None,
-            }
-        }
-        "blockchain.estimatefee"
-        | "blockchain.relayfee"
-        | "mempool.get_fee_histogram"
-        | "mempool.recent" => Some(Policy::Fees),
-        _ => None,
-    }
-}
-
-/// `["..."]`, read in place: the usual form of a lone txid argument.
-fn lone_string(params: &str) -> bool {
-    let p = params.trim();
-    p.len() >= 4
-        && p.starts_with("[\"")
-        && p.ends_with("\"]")
-        && !p[2..p.len() - 2].contains(['"', '\\'])
-}
-
-/// `[N]`, read in place.
-fn lone_uint(params: &str) -> Option<u64> {
-    let inner = params.trim().strip_prefix('[')?.strip_suffix(']')?.trim();
-    if inner.bytes().all(|b| b.is_ascii_digit()) {
-        inner.parse().ok()
-    } else {
-        None
-    }
-}
-
-/// Positional params; named params (an object) are not cached.
-fn args(params: &str) -> Option<Vec<&RawValue>> {
-    serde_json::from_str(params).ok()
-}
-
-/// A JSON number that is a non-negative integer.
-fn uint(v: &RawValue) -> Option<u64> {
-    v.get().parse().ok()
-}
-
 /// One stored answer. Cloned on every hit: keep it cheap.
 #[derive(Clone)]
 struct Entry {
@@ -162,6 +71,9 @@ struct Entry {
     /// Whether a reorg drops it (headers and proofs).
     at_height: bool,
     expires: Option<Instant>,
+    /// The status generation a scripthash read was answered in (see
+    /// `answers`); 0 for every other answer.
+    generation: u64,
 }
 
 #[derive(Clone)]
@@ -210,6 +122,11 @@ pub struct Cache {
     reorg_margin: u64,
     fee_ttl: Duration,
     pub stats: CacheStats,
+    /// Scripthash reads: their generations, flights and counters.
+    answers: Answers,
+    /// `[cache] read_subscriptions` and `read_subscription_idle_secs`, for
+    /// the hub.
+    read_subscriptions: (usize, Duration),
 }
 
 impl std::fmt::Debug for Cache {
@@ -236,7 +153,28 @@ impl Cache {
             reorg_margin: config.reorg_margin,
             fee_ttl: Duration::from_secs(config.fee_ttl_secs),
             stats: CacheStats::default(),
+            answers: Answers::new(AnswerCounters::detached()),
+            read_subscriptions: (
+                config.read_subscriptions,
+                Duration::from_secs(config.read_subscription_idle_secs),
+            ),
         }
+    }
+
+    /// Count reads and kept answers in these (registered) counters.
+    pub fn with_counters(mut self, counters: AnswerCounters) -> Cache {
+        self.answers = Answers::new(counters);
+        self
+    }
+
+    /// How many read-driven subscriptions the hub may hold, and after how
+    /// long without a read it drops one (0: none; nothing is kept without
+    /// the store either).
+    pub fn read_subscriptions(&self) -> (usize, Duration) {
+        if self.store.is_none() {
+            return (0, self.read_subscriptions.1);
+        }
+        self.read_subscriptions
     }
 
     /// Answer `method(params)` from memory, join an identical request in
@@ -249,6 +187,9 @@ impl Cache {
         responder: Responder,
         fetch: impl FnOnce(Responder),
     ) {
+        if let Some(sh) = read_of(method, params) {
+            return self.serve_read(&sh, method, params, responder, fetch);
+        }
         let Some(policy) = policy(method, params) else {
             return fetch(responder);
         };
@@ -331,6 +272,7 @@ impl Cache {
             result: result.into(),
             at_height: matches!(policy, Policy::Height(_)),
             expires: matches!(policy, Policy::Fees).then(|| Instant::now() + self.fee_ttl),
+            generation: 0,
         };
         // Under the chain lock: a reorg cannot slip between the epoch check
         // and the insert and leave an answer from the old branch behind.
@@ -344,6 +286,8 @@ impl Cache {
     /// The hub saw a new tip (its headers subscription, or a resubscription
     /// after failover). Called before subscribers are told, so a client that
     /// has the notification never gets an answer from the old branch.
+    /// Every scripthash answer is dropped on a reorg too (their statuses
+    /// follow in the upstream's notifications; see `answers`).
     pub fn on_tip(&self, height: u64, hex: &str) {
         let mut chain = lock(&self.chain);
         let reorg = chain
@@ -355,8 +299,9 @@ impl Cache {
         if reorg {
             chain.epoch += 1;
             if let Some(store) = &self.store {
-                store.retain(|_, e| !e.at_height);
+                store.retain(|_, e| !e.at_height && e.generation == 0);
             }
+            self.reorg_answers();
             self.flights.detach_all();
             self.stats.reorgs.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
@@ -400,74 +345,7 @@ mod tests {
             max_bytes,
             reorg_margin: 6,
             fee_ttl_secs: 5,
-        }
-    }
-
-    #[test]
-    fn policies() {
-        let tx = "\"ab\"";
-        assert_eq!(
-            policy("blockchain.transaction.get", &format!("[{tx}]")),
-            Some(Policy::Forever)
-        );
-        assert_eq!(
-            policy("blockchain.transaction.get", &format!("[{tx}, false]")),
-            Some(Policy::Forever)
-        );
-        assert_eq!(
-            policy("blockchain.transaction.get", &format!("[{tx}, true]")),
-            None
-        );
-        assert_eq!(
-            policy("blockchain.block.header", "[10]"),
-            Some(Policy::Height(10))
-        );
-        assert_eq!(
-            policy("blockchain.block.header", "[10, 20]"),
-            Some(Policy::Height(20))
-        );
-        assert_eq!(
-            policy("blockchain.block.headers", "[100, 2016]"),
-            Some(Policy::Height(2115))
-        );
-        assert_eq!(
-            policy("blockchain.block.headers", "[100, 10, 50]"),
-            Some(Policy::Height(109))
-        );
-        assert_eq!(
-            policy("blockchain.transaction.get_merkle", "[\"ab\", 7]"),
-            Some(Policy::Height(7))
-        );
-        assert_eq!(
-            policy("blockchain.transaction.id_from_pos", "[7, 1, true]"),
-            Some(Policy::Height(7))
-        );
-        assert_eq!(policy("blockchain.relayfee", "[]"), Some(Policy::Fees));
-        assert_eq!(
-            policy("blockchain.block.header", " [ 12 ] "),
-            Some(Policy::Height(12))
-        );
-        assert_eq!(
-            policy("blockchain.transaction.get", " [ \"ab\" ] "),
-            Some(Policy::Forever)
-        );
-        assert_eq!(policy("blockchain.transaction.get", "[\"ab\",true]"), None);
-        assert_eq!(
-            policy("blockchain.transaction.get", "[\"a\\\"b\"]"),
-            Some(Policy::Forever)
-        );
-        for (m, p) in [
-            ("blockchain.scripthash.get_history", "[\"ab\"]"),
-            ("blockchain.scripthash.get_balance", "[\"ab\"]"),
-            ("blockchain.scripthash.listunspent", "[\"ab\"]"),
-            ("blockchain.transaction.broadcast", "[\"00\"]"),
-            ("blockchain.headers.subscribe", "[]"),
-            ("blockchain.block.header", "[\"10\"]"),
-            ("blockchain.block.header", "[-1]"),
-            ("blockchain.block.header", "{\"height\":10}"),
-            ("blockchain.block.headers", "[18446744073709551615, 2]"),
-        ] {
-            assert_eq!(policy(m, p), None, "{m} {p}");
+            ..CacheConfig::default()
         }
     }
 

@@ -1,0 +1,233 @@
+//! Read-driven subscriptions: scripthashes wallets read without
+//! subscribing, subscribed by the hub itself so that their reads are
+//! answered from memory between status changes (see `cache::answers`).
+//!
+//! Why: a subscription costs the upstream about one history read to start
+//! (ElectrumX computes the status), a status computation per change it
+//! notifies, a little memory, and one `blockchain.scripthash.unsubscribe`
+//! to end. A scripthash read over and over without a subscription (web
+//! wallets polling balances, services re-reading histories) costs a full
+//! read every time. With the subscription, every read between two changes
+//! is answered from memory; and its reads follow the subscription's
+//! connection, so they agree with each other.
+//!
+//! The rules:
+//! - admission on the second read: a scripthash read once is only
+//!   remembered (the last `limit` of them); read again while remembered, it
+//!   is subscribed. A one-off lookup costs nothing more than before;
+//! - at most `limit` per coin (`[cache] read_subscriptions`), and they count
+//!   against the coin's subscription limit like any other: a wallet's
+//!   subscribe that finds the coin full takes the place of one;
+//! - when full, the least recently read one goes (second-chance order: a
+//!   scripthash read since the hub last looked is passed over once), but
+//!   only if one of the next few looked at was not read since the hub last
+//!   looked: when every one is being read, a newcomer is not subscribed
+//!   (replacing hot subscriptions with each other would cost a subscribe
+//!   and an unsubscribe per read);
+//! - one not read for `idle` (`[cache] read_subscription_idle_secs`) goes;
+//! - one whose subscribe fails (an error, no upstream of a level that has
+//!   scripthash subscriptions) goes at once, and is not retried.
+//!
+//! Going means: the entry loses its read-driven mark, and is dropped and
+//! unsubscribed upstream (`blockchain.scripthash.unsubscribe`, protocol
+//! 1.4.2; an upstream without it answers an error and keeps notifying, and
+//! the hub ignores what it notifies) unless a wallet subscribed to it
+//! meanwhile.
+//!
+//! Owns: [`ReadSubs`] (the remembered reads, the read-driven entries in
+//! second-chance order, the idle sweep) and the actor's handlers for them.
+
+use super::actor::Actor;
+use super::entry::Entry;
+use super::Topic;
+use std::collections::{HashSet, VecDeque};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How many read-driven subscriptions a newcomer may look at for one to
+/// replace.
+const EVICTION_LOOKS: usize = 8;
+
+/// The read-driven subscriptions of one coin.
+pub(super) struct ReadSubs {
+    /// Most read-driven subscriptions (0: off).
+    pub limit: usize,
+    /// How long one may go unread.
+    idle: Duration,
+    /// Scripthashes read once, oldest first (at most `limit`).
+    seen: VecDeque<String>,
+    seen_set: HashSet<String>,
+    /// The read-driven entries, in second-chance order.
+    ring: VecDeque<String>,
+    /// When the idle sweep runs next.
+    next_sweep: Instant,
+}
+
+impl ReadSubs {
+    pub fn new(limit: usize, idle: Duration) -> Self {
+        ReadSubs {
+            limit,
+            idle,
+            seen: VecDeque::new(),
+            seen_set: HashSet::new(),
+            ring: VecDeque::new(),
+            next_sweep: Instant::now() + idle,
+        }
+    }
+
+    /// Read-driven subscriptions held now.
+    pub fn len(&self) -> usize {
+        self.ring.len()
+    }
+
+    /// Remember a first read; true when `sh` was read before (admitted).
+    fn admit(&mut self, sh: &str) -> bool {
+        if self.seen_set.remove(sh) {
+            self.seen.retain(|s| s != sh);
+            return true;
+        }
+        self.remember(sh);
+        false
+    }
+
+    /// Remember that `sh` was read, forgetting the oldest beyond `limit`.
+    fn remember(&mut self, sh: &str) {
+        if self.seen.len() >= self.limit {
+            if let Some(old) = self.seen.pop_front() {
+                self.seen_set.remove(&old);
+            }
+        }
+        self.seen.push_back(sh.to_string());
+        self.seen_set.insert(sh.to_string());
+    }
+}
+
+impl Actor {
+    /// A wallet read `sh`, and nobody was told a status of it.
+    pub(super) fn on_noticed(&mut self, sh: String) {
+        if self.read_subs.limit == 0 || self.scripts.entries.contains_key(&sh) {
+            return;
+        }
+        if !self.read_subs.admit(&sh) {
+            return;
+        }
+        if self.read_subs.len() >= self.read_subs.limit && !self.evict_read_sub(false) {
+            // Its next read tries again (the marks looked at are cleared).
+            self.read_subs.remember(&sh);
+            return;
+        }
+        let held = self.scripts.entries.len() + self.outpoints.entries.len();
+        if held >= self.config.max_topics {
+            // Wallets' subscriptions fill the coin: they come first.
+            return;
+        }
+        self.scripts.entries.insert(
+            sh.clone(),
+            Entry {
+                read_driven: true,
+                ..Entry::default()
+            },
+        );
+        self.stats
+            .upstream_subscriptions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.read_subs.ring.push_back(sh.clone());
+        if let Some(cache) = &self.config.cache {
+            cache.answer_counters().subscribe.inc();
+        }
+        self.start_subscribe(Topic::Script(sh));
+    }
+
+    /// Drop the least recently read read-driven subscription; false when
+    /// there is none, or, unless `force`, none of the next
+    /// [`EVICTION_LOOKS`] went unread since the hub last looked.
+    pub(super) fn evict_read_sub(&mut self, force: bool) -> bool {
+        // Forced: two rounds clear every mark, and the last look evicts
+        // whatever it finds.
+        let mut looks = if force {
+            self.read_subs.ring.len() * 2
+        } else {
+            EVICTION_LOOKS.min(self.read_subs.ring.len())
+        };
+        while looks > 0 {
+            let Some(sh) = self.read_subs.ring.pop_front() else {
+                break;
+            };
+            looks -= 1;
+            let read = self
+                .config
+                .cache
+                .as_ref()
+                .is_some_and(|c| c.take_touched(&sh));
+            if read && (looks > 0 || !force) {
+                self.read_subs.ring.push_back(sh);
+                continue;
+            }
+            self.end_read_sub(&sh);
+            return true;
+        }
+        false
+    }
+
+    /// Drop read-driven subscriptions nobody read since the last sweep.
+    pub(super) fn sweep_read_subs(&mut self) {
+        let now = Instant::now();
+        if self.read_subs.ring.is_empty() || now < self.read_subs.next_sweep {
+            return;
+        }
+        self.read_subs.next_sweep = now + self.read_subs.idle;
+        let ring = std::mem::take(&mut self.read_subs.ring);
+        for sh in ring {
+            let read = self
+                .config
+                .cache
+                .as_ref()
+                .is_some_and(|c| c.take_touched(&sh));
+            if read {
+                self.read_subs.ring.push_back(sh);
+            } else {
+                self.end_read_sub(&sh);
+            }
+        }
+    }
+
+    /// A read-driven subscription's subscribe failed: give it up.
+    pub(super) fn abandon_read_sub(&mut self, sh: &str) {
+        let driven = self.scripts.entries.get(sh).is_some_and(|e| e.read_driven);
+        if driven {
+            self.read_subs.ring.retain(|s| s != sh);
+            self.end_read_sub(sh);
+        }
+    }
+
+    /// Take the read-driven mark off `sh` (already out of the ring) and
+    /// drop its entry unless a wallet holds it.
+    fn end_read_sub(&mut self, sh: &str) {
+        let Some(entry) = self.scripts.entries.get_mut(sh) else {
+            return;
+        };
+        entry.read_driven = false;
+        if let Some(cache) = &self.config.cache {
+            cache.answer_counters().unsubscribe.inc();
+        }
+        self.drop_if_unused(&Topic::Script(sh.to_string()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admitted_on_the_second_read_among_the_last_limit() {
+        let mut r = ReadSubs::new(2, Duration::from_secs(1));
+        assert!(!r.admit("a"));
+        assert!(r.admit("a"), "second read");
+        assert!(!r.admit("a"), "admitted once, remembered afresh");
+        assert!(!r.admit("b"));
+        assert!(!r.admit("c"), "pushes the oldest (a) out");
+        assert!(!r.admit("a"));
+        assert!(r.admit("c"));
+        assert!(r.seen.len() <= 2 && r.seen_set.len() == r.seen.len());
+    }
+}
