@@ -18,7 +18,9 @@
 //! or reconnect (`supervisor`).
 
 use super::connect::BoxStream;
-use super::{ConnId, Job, PoolEvent};
+use super::limit::Limiter;
+use super::throttle::{self, Signal};
+use super::{Job, PoolEvent};
 use crate::codec::{Frame, LineReader};
 use crate::jsonrpc::{self, ErrorCode, RpcError, UpstreamMessage};
 use crate::protocol::Version;
@@ -26,8 +28,8 @@ use crate::reply::Responder;
 use serde_json::value::RawValue;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -40,88 +42,10 @@ const UPSTREAM_MAX_LINE: usize = 64 * 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often deadlines are checked.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
+/// Times a request answered "busy" (-101/-102) is resent elsewhere.
+const BUSY_RESENDS: u8 = 2;
 
-/// State of a connection shared with the pool's selection.
-#[derive(Debug)]
-pub struct ConnShared {
-    /// Changes each time the connection is re-established, so subscriptions
-    /// know when the connection they were made on is gone.
-    pub id: AtomicU64,
-    /// Handshake done and socket alive.
-    pub ready: AtomicBool,
-    /// Jobs dispatched to this connection and not yet resolved (queued or
-    /// written).
-    pub in_flight: AtomicUsize,
-    pub max_in_flight: usize,
-    /// What the upstream reported in its handshake.
-    pub info: Mutex<UpstreamInfo>,
-    /// The upstream's tip height as this connection last heard it (0: unknown).
-    pub tip: AtomicU64,
-    /// Whether the supervisor keeps this slot connected (slots beyond an
-    /// upstream's `min_connections` open on demand and close when idle).
-    pub active: AtomicBool,
-    /// Wakes a dormant slot's supervisor.
-    pub wake: tokio::sync::Notify,
-    /// The protocol level this connection negotiated (`Version::to_u32`;
-    /// 0 while unknown).
-    pub level: AtomicU32,
-    /// The slot of the same upstream that asks for the highest protocol
-    /// (see `pool`): woken when this connection learns that the upstream
-    /// offers more than this connection negotiated.
-    pub upgrade: OnceLock<Arc<ConnShared>>,
-}
-
-/// What an upstream told us about itself.
-#[derive(Debug, Clone, Default)]
-pub struct UpstreamInfo {
-    pub server_version: Option<String>,
-    pub protocol: Option<String>,
-    /// `server.features` `protocol_max`: the highest level the upstream offers.
-    pub protocol_max: Option<String>,
-    pub genesis_hash: Option<String>,
-}
-
-impl ConnShared {
-    pub fn new(max_in_flight: usize) -> Self {
-        Self {
-            id: AtomicU64::new(0),
-            ready: AtomicBool::new(false),
-            in_flight: AtomicUsize::new(0),
-            max_in_flight,
-            info: Mutex::new(UpstreamInfo::default()),
-            tip: AtomicU64::new(0),
-            active: AtomicBool::new(true),
-            wake: tokio::sync::Notify::new(),
-            level: AtomicU32::new(0),
-            upgrade: OnceLock::new(),
-        }
-    }
-
-    /// The protocol level negotiated on this connection.
-    pub fn level(&self) -> Version {
-        Version::from_u32(self.level.load(Ordering::Acquire))
-    }
-
-    pub fn tip(&self) -> u64 {
-        self.tip.load(Ordering::Relaxed)
-    }
-
-    pub fn conn_id(&self) -> ConnId {
-        ConnId(self.id.load(Ordering::Acquire))
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-
-    pub fn release(&self) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+pub use super::shared::{ConnShared, UpstreamInfo};
 
 /// A job that has been written and awaits its answer.
 pub struct Pending {
@@ -148,6 +72,9 @@ pub struct ConnCtx<'a> {
     /// connections an upstream always keeps).
     pub idle_close: Option<Duration>,
     pub latency: Option<&'a prometheus::Histogram>,
+    /// Sends a job answered "busy" to another connection (its in-flight
+    /// count already released here).
+    pub resend: &'a (dyn Fn(Job) + Send + Sync),
     pub shutdown: &'a CancellationToken,
 }
 
@@ -158,6 +85,8 @@ pub struct Ended {
     pub unanswered: Vec<Job>,
     /// Whether the handshake completed (the connection was ever ready).
     pub was_ready: bool,
+    /// The upstream closed it (rather than an error, a stall or shutdown).
+    pub closed_by_upstream: bool,
 }
 
 /// Serve one established connection until it fails or shutdown.
@@ -172,13 +101,18 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
         last_read: Instant::now(),
         last_write: Instant::now(),
         last_job: Instant::now(),
+        limiter: Limiter::new(ctx.shared.ceiling),
     };
+    ctx.shared
+        .limit
+        .store(actor.limiter.limit(), Ordering::Relaxed);
 
     if let Err(reason) = actor.handshake(&mut reader, &mut wr).await {
         return Ended {
             reason,
             unanswered: Vec::new(),
             was_ready: false,
+            closed_by_upstream: false,
         };
     }
     let conn = ctx.shared.conn_id();
@@ -203,6 +137,7 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
         .map(|p| p.job)
         .collect();
     Ended {
+        closed_by_upstream: reason == CLOSED,
         reason,
         unanswered,
         was_ready: true,
@@ -217,10 +152,14 @@ struct Actor<'a> {
     last_read: Instant,
     last_write: Instant,
     last_job: Instant,
+    /// Learns how many requests to keep written (see `limit`).
+    limiter: Limiter,
 }
 
 /// Why `Actor::run` returned without an error.
 pub const IDLE: &str = "idle";
+/// Why it returned when the upstream closed the socket.
+const CLOSED: &str = "closed by upstream";
 
 type Reader = LineReader<tokio::io::ReadHalf<BoxStream>>;
 type Writer = tokio::io::WriteHalf<BoxStream>;
@@ -361,7 +300,6 @@ impl Actor<'_> {
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
-        let max = self.ctx.shared.max_in_flight;
         self.last_job = Instant::now();
         // Registered once, not once per line.
         let shutdown = self.ctx.shutdown.cancelled();
@@ -383,20 +321,20 @@ impl Actor<'_> {
                             }
                         }
                     }
-                    Ok(Frame::Eof) => return "closed by upstream".into(),
+                    Ok(Frame::Eof) => return CLOSED.into(),
                     Err(e) => return e.to_string(),
                 },
-                job = rx.recv(), if self.pending.len() < max => {
+                job = rx.recv(), if self.pending.len() < self.limiter.limit() => {
                     let Some(job) = job else { return "pool closed".into() };
                     self.last_job = Instant::now();
                     self.enqueue(&mut buf, job);
-                    self.drain(&mut buf, rx, max);
-                    if self.pending.len() < max {
+                    self.drain(&mut buf, rx);
+                    if self.pending.len() < self.limiter.limit() {
                         // Let the sessions that are ready run first: what
                         // they send joins this write instead of costing a
                         // syscall (and an upstream wakeup) of its own.
                         tokio::task::yield_now().await;
-                        self.drain(&mut buf, rx, max);
+                        self.drain(&mut buf, rx);
                     }
                     if !buf.is_empty() {
                         if let Err(e) = wr.write_all(&buf).await {
@@ -415,7 +353,12 @@ impl Actor<'_> {
                         return stalled;
                     }
                     if let Some(idle) = self.ctx.idle_close {
-                        if self.pending.is_empty() && rx.is_empty() && self.last_job.elapsed() >= idle {
+                        // Idle, or retired by the monitor (no new jobs
+                        // come once it is not active): close once empty.
+                        let retired = !self.ctx.shared.is_active();
+                        if self.pending.is_empty() && rx.is_empty()
+                            && (retired || self.last_job.elapsed() >= idle)
+                        {
                             return IDLE.into();
                         }
                     }
@@ -440,8 +383,8 @@ impl Actor<'_> {
     }
 
     /// Enqueue whatever is queued, up to the in-flight limit.
-    fn drain(&mut self, buf: &mut Vec<u8>, rx: &mut mpsc::Receiver<Job>, max: usize) {
-        while self.pending.len() < max {
+    fn drain(&mut self, buf: &mut Vec<u8>, rx: &mut mpsc::Receiver<Job>) {
+        while self.pending.len() < self.limiter.limit() {
             match rx.try_recv() {
                 Ok(job) => self.enqueue(buf, job),
                 Err(_) => break,
@@ -483,11 +426,20 @@ impl Actor<'_> {
         for msg in msgs {
             match msg {
                 UpstreamMessage::Response { id, outcome } => {
+                    let in_flight = self.pending.len();
                     if let Some(p) = self.pending.remove(&id) {
                         self.ctx.shared.release();
+                        let rtt = p.sent.elapsed();
                         if let Some(h) = self.ctx.latency {
-                            h.observe(p.sent.elapsed().as_secs_f64());
+                            h.observe(rtt.as_secs_f64());
                         }
+                        if let Err(e) = outcome {
+                            if let Some(signal) = throttle::busy_signal(e.get()) {
+                                self.on_busy(signal, p.job, e);
+                                continue;
+                            }
+                        }
+                        self.learn(rtt, in_flight);
                         p.job.responder.deliver(outcome);
                     }
                 }
@@ -519,6 +471,45 @@ impl Actor<'_> {
                     );
                 }
             }
+        }
+    }
+
+    /// Feed one answer time to the limiter and selection.
+    fn learn(&mut self, rtt: Duration, in_flight: usize) {
+        let shared = self.ctx.shared;
+        shared.observe_rtt(rtt);
+        if let Some(limit) = self.limiter.on_answer(rtt, in_flight) {
+            shared.limit.store(limit, Ordering::Relaxed);
+            tracing::trace!(coin = self.ctx.coin, upstream = self.ctx.label, limit, "in-flight limit");
+        }
+        if let Some(base) = self.limiter.base() {
+            shared
+                .base_us
+                .store((base * 1e6) as u64 + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// The upstream answered "excessive resource usage" or "busy": it did
+    /// not serve the request, so a read is resent to another connection
+    /// (selection now prefers upstreams that are not throttled) while the
+    /// client's deadline allows; a broadcast, or one resent too often,
+    /// gets the upstream's error.
+    fn on_busy(&mut self, signal: Signal, mut job: Job, error: &RawValue) {
+        let limit = self.limiter.on_busy();
+        self.ctx.shared.limit.store(limit, Ordering::Relaxed);
+        self.ctx
+            .shared
+            .throttle
+            .signal(signal, "answered a request with it");
+        if job.retryable
+            && job.attempts < BUSY_RESENDS
+            && job.deadline > Instant::now()
+            && !job.responder.is_abandoned()
+        {
+            job.attempts += 1;
+            (self.ctx.resend)(job);
+        } else {
+            job.responder.deliver(Err(error));
         }
     }
 

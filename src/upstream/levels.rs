@@ -9,7 +9,8 @@
 //! level is `conn`'s; the protocol slot that asks for the highest level is
 //! built by `pool`.
 
-use super::pool::{Pool, PoolInner, Slot};
+use super::pool::Pool;
+use super::state::{PoolInner, Slot};
 use super::{select, ConnId};
 
 /// See [`Pool::capability`].
