@@ -9,7 +9,9 @@
 //!   its own unqueued answer time (and at least [`SLOW_EXCESS`] more) while
 //!   another upstream's answers are at their usual pace gets a `slow`
 //!   signal (see `throttle`); a throttled upstream clears after
-//!   `throttle::HOLD` without a signal;
+//!   `throttle::HOLD` without a signal; a connection asked nothing since
+//!   the last check has its recent answer time eased a fifth of the way
+//!   back to its unqueued one, so selection tries it again;
 //! - shrinking: an upstream whose requests have not queued for
 //!   `upstream_idle_close_secs` (its load would fit in half of what its
 //!   other connections take) has one extra connection retired; and when
@@ -75,12 +77,19 @@ impl Watch {
             let answered = s.shared.answered.load(Ordering::Relaxed);
             let fresh = answered > self.answered[i];
             self.answered[i] = answered;
-            if !fresh || !s.shared.is_ready() {
-                continue;
-            }
             let rtt = s.shared.rtt_us.load(Ordering::Relaxed);
             let base = s.shared.base_us.load(Ordering::Relaxed);
-            if base == 0 {
+            if base == 0 || !s.shared.is_ready() {
+                continue;
+            }
+            if !fresh {
+                // Asked nothing since the last check (selection avoided
+                // it): its answer time drifts back toward the unqueued
+                // one, so it is tried again and measured afresh.
+                if rtt > base {
+                    let eased = base + (rtt - base) * 4 / 5;
+                    s.shared.rtt_us.store(eased, Ordering::Relaxed);
+                }
                 continue;
             }
             let slow = rtt >= base * SLOW_RATIO

@@ -80,17 +80,24 @@ impl PoolInner {
         Some(n.max(0) as usize)
     }
 
-    /// Slots kept open or opening (what the upstreams see as sessions).
+    /// Slots kept open or opening.
     pub fn active_slots(&self) -> usize {
         self.slots.iter().filter(|s| s.shared.is_active()).count()
     }
 
     /// Whether one more connection stays within the client-session cap.
+    /// Retired connections still closing count: they are sessions the
+    /// upstream sees until they are gone.
     fn may_open_another(&self) -> bool {
-        match self.client_sessions() {
-            Some(clients) => self.active_slots() < clients,
-            None => true,
-        }
+        let Some(clients) = self.client_sessions() else {
+            return true;
+        };
+        let open = self
+            .slots
+            .iter()
+            .filter(|s| s.shared.is_active() || s.shared.is_ready())
+            .count();
+        open < clients
     }
 
     pub(super) fn candidates(&self) -> Vec<select::Candidate> {
