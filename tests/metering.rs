@@ -75,7 +75,12 @@ async fn pipeline(c: &mut Client, first: usize, n: usize, depth: usize) -> Vec<V
 
 /// `clients` wallets, each pipelining `n` reads `depth` deep; returns the
 /// wallets (still connected) and every answer.
-async fn load(addr: SocketAddr, clients: usize, n: usize, depth: usize) -> Vec<(Client, Vec<Value>)> {
+async fn load(
+    addr: SocketAddr,
+    clients: usize,
+    n: usize,
+    depth: usize,
+) -> Vec<(Client, Vec<Value>)> {
     let mut tasks = Vec::new();
     for k in 0..clients {
         tasks.push(tokio::spawn(async move {
@@ -212,14 +217,18 @@ async fn a_throttling_upstream_loses_its_load_and_its_errors_never_reach_a_walle
     let snap = wait_state(&server, &a.url(), "throttled").await;
     let events = snap["events"].as_array().unwrap();
     assert!(
-        events.iter().any(|e| e["kind"] == "upstream_throttled"
-            && e["upstream"] == json!(a.url())),
+        events
+            .iter()
+            .any(|e| e["kind"] == "upstream_throttled" && e["upstream"] == json!(a.url())),
         "{events:?}"
     );
     let (_, metrics) = http_get(server.metrics_addr, "/metrics").await;
     let labels = format!("{{coin=\"test\",upstream=\"{}\"", a.url());
     assert_eq!(
-        sample(&metrics, &format!("electrum_lb_upstream_throttled{labels}}}")),
+        sample(
+            &metrics,
+            &format!("electrum_lb_upstream_throttled{labels}}}")
+        ),
         Some(1.0),
         "{metrics}"
     );
@@ -235,7 +244,10 @@ async fn a_throttling_upstream_loses_its_load_and_its_errors_never_reach_a_walle
     assert_eq!(
         sample(
             &metrics,
-            &format!("electrum_lb_upstream_throttled{{coin=\"test\",upstream=\"{}\"}}", b.url())
+            &format!(
+                "electrum_lb_upstream_throttled{{coin=\"test\",upstream=\"{}\"}}",
+                b.url()
+            )
         ),
         Some(0.0)
     );

@@ -290,7 +290,10 @@ mod tests {
         throttled.throttled = true;
         throttled.throttle_reason = "excessive_resource_usage: x".into();
         let (s, why) = judge(&throttled, Some(0), &RULES, None);
-        assert_eq!((s, why.as_str()), (State::Throttled, "excessive_resource_usage: x"));
+        assert_eq!(
+            (s, why.as_str()),
+            (State::Throttled, "excessive_resource_usage: x")
+        );
         // Out of rotation, it is what that says.
         throttled.healthy = false;
         assert_eq!(judge(&throttled, Some(0), &RULES, None).0, State::Down);

@@ -1,21 +1,26 @@
 //! One upstream connection: the actor that owns the socket and id rewriting.
 //!
-//! Owns: the `server.version` handshake, the connection's own `u64` ids and
-//! the pending map id -> (job, sent time), batching every queued request into
-//! one write, matching answers back, deadlines, keep-alive pings, stall
-//! detection, and handing upstream notifications to the pool's event stream.
-//! When the socket dies, every pending job is handed back to the supervisor
-//! (which retries what may be retried and fails the rest); nothing is leaked.
+//! Owns: the connection's own `u64` ids and the pending map id -> (job,
+//! sent time), writing at most the learned in-flight limit (`limit`: the
+//! rest waits in the connection's queue, where the pool sees it), batching
+//! every queued request into one write, matching answers back, deadlines,
+//! keep-alive pings, stall detection, and handing upstream notifications to
+//! the pool's event stream. When the socket dies, every pending job is
+//! handed back to the supervisor (which retries what may be retried and
+//! fails the rest); nothing is leaked.
 //!
-//! It also subscribes to the tip at handshake and keeps the connection's
-//! height current, which health uses to spot a lagging upstream, and
-//! records the protocol level the upstream negotiated (selection by
-//! capability reads it) and the highest it offers (`server.features`
-//! `protocol_max`): an upstream that offers more than this connection
-//! negotiated wakes its upstream's protocol slot (see `pool`).
+//! Answer times feed the limiter and selection (`shared`). An answer that
+//! is ElectrumX's "excessive resource usage" (-101) or "server busy" (-102)
+//! is a throttle signal (`throttle`) and halves the limit; the request,
+//! which the upstream did not serve, is resent to another connection
+//! within the client's deadline (never a broadcast), so the wallet does not
+//! see it while another upstream can answer.
 //!
-//! It does not choose upstreams (that is `select`), judge health (`health`)
-//! or reconnect (`supervisor`).
+//! The handshake (`server.version`, `server.features`, the tip
+//! subscription) is `handshake`'s; afterwards the tip notifications keep
+//! the connection's height current, which health uses to spot a lagging
+//! upstream. It does not choose upstreams (that is `select`), judge health
+//! (`health`) or reconnect (`supervisor`).
 
 use super::connect::BoxStream;
 use super::limit::Limiter;
@@ -23,7 +28,6 @@ use super::throttle::{self, Signal};
 use super::{Job, PoolEvent};
 use crate::codec::{Frame, LineReader};
 use crate::jsonrpc::{self, ErrorCode, RpcError, UpstreamMessage};
-use crate::protocol::Version;
 use crate::reply::Responder;
 use serde_json::value::RawValue;
 use std::cmp::Reverse;
@@ -38,8 +42,6 @@ use tokio_util::sync::CancellationToken;
 
 /// Longest line accepted from an upstream (big histories and header chunks).
 const UPSTREAM_MAX_LINE: usize = 64 * 1024 * 1024;
-/// How long the handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often deadlines are checked.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
 /// Times a request answered "busy" (-101/-102) is resent elsewhere.
@@ -107,7 +109,7 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
         .limit
         .store(actor.limiter.limit(), Ordering::Relaxed);
 
-    if let Err(reason) = actor.handshake(&mut reader, &mut wr).await {
+    if let Err(reason) = super::handshake::handshake(&ctx, &mut reader, &mut wr).await {
         return Ended {
             reason,
             unanswered: Vec::new(),
@@ -115,6 +117,7 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
             closed_by_upstream: false,
         };
     }
+    actor.last_read = Instant::now();
     let conn = ctx.shared.conn_id();
     {
         let info = ctx.shared.info.lock().unwrap_or_else(|p| p.into_inner());
@@ -161,136 +164,10 @@ pub const IDLE: &str = "idle";
 /// Why it returned when the upstream closed the socket.
 const CLOSED: &str = "closed by upstream";
 
-type Reader = LineReader<tokio::io::ReadHalf<BoxStream>>;
-type Writer = tokio::io::WriteHalf<BoxStream>;
+pub(super) type Reader = LineReader<tokio::io::ReadHalf<BoxStream>>;
+pub(super) type Writer = tokio::io::WriteHalf<BoxStream>;
 
 impl Actor<'_> {
-    async fn handshake(&mut self, reader: &mut Reader, wr: &mut Writer) -> Result<(), String> {
-        let version_params = match self.ctx.protocol_max {
-            Some(max) => serde_json::to_string(&(self.ctx.client_name, [self.ctx.protocol, max])),
-            None => serde_json::to_string(&(self.ctx.client_name, self.ctx.protocol)),
-        }
-        .expect("strings serialize");
-        let mut buf = Vec::new();
-        jsonrpc::finish_request(
-            &mut buf,
-            &jsonrpc::request_prefix("server.version", &version_params),
-            0,
-        );
-        jsonrpc::finish_request(
-            &mut buf,
-            &jsonrpc::request_prefix("server.features", "[]"),
-            1,
-        );
-        jsonrpc::finish_request(
-            &mut buf,
-            &jsonrpc::request_prefix("blockchain.headers.subscribe", "[]"),
-            2,
-        );
-        wr.write_all(&buf)
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-
-        let mut info = UpstreamInfo::default();
-        let mut got = [false, false, false];
-        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-        while !got.iter().all(|g| *g) {
-            let frame = tokio::time::timeout_at(deadline, reader.next_frame())
-                .await
-                .map_err(|_| "no answer to server.version".to_string())?
-                .map_err(|e| e.to_string())?;
-            let line = match frame {
-                Frame::Line(l) => l,
-                Frame::Eof => return Err("closed during handshake".into()),
-            };
-            let msgs = jsonrpc::parse_upstream_line(&line)
-                .map_err(|_| "invalid JSON in handshake".to_string())?;
-            for msg in msgs {
-                match msg {
-                    UpstreamMessage::Response {
-                        id: 0,
-                        outcome: Ok(r),
-                    } => {
-                        got[0] = true;
-                        if let Ok((software, proto)) =
-                            serde_json::from_str::<(String, String)>(r.get())
-                        {
-                            info.server_version = Some(software);
-                            info.protocol = Some(proto);
-                        } else if let Ok(software) = serde_json::from_str::<String>(r.get()) {
-                            info.server_version = Some(software);
-                        }
-                    }
-                    UpstreamMessage::Response {
-                        id: 0,
-                        outcome: Err(e),
-                    } => {
-                        return Err(format!("server.version refused: {}", e.get()));
-                    }
-                    UpstreamMessage::Response { id: 1, outcome } => {
-                        got[1] = true;
-                        if let Ok(features) = outcome {
-                            #[derive(serde::Deserialize)]
-                            struct Features {
-                                genesis_hash: Option<String>,
-                                protocol_max: Option<String>,
-                            }
-                            if let Ok(f) = serde_json::from_str::<Features>(features.get()) {
-                                info.genesis_hash = f.genesis_hash;
-                                info.protocol_max = f.protocol_max;
-                            }
-                        }
-                    }
-                    UpstreamMessage::Response { id: 2, outcome } => {
-                        got[2] = true;
-                        if let Some(h) = outcome.ok().and_then(|r| tip_height(r.get())) {
-                            self.ctx.shared.tip.store(h, Ordering::Relaxed);
-                        }
-                    }
-                    // Pre-identification chatter (relayfee/estimatefee) and anything else.
-                    _ => {}
-                }
-            }
-        }
-        self.learn_level(&info);
-        *self
-            .ctx
-            .shared
-            .info
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = info;
-        self.last_read = Instant::now();
-        Ok(())
-    }
-
-    /// Record the negotiated level, and wake the upstream's protocol slot
-    /// when the upstream offers a level that adds methods (1.6 or later)
-    /// above what this connection negotiated.
-    fn learn_level(&self, info: &UpstreamInfo) {
-        // A server that answered without a version accepted what was asked.
-        let level = info
-            .protocol
-            .as_deref()
-            .or(Some(self.ctx.protocol))
-            .and_then(|v| v.parse::<Version>().ok())
-            .unwrap_or(Version::new(1, 0));
-        self.ctx
-            .shared
-            .level
-            .store(level.to_u32(), Ordering::Release);
-        let offered = info
-            .protocol_max
-            .as_deref()
-            .and_then(|v| v.parse::<Version>().ok());
-        if let (Some(max), Some(top)) = (offered, self.ctx.shared.upgrade.get()) {
-            if max >= Version::new(1, 6) && max > level && !top.active.swap(true, Ordering::AcqRel)
-            {
-                tracing::info!(coin = self.ctx.coin, upstream = self.ctx.label, offers = %max, negotiated = %level, "upstream offers a higher protocol: opening a connection at it");
-                top.wake.notify_one();
-            }
-        }
-    }
-
     async fn run(
         &mut self,
         reader: &mut Reader,
@@ -448,7 +325,10 @@ impl Actor<'_> {
                         let height = params.and_then(|p| {
                             serde_json::from_str::<Vec<&RawValue>>(p.get())
                                 .ok()
-                                .and_then(|v| v.first().and_then(|h| tip_height(h.get())))
+                                .and_then(|v| {
+                                    v.first()
+                                        .and_then(|h| super::handshake::tip_height(h.get()))
+                                })
                         });
                         if let Some(h) = height {
                             self.ctx.shared.tip.store(h, Ordering::Relaxed);
@@ -480,7 +360,12 @@ impl Actor<'_> {
         shared.observe_rtt(rtt);
         if let Some(limit) = self.limiter.on_answer(rtt, in_flight) {
             shared.limit.store(limit, Ordering::Relaxed);
-            tracing::trace!(coin = self.ctx.coin, upstream = self.ctx.label, limit, "in-flight limit");
+            tracing::trace!(
+                coin = self.ctx.coin,
+                upstream = self.ctx.label,
+                limit,
+                "in-flight limit"
+            );
         }
         if let Some(base) = self.limiter.base() {
             shared
@@ -551,29 +436,5 @@ impl Actor<'_> {
             self.deadlines = live;
         }
         None
-    }
-}
-
-/// The height in a `blockchain.headers.subscribe` result or notification
-/// (modern `height` or pre-1.3 `block_height`).
-fn tip_height(json: &str) -> Option<u64> {
-    #[derive(serde::Deserialize)]
-    struct Tip {
-        height: Option<u64>,
-        block_height: Option<u64>,
-    }
-    let t: Tip = serde_json::from_str(json).ok()?;
-    t.height.or(t.block_height)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tip_heights() {
-        assert_eq!(tip_height(r#"{"hex":"00","height":7}"#), Some(7));
-        assert_eq!(tip_height(r#"{"block_height":8,"version":1}"#), Some(8));
-        assert_eq!(tip_height("[]"), None);
     }
 }

@@ -14,8 +14,8 @@
 //! - `supervisor`: keeps one connection slot connected, with backoff, and
 //!   retries what a dead connection left unanswered;
 //! - `conn`: the per-socket actor that rewrites ids, learns its in-flight
-//!   limit (`limit`) and resends "busy" answers; `shared` is what it shares
-//!   with selection;
+//!   limit (`limit`) and resends "busy" answers; `handshake` opens it;
+//!   `shared` is what it shares with selection;
 //! - `connect`: dialing, TCP or TLS;
 //! - `monitor`: the loop that judges health (`health`: the rise/fall
 //!   rules), throttling (`throttle`: the upstream's own metering, made
@@ -26,6 +26,7 @@
 
 pub mod conn;
 pub mod connect;
+mod handshake;
 pub mod health;
 pub mod levels;
 pub mod limit;

@@ -92,8 +92,7 @@ impl Watch {
                 }
                 continue;
             }
-            let slow = rtt >= base * SLOW_RATIO
-                && rtt - base >= SLOW_EXCESS.as_micros() as u64;
+            let slow = rtt >= base * SLOW_RATIO && rtt - base >= SLOW_EXCESS.as_micros() as u64;
             let p = &mut pace[s.upstream];
             *p = Some(p.unwrap_or(false) || slow);
         }
@@ -135,7 +134,11 @@ impl Watch {
             }
             if now.duration_since(self.quiet_since[i]) >= idle {
                 self.quiet_since[i] = now;
-                retire_one(pool, Some(i), "requests have not queued for upstream_idle_close_secs");
+                retire_one(
+                    pool,
+                    Some(i),
+                    "requests have not queued for upstream_idle_close_secs",
+                );
             }
         }
         if let Some(clients) = pool.client_sessions() {

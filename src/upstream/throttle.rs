@@ -119,7 +119,10 @@ impl Throttle {
 
     /// Why it is (or was last) throttled.
     pub fn reason(&self) -> String {
-        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Count one signal; the first one of a spell throttles the upstream

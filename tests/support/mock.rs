@@ -592,7 +592,15 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, shared: Ar
             identified = true;
         }
         if let Some(m) = shared.opts.meter.clone() {
-            meter::handle(shared.clone(), m, id, req, line.len(), tx.clone(), kill.clone());
+            meter::handle(
+                shared.clone(),
+                m,
+                id,
+                req,
+                line.len(),
+                tx.clone(),
+                kill.clone(),
+            );
             continue;
         }
         let delay = shared.delay_ms.load(Ordering::SeqCst);

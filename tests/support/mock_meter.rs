@@ -258,11 +258,16 @@ pub(super) fn handle(
         let Some(rid) = req_id else { return };
         let line = match reply {
             Ok(result) => json!({"jsonrpc":"2.0","result":result,"id":rid}),
-            Err((code, msg)) => json!({"jsonrpc":"2.0","error":{"code":code,"message":msg},"id":rid}),
+            Err((code, msg)) => {
+                json!({"jsonrpc":"2.0","error":{"code":code,"message":msg},"id":rid})
+            }
         }
         .to_string();
         // Replies are padded to 1 KiB by ElectrumX: charge at least that.
-        meter.charge(id, line.len().max(1024) as f64 / meter.params.bandwidth_unit);
+        meter.charge(
+            id,
+            line.len().max(1024) as f64 / meter.params.bandwidth_unit,
+        );
         let _ = tx.send(line);
     });
 }
