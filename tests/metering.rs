@@ -122,8 +122,25 @@ async fn connections_grow_while_requests_queue_and_shrink_after() {
         "{} upstream sessions for 6 wallets",
         meter.peak_sessions()
     );
-    // The wallets stay connected but idle: nothing queues, extras close.
+    // The wallets stay connected and one keeps reading, a request at a
+    // time: nothing queues, so the extra connections close although none
+    // is ever idle for long.
+    let mut wallets = wallets;
+    let (mut reader, _) = wallets.pop().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let reading = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut n = 0;
+            while !stop.is_cancelled() {
+                assert_all_results(&pipeline(&mut reader, 500_000 + n * 10, 10, 1).await);
+                n += 1;
+            }
+        }
+    });
     wait_until(|| mock.connections() == 1).await;
+    stop.cancel();
+    reading.await.unwrap();
     assert_eq!(server.coins["test"].router.pool.status()[0].connections, 1);
     drop(wallets);
     server.shutdown().await;
