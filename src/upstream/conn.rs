@@ -23,6 +23,7 @@
 //! (`health`) or reconnect (`supervisor`).
 
 use super::connect::BoxStream;
+use super::handshake::{handshake, tip_height, Hello};
 use super::limit::Limiter;
 use super::throttle::{self, Signal};
 use super::{Job, PoolEvent};
@@ -109,7 +110,15 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
         .limit
         .store(actor.limiter.limit(), Ordering::Relaxed);
 
-    if let Err(reason) = super::handshake::handshake(&ctx, &mut reader, &mut wr).await {
+    let hello = Hello {
+        coin: ctx.coin,
+        label: ctx.label,
+        shared: ctx.shared,
+        client_name: ctx.client_name,
+        protocol: ctx.protocol,
+        protocol_max: ctx.protocol_max,
+    };
+    if let Err(reason) = handshake(&hello, &mut reader, &mut wr).await {
         return Ended {
             reason,
             unanswered: Vec::new(),
@@ -164,8 +173,8 @@ pub const IDLE: &str = "idle";
 /// Why it returned when the upstream closed the socket.
 const CLOSED: &str = "closed by upstream";
 
-pub(super) type Reader = LineReader<tokio::io::ReadHalf<BoxStream>>;
-pub(super) type Writer = tokio::io::WriteHalf<BoxStream>;
+type Reader = LineReader<tokio::io::ReadHalf<BoxStream>>;
+type Writer = tokio::io::WriteHalf<BoxStream>;
 
 impl Actor<'_> {
     async fn run(
@@ -325,10 +334,7 @@ impl Actor<'_> {
                         let height = params.and_then(|p| {
                             serde_json::from_str::<Vec<&RawValue>>(p.get())
                                 .ok()
-                                .and_then(|v| {
-                                    v.first()
-                                        .and_then(|h| super::handshake::tip_height(h.get()))
-                                })
+                                .and_then(|v| v.first().and_then(|h| tip_height(h.get())))
                         });
                         if let Some(h) = height {
                             self.ctx.shared.tip.store(h, Ordering::Relaxed);

@@ -7,25 +7,40 @@
 //! upstream offers more (see `pool`). The rest of the connection's life is
 //! `conn`'s.
 
-use super::conn::{ConnCtx, Reader, UpstreamInfo, Writer};
-use crate::codec::Frame;
+use super::shared::{ConnShared, UpstreamInfo};
+use crate::codec::{Frame, LineReader};
 use crate::jsonrpc::{self, UpstreamMessage};
 use crate::protocol::Version;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 /// How long the handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Who says hello to whom, and what it asks for.
+pub(super) struct Hello<'a> {
+    pub coin: &'a str,
+    pub label: &'a str,
+    pub shared: &'a ConnShared,
+    pub client_name: &'a str,
+    /// The version asked; with `protocol_max`, the range.
+    pub protocol: &'a str,
+    pub protocol_max: Option<&'a str>,
+}
+
 /// Identify (`server.version`), learn the upstream (`server.features`) and
 /// its tip (`blockchain.headers.subscribe`), within [`HANDSHAKE_TIMEOUT`].
-pub(super) async fn handshake(
-    ctx: &ConnCtx<'_>,
-    reader: &mut Reader,
-    wr: &mut Writer,
-) -> Result<(), String> {
+pub(super) async fn handshake<R, W>(
+    ctx: &Hello<'_>,
+    reader: &mut LineReader<R>,
+    wr: &mut W,
+) -> Result<(), String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let version_params = match ctx.protocol_max {
         Some(max) => serde_json::to_string(&(ctx.client_name, [ctx.protocol, max])),
         None => serde_json::to_string(&(ctx.client_name, ctx.protocol)),
@@ -119,7 +134,7 @@ pub(super) async fn handshake(
 /// Record the negotiated level, and wake the upstream's protocol slot
 /// when the upstream offers a level that adds methods (1.6 or later)
 /// above what this connection negotiated.
-fn learn_level(ctx: &ConnCtx<'_>, info: &UpstreamInfo) {
+fn learn_level(ctx: &Hello<'_>, info: &UpstreamInfo) {
     // A server that answered without a version accepted what was asked.
     let level = info
         .protocol

@@ -21,8 +21,9 @@
 //!   rules), throttling (`throttle`: the upstream's own metering, made
 //!   visible) and retires connections that are not needed.
 //!
-//! Imports go one way: `pool` -> `monitor`, `supervisor` -> `state`
-//! -> (`select`, `health`, `throttle`, `conn`).
+//! Imports go one way, no circles: `pool` -> (`monitor`, `supervisor`) ->
+//! `state` -> (`select`, `health`, `throttle`, `conn` -> `handshake` ->
+//! `shared`); `levels` adds capability methods to `pool` and `state`.
 
 pub mod conn;
 pub mod connect;

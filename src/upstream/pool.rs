@@ -21,8 +21,8 @@
 use super::conn::{ConnShared, UpstreamInfo};
 use super::connect::Dialer;
 use super::health::{Health, HealthRules};
-use super::state::{Cell, PoolInner, Slot, Upstream};
-use super::supervisor::{Supervisor, SupervisorSettings};
+use super::state::{Cell, PoolInner, Slot, SupervisorSettings, Upstream};
+use super::supervisor::Supervisor;
 use super::throttle::Throttle;
 use super::{monitor, select, ConnId, Job, PoolEvent, UpstreamStatus};
 use crate::config::{ServerConfig, UpstreamEntry};

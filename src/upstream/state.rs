@@ -18,7 +18,6 @@
 use super::conn::ConnShared;
 use super::connect::Dialer;
 use super::health::{Health, HealthRules};
-use super::supervisor::SupervisorSettings;
 use super::throttle::Throttle;
 use super::{select, ConnId, Job, PoolEvent};
 use crate::config::UpstreamEntry;
@@ -27,8 +26,22 @@ use crate::status::events::CoinEvents;
 use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// How a generation's supervisors dial and keep connections (from `[server]`).
+#[derive(Clone)]
+pub struct SupervisorSettings {
+    pub client_name: String,
+    pub protocol: String,
+    pub connect_timeout: Duration,
+    pub ping_interval: Duration,
+    pub stall_after: Duration,
+    pub idle_close: Duration,
+    /// Longest delay between two dial attempts (`upstream_reconnect_max_ms`).
+    pub reconnect_max: Duration,
+}
 
 /// One upstream server and its rotation state.
 pub(super) struct Upstream {

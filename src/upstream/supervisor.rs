@@ -8,7 +8,7 @@
 
 use super::conn::{self, ConnCtx, ConnShared};
 use super::connect::Dialer;
-use super::state::Cell;
+use super::state::{Cell, SupervisorSettings};
 use super::throttle::Signal;
 use super::{Job, PoolEvent};
 use crate::jsonrpc::{ErrorCode, RpcError};
@@ -25,18 +25,6 @@ const BACKOFF_START: Duration = Duration::from_millis(200);
 
 /// Every established connection gets a distinct id, process-wide.
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
-
-#[derive(Clone)]
-pub struct SupervisorSettings {
-    pub client_name: String,
-    pub protocol: String,
-    pub connect_timeout: Duration,
-    pub ping_interval: Duration,
-    pub stall_after: Duration,
-    pub idle_close: Duration,
-    /// Longest delay between two dial attempts (`upstream_reconnect_max_ms`).
-    pub reconnect_max: Duration,
-}
 
 pub(super) struct Supervisor {
     pub coin: String,
