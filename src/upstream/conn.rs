@@ -32,7 +32,7 @@ use crate::jsonrpc::{self, ErrorCode, RpcError, UpstreamMessage};
 use crate::reply::Responder;
 use serde_json::value::RawValue;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +45,9 @@ use tokio_util::sync::CancellationToken;
 const UPSTREAM_MAX_LINE: usize = 64 * 1024 * 1024;
 /// How often deadlines are checked.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
+/// Jobs a connection holds beyond its in-flight limit, besides its
+/// channel: here their deadlines are kept (see `Actor::waiting`).
+const WAITING_MAX: usize = 4096;
 /// Times a request answered "busy" (-101/-102) is resent elsewhere.
 const BUSY_RESENDS: u8 = 2;
 
@@ -86,6 +89,8 @@ pub struct Ended {
     pub reason: String,
     /// Jobs written to the socket that got no answer.
     pub unanswered: Vec<Job>,
+    /// Jobs received but never written: they may go anywhere.
+    pub queued: Vec<Job>,
     /// Whether the handshake completed (the connection was ever ready).
     pub was_ready: bool,
     /// The upstream closed it (rather than an error, a stall or shutdown).
@@ -105,6 +110,7 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
         last_write: Instant::now(),
         last_job: Instant::now(),
         limiter: Limiter::new(ctx.shared.ceiling),
+        waiting: VecDeque::new(),
     };
     ctx.shared
         .limit
@@ -122,6 +128,7 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
         return Ended {
             reason,
             unanswered: Vec::new(),
+            queued: actor.waiting.drain(..).collect(),
             was_ready: false,
             closed_by_upstream: false,
         };
@@ -152,6 +159,7 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
         closed_by_upstream: reason == CLOSED,
         reason,
         unanswered,
+        queued: actor.waiting.drain(..).collect(),
         was_ready: true,
     }
 }
@@ -166,6 +174,10 @@ struct Actor<'a> {
     last_job: Instant,
     /// Learns how many requests to keep written (see `limit`).
     limiter: Limiter,
+    /// Jobs received while the connection was at its limit, oldest first.
+    /// Taken out of the channel so that their deadlines are enforced
+    /// while they wait (a job's client must not wait past it).
+    waiting: VecDeque<Job>,
 }
 
 /// Why `Actor::run` returned without an error.
@@ -206,32 +218,29 @@ impl Actor<'_> {
                                 Err(e) => return e.to_string(),
                             }
                         }
+                        // Answers made room: write what waits.
+                        self.fill(&mut buf, rx);
+                        if let Err(e) = self.flush(wr, &mut buf).await {
+                            return e;
+                        }
                     }
                     Ok(Frame::Eof) => return CLOSED.into(),
                     Err(e) => return e.to_string(),
                 },
-                job = rx.recv(), if self.pending.len() < self.limiter.limit() => {
+                job = rx.recv(), if self.waiting.len() < WAITING_MAX => {
                     let Some(job) = job else { return "pool closed".into() };
                     self.last_job = Instant::now();
-                    self.enqueue(&mut buf, job);
-                    self.drain(&mut buf, rx);
+                    self.waiting.push_back(job);
+                    self.fill(&mut buf, rx);
                     if self.pending.len() < self.limiter.limit() {
                         // Let the sessions that are ready run first: what
                         // they send joins this write instead of costing a
                         // syscall (and an upstream wakeup) of its own.
                         tokio::task::yield_now().await;
-                        self.drain(&mut buf, rx);
+                        self.fill(&mut buf, rx);
                     }
-                    if !buf.is_empty() {
-                        if let Err(e) = wr.write_all(&buf).await {
-                            return format!("write: {e}");
-                        }
-                        self.last_write = Instant::now();
-                        if buf.capacity() > 64 * 1024 {
-                            buf = Vec::with_capacity(4096);
-                        } else {
-                            buf.clear();
-                        }
+                    if let Err(e) = self.flush(wr, &mut buf).await {
+                        return e;
                     }
                 }
                 _ = sweep.tick() => {
@@ -242,7 +251,7 @@ impl Actor<'_> {
                         // Idle, or retired by the monitor (no new jobs
                         // come once it is not active): close once empty.
                         let retired = !self.ctx.shared.is_active();
-                        if self.pending.is_empty() && rx.is_empty()
+                        if self.pending.is_empty() && rx.is_empty() && self.waiting.is_empty()
                             && (retired || self.last_job.elapsed() >= idle)
                         {
                             return IDLE.into();
@@ -268,14 +277,34 @@ impl Actor<'_> {
         }
     }
 
-    /// Enqueue whatever is queued, up to the in-flight limit.
-    fn drain(&mut self, buf: &mut Vec<u8>, rx: &mut mpsc::Receiver<Job>) {
+    /// Enqueue what waits, then what is queued in the channel, up to the
+    /// in-flight limit.
+    fn fill(&mut self, buf: &mut Vec<u8>, rx: &mut mpsc::Receiver<Job>) {
         while self.pending.len() < self.limiter.limit() {
+            if let Some(job) = self.waiting.pop_front() {
+                self.enqueue(buf, job);
+                continue;
+            }
             match rx.try_recv() {
                 Ok(job) => self.enqueue(buf, job),
                 Err(_) => break,
             }
         }
+    }
+
+    /// Write what `buf` holds, if anything.
+    async fn flush(&mut self, wr: &mut Writer, buf: &mut Vec<u8>) -> Result<(), String> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        wr.write_all(buf).await.map_err(|e| format!("write: {e}"))?;
+        self.last_write = Instant::now();
+        if buf.capacity() > 64 * 1024 {
+            *buf = Vec::with_capacity(4096);
+        } else {
+            buf.clear();
+        }
+        Ok(())
     }
 
     /// Assign an id, append the request to the write buffer, remember it.
@@ -409,6 +438,24 @@ impl Actor<'_> {
     /// arrived since that request was written.
     fn expire(&mut self) -> Option<String> {
         let now = Instant::now();
+        // Jobs still waiting for room past their deadline (or abandoned).
+        if self
+            .waiting
+            .iter()
+            .any(|j| j.deadline <= now || j.responder.is_abandoned())
+        {
+            let (late, keep): (VecDeque<Job>, VecDeque<Job>) = std::mem::take(&mut self.waiting)
+                .into_iter()
+                .partition(|j| j.deadline <= now || j.responder.is_abandoned());
+            self.waiting = keep;
+            for job in late {
+                self.ctx.shared.release();
+                job.responder.fail(RpcError::new(
+                    ErrorCode::UpstreamTimeout,
+                    "request timed out waiting for room on the upstream connection",
+                ));
+            }
+        }
         if let Some(oldest) = self.pending.values().next() {
             if now.duration_since(oldest.sent) >= self.ctx.stall_after
                 && self.last_read < oldest.sent

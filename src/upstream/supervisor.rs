@@ -85,10 +85,15 @@ impl Supervisor {
                         resend: &resend,
                         shutdown: &self.shutdown,
                     };
-                    let ended = conn::serve(stream, &mut self.rx, ctx).await;
+                    let mut ended = conn::serve(stream, &mut self.rx, ctx).await;
                     if self.shutdown.is_cancelled() {
                         self.fail_all(ended.unanswered, "shutting down");
+                        self.fail_all(ended.queued, "shutting down");
                         break;
+                    }
+                    // Never written: they may go anywhere.
+                    for job in std::mem::take(&mut ended.queued) {
+                        self.redispatch(job);
                     }
                     if ended.reason == conn::IDLE {
                         tracing::debug!(coin = %self.coin, upstream = %self.label, "closing an idle extra connection");
