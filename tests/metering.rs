@@ -122,6 +122,15 @@ async fn connections_grow_while_requests_queue_and_shrink_after() {
         "{} upstream sessions for 6 wallets",
         meter.peak_sessions()
     );
+    // Each session serves 4 at a time: the limits came down from the 10
+    // they start at (requests beyond 4 wait inside the upstream).
+    let st = &server.coins["test"].router.pool.status()[0];
+    assert!(
+        st.in_flight_limit < 10 * st.connections,
+        "limits {} over {} connections",
+        st.in_flight_limit,
+        st.connections
+    );
     // The wallets stay connected and one keeps reading, a request at a
     // time: nothing queues, so the extra connections close although none
     // is ever idle for long.
