@@ -113,13 +113,25 @@ async fn connections_grow_while_requests_queue_and_shrink_after() {
     let running = tokio::spawn(load(addr, 6, 150, 8));
     // 48 requests in flight, 4 served at a time per upstream session.
     wait_until(|| mock.connections() > 2).await;
+    // Subscriptions made now stay on the connection that is always kept:
+    // the extra ones are retired after the load, with nothing to move.
+    let mut watcher = Client::connect(addr).await;
+    watcher.call("server.version", json!(["w", "1.4"])).await;
+    for i in 0..5 {
+        watcher
+            .call(
+                "blockchain.scripthash.subscribe",
+                json!([scripthash(900 + i)]),
+            )
+            .await;
+    }
     let wallets = running.await.unwrap();
     for (_, answers) in &wallets {
         assert_all_results(answers);
     }
     assert!(
-        meter.peak_sessions() <= 6,
-        "{} upstream sessions for 6 wallets",
+        meter.peak_sessions() <= 7,
+        "{} upstream sessions for 7 client sessions",
         meter.peak_sessions()
     );
     // Each session serves 4 at a time: the limits came down from the 10
@@ -151,6 +163,17 @@ async fn connections_grow_while_requests_queue_and_shrink_after() {
     stop.cancel();
     reading.await.unwrap();
     assert_eq!(server.coins["test"].router.pool.status()[0].connections, 1);
+    assert_eq!(mock.subscriptions(), 5);
+    let (_, body) = http_get(server.metrics_addr, "/status.json").await;
+    let snap: Value = serde_json::from_str(&body).unwrap();
+    let moved: Vec<&Value> = snap["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "failover")
+        .collect();
+    assert!(moved.is_empty(), "subscriptions moved: {moved:?}");
+    drop(watcher);
     drop(wallets);
     server.shutdown().await;
 }
