@@ -32,8 +32,13 @@ use tokio_util::sync::CancellationToken;
 
 /// Answers this many times slower than unqueued ones read as throttling.
 pub const SLOW_RATIO: u64 = 4;
-/// ... when they are also at least this much slower.
-pub const SLOW_EXCESS: Duration = Duration::from_millis(50);
+/// ... when they are also at least this much slower. ElectrumX 2.0 holds
+/// a small reply up to 1 s after its previous send on the connection (its
+/// padding, see the README): a connection's answers can take a second
+/// longer with no throttling at all, so only more than that counts. Its
+/// throttling sleeps pass it once the session is 60% of the way from the
+/// soft limit to the hard one (`frac × 2.5 s`).
+pub const SLOW_EXCESS: Duration = Duration::from_millis(1500);
 
 /// Run the checks every `rules.interval` until shutdown.
 pub(super) async fn run(pool: Arc<PoolInner>, rules: HealthRules, shutdown: CancellationToken) {
