@@ -12,9 +12,10 @@
 
 use crate::header::{self, HeaderForm};
 use crate::jsonrpc::{self, ErrorCode, RpcError};
+use crate::protocol::V1_6;
 use crate::reply::{Answer, InternalReply, Responder};
 use crate::router::Router;
-use crate::upstream::{Job, Pool};
+use crate::upstream::{Capability, Job, Need, Pool};
 use serde_json::value::RawValue;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -142,11 +143,19 @@ fn params_1_0_tx_get(params: &str) -> Option<String> {
 /// not know it, answer `minrelaytxfee` from `mempool.get_info` (1.6's
 /// replacement), and failing that the default relay fee.
 fn relay_fee(router: &Router, responder: Responder) {
+    // Asked of a connection that still has the method (below 1.6) when
+    // there is one: selection alone may pick a 1.6/1.7 connection.
+    let below = Need::below(V1_6);
+    let need = match router.pool.capability(below) {
+        Capability::Now => below,
+        _ => Need::ANY,
+    };
     let first = ask(
         &router.pool,
         router.request_timeout,
         "blockchain.relayfee",
         "[]",
+        need,
     );
     let pool = router.pool.clone();
     let timeout = router.request_timeout;
@@ -154,7 +163,14 @@ fn relay_fee(router: &Router, responder: Responder) {
         let reply = first.await.unwrap_or_else(|_| Err(dropped()));
         match reply {
             Ok(Answer::Error(e)) if is_method_not_found(e.get()) => {
-                let info = ask(&pool, timeout, "mempool.get_info", "[]").await;
+                let info = ask(
+                    &pool,
+                    timeout,
+                    "mempool.get_info",
+                    "[]",
+                    Need::at_least(V1_6),
+                )
+                .await;
                 let fee = match info {
                     Ok(Ok(Answer::Result(raw))) => min_relay_fee(raw.get()),
                     _ => None,
@@ -231,13 +247,16 @@ fn ask(
     timeout: Duration,
     method: &str,
     params: &str,
+    need: Need,
 ) -> oneshot::Receiver<InternalReply> {
     let (tx, rx) = oneshot::channel();
-    pool.dispatch(Job::new(
+    let mut job = Job::new(
         jsonrpc::request_prefix(method, params),
         Responder::Internal(tx),
         Instant::now() + timeout,
-    ));
+    );
+    job.need = need;
+    pool.dispatch(job);
     rx
 }
 

@@ -146,6 +146,9 @@ pub struct Metrics {
     pub(crate) upstream_in_flight: IntGaugeVec,
     pub(crate) upstream_connections: IntGaugeVec,
     pub(crate) upstream_seconds: HistogramVec,
+    pub(crate) upstream_throttled: IntGaugeVec,
+    upstream_throttle_signals: IntCounterVec,
+    pub(crate) upstream_in_flight_limit: IntGaugeVec,
     pub(crate) subscriptions: IntGaugeVec,
     pub(crate) session_subscriptions: IntGaugeVec,
     pub(crate) sessions_by_level: IntGaugeVec,
@@ -240,6 +243,27 @@ impl Metrics {
             )),
             upstream_connections: reg!(IntGaugeVec::new(
                 opts("upstream_connections", "Open connections to the upstream."),
+                &["coin", "upstream"]
+            )),
+            upstream_throttled: reg!(IntGaugeVec::new(
+                opts(
+                    "upstream_throttled",
+                    "1 while the upstream throttles us (a -101/-102 answer, a close with requests outstanding, or answers slowing while another upstream's do not, within the last 10 s)."
+                ),
+                &["coin", "upstream"]
+            )),
+            upstream_throttle_signals: reg!(IntCounterVec::new(
+                opts(
+                    "upstream_throttle_signals_total",
+                    "Signals that an upstream throttles us, by kind: excessive_resource_usage (-101), server_busy (-102), disconnect, slow."
+                ),
+                &["coin", "upstream", "kind"]
+            )),
+            upstream_in_flight_limit: reg!(IntGaugeVec::new(
+                opts(
+                    "upstream_in_flight_limit",
+                    "Requests the upstream's ready connections may have written and unanswered, as learned from its answer times (summed over connections)."
+                ),
                 &["coin", "upstream"]
             )),
             upstream_seconds: reg!(hist(
@@ -425,6 +449,16 @@ impl CoinMetrics {
             .with_label_values(&[&self.coin, transport]);
         open.inc();
         SessionGuard { open }
+    }
+
+    /// The throttle-signal counters of one upstream, in
+    /// `upstream::throttle::KINDS` order.
+    pub fn throttle_signals(&self, upstream: &str) -> [IntCounter; 4] {
+        crate::upstream::throttle::KINDS.map(|k| {
+            self.registry
+                .upstream_throttle_signals
+                .with_label_values(&[&self.coin, upstream, k])
+        })
     }
 
     /// The latency histogram of requests to one upstream.

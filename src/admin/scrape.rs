@@ -40,6 +40,12 @@ pub fn refresh(status: &Status, snap: &Snapshot) {
             m.upstream_connections
                 .with_label_values(&labels)
                 .set(u.connections as i64);
+            m.upstream_throttled
+                .with_label_values(&labels)
+                .set(u.throttled as i64);
+            m.upstream_in_flight_limit
+                .with_label_values(&labels)
+                .set(u.in_flight_limit as i64);
         }
         let subs = &coin.subscriptions;
         for (kind, n) in [

@@ -38,7 +38,7 @@ pub enum EventKind {
     UpstreamDown,
     /// An upstream left rotation: too far behind the best tip.
     UpstreamLagging,
-    /// An upstream is throttling us (reserved: the pool reports it).
+    /// An upstream started throttling us (see `upstream::throttle`).
     UpstreamThrottled,
     /// An upstream connection was lost (closed, stalled, failed handshake).
     ConnectionLost,

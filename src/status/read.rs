@@ -145,6 +145,8 @@ impl Status {
                     connections: u.ready_connections,
                     slots_active: u.connections,
                     in_flight: u.in_flight,
+                    in_flight_limit: u.in_flight_limit,
+                    throttled: u.throttled,
                     latency: Latency {
                         count: recent.count,
                         p50_ms: ms(recent.quantile(0.5)),

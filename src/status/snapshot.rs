@@ -9,7 +9,9 @@
 //! rules: `up` while in rotation with a ready connection (what
 //! `electrum_lb_upstream_up` says), else `lagging` when its tip is more than
 //! `max_lag` behind the best, else `down` (with the last failure as the
-//! reason).
+//! reason). An upstream in rotation that throttles us (see
+//! `upstream::throttle`) is `throttled` (what `electrum_lb_upstream_throttled`
+//! says), with the signal as the reason: it still serves, with less load.
 
 use super::events::{Event, Failure};
 use crate::upstream::health::HealthRules;
@@ -132,6 +134,7 @@ pub enum State {
     Up,
     Down,
     Lagging,
+    Throttled,
 }
 
 /// One upstream.
@@ -164,6 +167,11 @@ pub struct UpstreamView {
     pub slots_active: usize,
     /// Requests queued or awaiting an answer (`electrum_lb_upstream_in_flight`).
     pub in_flight: usize,
+    /// The in-flight limits its connections learned, summed
+    /// (`electrum_lb_upstream_in_flight_limit`).
+    pub in_flight_limit: usize,
+    /// It throttles us (`electrum_lb_upstream_throttled`).
+    pub throttled: bool,
     /// Latency over the recent window.
     pub latency: Latency,
     /// Requests answered since start (the latency histogram's count).
@@ -190,6 +198,9 @@ pub fn judge(
     failure: Option<&Failure>,
 ) -> (State, String) {
     let behind = lag.filter(|l| *l > rules.max_lag);
+    if u.healthy && u.throttled && behind.is_none() {
+        return (State::Throttled, u.throttle_reason.clone());
+    }
     if u.healthy {
         let reason = match behind {
             Some(l) => format!(
@@ -246,6 +257,9 @@ mod tests {
             height: 100,
             levels: Vec::new(),
             info: UpstreamInfo::default(),
+            throttled: false,
+            throttle_reason: String::new(),
+            in_flight_limit: 10,
         }
     }
 
@@ -272,5 +286,16 @@ mod tests {
         let (s, why) = judge(&status(false, 1), Some(1), &RULES, None);
         assert_eq!(s, State::Down);
         assert!(why.contains("3 good checks"), "{why}");
+        let mut throttled = status(true, 1);
+        throttled.throttled = true;
+        throttled.throttle_reason = "excessive_resource_usage: x".into();
+        let (s, why) = judge(&throttled, Some(0), &RULES, None);
+        assert_eq!(
+            (s, why.as_str()),
+            (State::Throttled, "excessive_resource_usage: x")
+        );
+        // Out of rotation, it is what that says.
+        throttled.healthy = false;
+        assert_eq!(judge(&throttled, Some(0), &RULES, None).0, State::Down);
     }
 }

@@ -1,33 +1,40 @@
 //! One upstream connection: the actor that owns the socket and id rewriting.
 //!
-//! Owns: the `server.version` handshake, the connection's own `u64` ids and
-//! the pending map id -> (job, sent time), batching every queued request into
-//! one write, matching answers back, deadlines, keep-alive pings, stall
-//! detection, and handing upstream notifications to the pool's event stream.
-//! When the socket dies, every pending job is handed back to the supervisor
-//! (which retries what may be retried and fails the rest); nothing is leaked.
+//! Owns: the connection's own `u64` ids and the pending map id -> (job,
+//! sent time), writing at most the learned in-flight limit (`limit`: the
+//! rest waits in the connection's queue, where the pool sees it), batching
+//! every queued request into one write, matching answers back, deadlines,
+//! keep-alive pings, stall detection, and handing upstream notifications to
+//! the pool's event stream. When the socket dies, every pending job is
+//! handed back to the supervisor (which retries what may be retried and
+//! fails the rest); nothing is leaked.
 //!
-//! It also subscribes to the tip at handshake and keeps the connection's
-//! height current, which health uses to spot a lagging upstream, and
-//! records the protocol level the upstream negotiated (selection by
-//! capability reads it) and the highest it offers (`server.features`
-//! `protocol_max`): an upstream that offers more than this connection
-//! negotiated wakes its upstream's protocol slot (see `pool`).
+//! Answer times feed the limiter and selection (`shared`). An answer that
+//! is ElectrumX's "excessive resource usage" (-101) or "server busy" (-102)
+//! is a throttle signal (`throttle`) and halves the limit; the request,
+//! which the upstream did not serve, is resent to another connection
+//! within the client's deadline (never a broadcast), so the wallet does not
+//! see it while another upstream can answer.
 //!
-//! It does not choose upstreams (that is `select`), judge health (`health`)
-//! or reconnect (`supervisor`).
+//! The handshake (`server.version`, `server.features`, the tip
+//! subscription) is `handshake`'s; afterwards the tip notifications keep
+//! the connection's height current, which health uses to spot a lagging
+//! upstream. It does not choose upstreams (that is `select`), judge health
+//! (`health`) or reconnect (`supervisor`).
 
 use super::connect::BoxStream;
-use super::{ConnId, Job, PoolEvent};
+use super::handshake::{handshake, tip_height, Hello};
+use super::limit::Limiter;
+use super::throttle::{self, Signal};
+use super::{Job, PoolEvent};
 use crate::codec::{Frame, LineReader};
 use crate::jsonrpc::{self, ErrorCode, RpcError, UpstreamMessage};
-use crate::protocol::Version;
 use crate::reply::Responder;
 use serde_json::value::RawValue;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -36,92 +43,15 @@ use tokio_util::sync::CancellationToken;
 
 /// Longest line accepted from an upstream (big histories and header chunks).
 const UPSTREAM_MAX_LINE: usize = 64 * 1024 * 1024;
-/// How long the handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often deadlines are checked.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
+/// Jobs a connection holds beyond its in-flight limit, besides its
+/// channel: here their deadlines are kept (see `Actor::waiting`).
+const WAITING_MAX: usize = 4096;
+/// Times a request answered "busy" (-101/-102) is resent elsewhere.
+const BUSY_RESENDS: u8 = 2;
 
-/// State of a connection shared with the pool's selection.
-#[derive(Debug)]
-pub struct ConnShared {
-    /// Changes each time the connection is re-established, so subscriptions
-    /// know when the connection they were made on is gone.
-    pub id: AtomicU64,
-    /// Handshake done and socket alive.
-    pub ready: AtomicBool,
-    /// Jobs dispatched to this connection and not yet resolved (queued or
-    /// written).
-    pub in_flight: AtomicUsize,
-    pub max_in_flight: usize,
-    /// What the upstream reported in its handshake.
-    pub info: Mutex<UpstreamInfo>,
-    /// The upstream's tip height as this connection last heard it (0: unknown).
-    pub tip: AtomicU64,
-    /// Whether the supervisor keeps this slot connected (slots beyond an
-    /// upstream's `min_connections` open on demand and close when idle).
-    pub active: AtomicBool,
-    /// Wakes a dormant slot's supervisor.
-    pub wake: tokio::sync::Notify,
-    /// The protocol level this connection negotiated (`Version::to_u32`;
-    /// 0 while unknown).
-    pub level: AtomicU32,
-    /// The slot of the same upstream that asks for the highest protocol
-    /// (see `pool`): woken when this connection learns that the upstream
-    /// offers more than this connection negotiated.
-    pub upgrade: OnceLock<Arc<ConnShared>>,
-}
-
-/// What an upstream told us about itself.
-#[derive(Debug, Clone, Default)]
-pub struct UpstreamInfo {
-    pub server_version: Option<String>,
-    pub protocol: Option<String>,
-    /// `server.features` `protocol_max`: the highest level the upstream offers.
-    pub protocol_max: Option<String>,
-    pub genesis_hash: Option<String>,
-}
-
-impl ConnShared {
-    pub fn new(max_in_flight: usize) -> Self {
-        Self {
-            id: AtomicU64::new(0),
-            ready: AtomicBool::new(false),
-            in_flight: AtomicUsize::new(0),
-            max_in_flight,
-            info: Mutex::new(UpstreamInfo::default()),
-            tip: AtomicU64::new(0),
-            active: AtomicBool::new(true),
-            wake: tokio::sync::Notify::new(),
-            level: AtomicU32::new(0),
-            upgrade: OnceLock::new(),
-        }
-    }
-
-    /// The protocol level negotiated on this connection.
-    pub fn level(&self) -> Version {
-        Version::from_u32(self.level.load(Ordering::Acquire))
-    }
-
-    pub fn tip(&self) -> u64 {
-        self.tip.load(Ordering::Relaxed)
-    }
-
-    pub fn conn_id(&self) -> ConnId {
-        ConnId(self.id.load(Ordering::Acquire))
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-
-    pub fn release(&self) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+pub use super::shared::{ConnShared, UpstreamInfo};
 
 /// A job that has been written and awaits its answer.
 pub struct Pending {
@@ -148,6 +78,9 @@ pub struct ConnCtx<'a> {
     /// connections an upstream always keeps).
     pub idle_close: Option<Duration>,
     pub latency: Option<&'a prometheus::Histogram>,
+    /// Sends a job answered "busy" to another connection (its in-flight
+    /// count already released here).
+    pub resend: &'a (dyn Fn(Job) + Send + Sync),
     pub shutdown: &'a CancellationToken,
 }
 
@@ -156,8 +89,12 @@ pub struct Ended {
     pub reason: String,
     /// Jobs written to the socket that got no answer.
     pub unanswered: Vec<Job>,
+    /// Jobs received but never written: they may go anywhere.
+    pub queued: Vec<Job>,
     /// Whether the handshake completed (the connection was ever ready).
     pub was_ready: bool,
+    /// The upstream closed it (rather than an error, a stall or shutdown).
+    pub closed_by_upstream: bool,
 }
 
 /// Serve one established connection until it fails or shutdown.
@@ -172,15 +109,31 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
         last_read: Instant::now(),
         last_write: Instant::now(),
         last_job: Instant::now(),
+        limiter: Limiter::new(ctx.shared.ceiling),
+        waiting: VecDeque::new(),
     };
+    ctx.shared
+        .limit
+        .store(actor.limiter.limit(), Ordering::Relaxed);
 
-    if let Err(reason) = actor.handshake(&mut reader, &mut wr).await {
+    let hello = Hello {
+        coin: ctx.coin,
+        label: ctx.label,
+        shared: ctx.shared,
+        client_name: ctx.client_name,
+        protocol: ctx.protocol,
+        protocol_max: ctx.protocol_max,
+    };
+    if let Err(reason) = handshake(&hello, &mut reader, &mut wr).await {
         return Ended {
             reason,
             unanswered: Vec::new(),
+            queued: actor.waiting.drain(..).collect(),
             was_ready: false,
+            closed_by_upstream: false,
         };
     }
+    actor.last_read = Instant::now();
     let conn = ctx.shared.conn_id();
     {
         let info = ctx.shared.info.lock().unwrap_or_else(|p| p.into_inner());
@@ -203,8 +156,10 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
         .map(|p| p.job)
         .collect();
     Ended {
+        closed_by_upstream: reason == CLOSED,
         reason,
         unanswered,
+        queued: actor.waiting.drain(..).collect(),
         was_ready: true,
     }
 }
@@ -217,141 +172,23 @@ struct Actor<'a> {
     last_read: Instant,
     last_write: Instant,
     last_job: Instant,
+    /// Learns how many requests to keep written (see `limit`).
+    limiter: Limiter,
+    /// Jobs received while the connection was at its limit, oldest first.
+    /// Taken out of the channel so that their deadlines are enforced
+    /// while they wait (a job's client must not wait past it).
+    waiting: VecDeque<Job>,
 }
 
 /// Why `Actor::run` returned without an error.
 pub const IDLE: &str = "idle";
+/// Why it returned when the upstream closed the socket.
+const CLOSED: &str = "closed by upstream";
 
 type Reader = LineReader<tokio::io::ReadHalf<BoxStream>>;
 type Writer = tokio::io::WriteHalf<BoxStream>;
 
 impl Actor<'_> {
-    async fn handshake(&mut self, reader: &mut Reader, wr: &mut Writer) -> Result<(), String> {
-        let version_params = match self.ctx.protocol_max {
-            Some(max) => serde_json::to_string(&(self.ctx.client_name, [self.ctx.protocol, max])),
-            None => serde_json::to_string(&(self.ctx.client_name, self.ctx.protocol)),
-        }
-        .expect("strings serialize");
-        let mut buf = Vec::new();
-        jsonrpc::finish_request(
-            &mut buf,
-            &jsonrpc::request_prefix("server.version", &version_params),
-            0,
-        );
-        jsonrpc::finish_request(
-            &mut buf,
-            &jsonrpc::request_prefix("server.features", "[]"),
-            1,
-        );
-        jsonrpc::finish_request(
-            &mut buf,
-            &jsonrpc::request_prefix("blockchain.headers.subscribe", "[]"),
-            2,
-        );
-        wr.write_all(&buf)
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-
-        let mut info = UpstreamInfo::default();
-        let mut got = [false, false, false];
-        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-        while !got.iter().all(|g| *g) {
-            let frame = tokio::time::timeout_at(deadline, reader.next_frame())
-                .await
-                .map_err(|_| "no answer to server.version".to_string())?
-                .map_err(|e| e.to_string())?;
-            let line = match frame {
-                Frame::Line(l) => l,
-                Frame::Eof => return Err("closed during handshake".into()),
-            };
-            let msgs = jsonrpc::parse_upstream_line(&line)
-                .map_err(|_| "invalid JSON in handshake".to_string())?;
-            for msg in msgs {
-                match msg {
-                    UpstreamMessage::Response {
-                        id: 0,
-                        outcome: Ok(r),
-                    } => {
-                        got[0] = true;
-                        if let Ok((software, proto)) =
-                            serde_json::from_str::<(String, String)>(r.get())
-                        {
-                            info.server_version = Some(software);
-                            info.protocol = Some(proto);
-                        } else if let Ok(software) = serde_json::from_str::<String>(r.get()) {
-                            info.server_version = Some(software);
-                        }
-                    }
-                    UpstreamMessage::Response {
-                        id: 0,
-                        outcome: Err(e),
-                    } => {
-                        return Err(format!("server.version refused: {}", e.get()));
-                    }
-                    UpstreamMessage::Response { id: 1, outcome } => {
-                        got[1] = true;
-                        if let Ok(features) = outcome {
-                            #[derive(serde::Deserialize)]
-                            struct Features {
-                                genesis_hash: Option<String>,
-                                protocol_max: Option<String>,
-                            }
-                            if let Ok(f) = serde_json::from_str::<Features>(features.get()) {
-                                info.genesis_hash = f.genesis_hash;
-                                info.protocol_max = f.protocol_max;
-                            }
-                        }
-                    }
-                    UpstreamMessage::Response { id: 2, outcome } => {
-                        got[2] = true;
-                        if let Some(h) = outcome.ok().and_then(|r| tip_height(r.get())) {
-                            self.ctx.shared.tip.store(h, Ordering::Relaxed);
-                        }
-                    }
-                    // Pre-identification chatter (relayfee/estimatefee) and anything else.
-                    _ => {}
-                }
-            }
-        }
-        self.learn_level(&info);
-        *self
-            .ctx
-            .shared
-            .info
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = info;
-        self.last_read = Instant::now();
-        Ok(())
-    }
-
-    /// Record the negotiated level, and wake the upstream's protocol slot
-    /// when the upstream offers a level that adds methods (1.6 or later)
-    /// above what this connection negotiated.
-    fn learn_level(&self, info: &UpstreamInfo) {
-        // A server that answered without a version accepted what was asked.
-        let level = info
-            .protocol
-            .as_deref()
-            .or(Some(self.ctx.protocol))
-            .and_then(|v| v.parse::<Version>().ok())
-            .unwrap_or(Version::new(1, 0));
-        self.ctx
-            .shared
-            .level
-            .store(level.to_u32(), Ordering::Release);
-        let offered = info
-            .protocol_max
-            .as_deref()
-            .and_then(|v| v.parse::<Version>().ok());
-        if let (Some(max), Some(top)) = (offered, self.ctx.shared.upgrade.get()) {
-            if max >= Version::new(1, 6) && max > level && !top.active.swap(true, Ordering::AcqRel)
-            {
-                tracing::info!(coin = self.ctx.coin, upstream = self.ctx.label, offers = %max, negotiated = %level, "upstream offers a higher protocol: opening a connection at it");
-                top.wake.notify_one();
-            }
-        }
-    }
-
     async fn run(
         &mut self,
         reader: &mut Reader,
@@ -361,7 +198,6 @@ impl Actor<'_> {
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
-        let max = self.ctx.shared.max_in_flight;
         self.last_job = Instant::now();
         // Registered once, not once per line.
         let shutdown = self.ctx.shutdown.cancelled();
@@ -382,32 +218,29 @@ impl Actor<'_> {
                                 Err(e) => return e.to_string(),
                             }
                         }
+                        // Answers made room: write what waits.
+                        self.fill(&mut buf, rx);
+                        if let Err(e) = self.flush(wr, &mut buf).await {
+                            return e;
+                        }
                     }
-                    Ok(Frame::Eof) => return "closed by upstream".into(),
+                    Ok(Frame::Eof) => return CLOSED.into(),
                     Err(e) => return e.to_string(),
                 },
-                job = rx.recv(), if self.pending.len() < max => {
+                job = rx.recv(), if self.waiting.len() < WAITING_MAX => {
                     let Some(job) = job else { return "pool closed".into() };
                     self.last_job = Instant::now();
-                    self.enqueue(&mut buf, job);
-                    self.drain(&mut buf, rx, max);
-                    if self.pending.len() < max {
+                    self.waiting.push_back(job);
+                    self.fill(&mut buf, rx);
+                    if self.pending.len() < self.limiter.limit() {
                         // Let the sessions that are ready run first: what
                         // they send joins this write instead of costing a
                         // syscall (and an upstream wakeup) of its own.
                         tokio::task::yield_now().await;
-                        self.drain(&mut buf, rx, max);
+                        self.fill(&mut buf, rx);
                     }
-                    if !buf.is_empty() {
-                        if let Err(e) = wr.write_all(&buf).await {
-                            return format!("write: {e}");
-                        }
-                        self.last_write = Instant::now();
-                        if buf.capacity() > 64 * 1024 {
-                            buf = Vec::with_capacity(4096);
-                        } else {
-                            buf.clear();
-                        }
+                    if let Err(e) = self.flush(wr, &mut buf).await {
+                        return e;
                     }
                 }
                 _ = sweep.tick() => {
@@ -415,7 +248,12 @@ impl Actor<'_> {
                         return stalled;
                     }
                     if let Some(idle) = self.ctx.idle_close {
-                        if self.pending.is_empty() && rx.is_empty() && self.last_job.elapsed() >= idle {
+                        // Idle, or retired by the monitor (no new jobs
+                        // come once it is not active): close once empty.
+                        let retired = !self.ctx.shared.is_active();
+                        if self.pending.is_empty() && rx.is_empty() && self.waiting.is_empty()
+                            && (retired || self.last_job.elapsed() >= idle)
+                        {
                             return IDLE.into();
                         }
                     }
@@ -439,14 +277,34 @@ impl Actor<'_> {
         }
     }
 
-    /// Enqueue whatever is queued, up to the in-flight limit.
-    fn drain(&mut self, buf: &mut Vec<u8>, rx: &mut mpsc::Receiver<Job>, max: usize) {
-        while self.pending.len() < max {
+    /// Enqueue what waits, then what is queued in the channel, up to the
+    /// in-flight limit.
+    fn fill(&mut self, buf: &mut Vec<u8>, rx: &mut mpsc::Receiver<Job>) {
+        while self.pending.len() < self.limiter.limit() {
+            if let Some(job) = self.waiting.pop_front() {
+                self.enqueue(buf, job);
+                continue;
+            }
             match rx.try_recv() {
                 Ok(job) => self.enqueue(buf, job),
                 Err(_) => break,
             }
         }
+    }
+
+    /// Write what `buf` holds, if anything.
+    async fn flush(&mut self, wr: &mut Writer, buf: &mut Vec<u8>) -> Result<(), String> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        wr.write_all(buf).await.map_err(|e| format!("write: {e}"))?;
+        self.last_write = Instant::now();
+        if buf.capacity() > 64 * 1024 {
+            *buf = Vec::with_capacity(4096);
+        } else {
+            buf.clear();
+        }
+        Ok(())
     }
 
     /// Assign an id, append the request to the write buffer, remember it.
@@ -483,11 +341,20 @@ impl Actor<'_> {
         for msg in msgs {
             match msg {
                 UpstreamMessage::Response { id, outcome } => {
+                    let in_flight = self.pending.len();
                     if let Some(p) = self.pending.remove(&id) {
                         self.ctx.shared.release();
+                        let rtt = p.sent.elapsed();
                         if let Some(h) = self.ctx.latency {
-                            h.observe(p.sent.elapsed().as_secs_f64());
+                            h.observe(rtt.as_secs_f64());
                         }
+                        if let Err(e) = outcome {
+                            if let Some(signal) = throttle::busy_signal(e.get()) {
+                                self.on_busy(signal, p.job, e);
+                                continue;
+                            }
+                        }
+                        self.learn(rtt, in_flight);
                         p.job.responder.deliver(outcome);
                     }
                 }
@@ -522,11 +389,73 @@ impl Actor<'_> {
         }
     }
 
+    /// Feed one answer time to the limiter and selection.
+    fn learn(&mut self, rtt: Duration, in_flight: usize) {
+        let shared = self.ctx.shared;
+        shared.observe_rtt(rtt);
+        if let Some(limit) = self.limiter.on_answer(rtt, in_flight) {
+            shared.limit.store(limit, Ordering::Relaxed);
+            tracing::trace!(
+                coin = self.ctx.coin,
+                upstream = self.ctx.label,
+                limit,
+                "in-flight limit"
+            );
+        }
+        if let Some(base) = self.limiter.base() {
+            shared
+                .base_us
+                .store((base * 1e6) as u64 + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// The upstream answered "excessive resource usage" or "busy": it did
+    /// not serve the request, so a read is resent to another connection
+    /// (selection now prefers upstreams that are not throttled) while the
+    /// client's deadline allows; a broadcast, or one resent too often,
+    /// gets the upstream's error.
+    fn on_busy(&mut self, signal: Signal, mut job: Job, error: &RawValue) {
+        let limit = self.limiter.on_busy();
+        self.ctx.shared.limit.store(limit, Ordering::Relaxed);
+        self.ctx
+            .shared
+            .throttle
+            .signal(signal, "answered a request with it");
+        if job.retryable
+            && job.attempts < BUSY_RESENDS
+            && job.deadline > Instant::now()
+            && !job.responder.is_abandoned()
+        {
+            job.attempts += 1;
+            (self.ctx.resend)(job);
+        } else {
+            job.responder.deliver(Err(error));
+        }
+    }
+
     /// Fail jobs whose deadline passed, and report a stalled connection:
     /// its oldest request has waited `stall_after` and nothing at all has
     /// arrived since that request was written.
     fn expire(&mut self) -> Option<String> {
         let now = Instant::now();
+        // Jobs still waiting for room past their deadline (or abandoned).
+        if self
+            .waiting
+            .iter()
+            .any(|j| j.deadline <= now || j.responder.is_abandoned())
+        {
+            let (late, keep): (VecDeque<Job>, VecDeque<Job>) = std::mem::take(&mut self.waiting)
+                .into_iter()
+                .partition(|j| j.deadline <= now || j.responder.is_abandoned());
+            self.waiting = keep;
+            for job in late {
+                self.ctx.shared.release();
+                job.responder.fail(RpcError::new(
+                    ErrorCode::UpstreamTimeout,
+                    "request timed out waiting for room on the upstream connection",
+                ));
+            }
+        }
         if let Some(oldest) = self.pending.values().next() {
             if now.duration_since(oldest.sent) >= self.ctx.stall_after
                 && self.last_read < oldest.sent
@@ -560,29 +489,5 @@ impl Actor<'_> {
             self.deadlines = live;
         }
         None
-    }
-}
-
-/// The height in a `blockchain.headers.subscribe` result or notification
-/// (modern `height` or pre-1.3 `block_height`).
-fn tip_height(json: &str) -> Option<u64> {
-    #[derive(serde::Deserialize)]
-    struct Tip {
-        height: Option<u64>,
-        block_height: Option<u64>,
-    }
-    let t: Tip = serde_json::from_str(json).ok()?;
-    t.height.or(t.block_height)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tip_heights() {
-        assert_eq!(tip_height(r#"{"hex":"00","height":7}"#), Some(7));
-        assert_eq!(tip_height(r#"{"block_height":8,"version":1}"#), Some(8));
-        assert_eq!(tip_height("[]"), None);
     }
 }

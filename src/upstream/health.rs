@@ -1,20 +1,17 @@
 //! Upstream health: when an upstream is in rotation, apart from selection.
 //!
-//! Owns: the rise/fall rule ([`Health`], a pure state machine) and the one
-//! background loop per coin that applies it each interval to what the
-//! connections report (connected or not, tip height). An upstream leaves
+//! Owns: the rise/fall rule ([`Health`], a pure state machine) and the
+//! judgement of one check ([`judge`]); `monitor`'s loop applies them each
+//! interval to what the connections report (connected or not, tip height). An upstream leaves
 //! rotation after `fall` bad checks in a row (no ready connection, or more
 //! than `max_lag` blocks behind the best tip among the coin's upstreams) and
 //! comes back after `rise` good ones. Each flip is logged once and reported to
 //! the hub, which moves subscriptions off an upstream leaving rotation.
 //! Stalls and dead sockets are detected by the connections themselves.
 
-use super::pool::PoolInner;
 use crate::status::events::EventKind;
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// The rules health is judged by.
 #[derive(Debug, Clone, Copy)]
@@ -114,18 +111,6 @@ pub fn judge(tip: Option<u64>, best: u64, max_lag: u64) -> Finding {
             best,
         },
         Some(_) => Finding::Ok,
-    }
-}
-
-/// Run the checks every `rules.interval` until shutdown.
-pub(super) async fn run(pool: Arc<PoolInner>, rules: HealthRules, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(rules.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => pool.check_health(&rules),
-        }
     }
 }
 

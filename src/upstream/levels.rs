@@ -9,7 +9,8 @@
 //! level is `conn`'s; the protocol slot that asks for the highest level is
 //! built by `pool`.
 
-use super::pool::{Pool, PoolInner, Slot};
+use super::pool::Pool;
+use super::state::{PoolInner, Slot};
 use super::{select, ConnId};
 
 /// See [`Pool::capability`].
@@ -21,10 +22,29 @@ pub enum Capability {
 }
 
 impl Pool {
-    /// The connection a new job of `need` would go to right now.
+    /// The connection a new job of `need` would go to right now, or,
+    /// when that is an extra connection (see `state`), the same upstream's
+    /// best connection that it always keeps: the hub places subscriptions
+    /// here, and extra connections are retired when not needed, which
+    /// would move their subscriptions (and cost the upstream new ones).
     pub fn preferred_for(&self, need: select::Need) -> Option<ConnId> {
         let inner = self.inner();
-        select::pick(&inner.capable_candidates(need), None).map(|i| inner.slots[i].shared.conn_id())
+        let candidates = inner.capable_candidates(need);
+        let mut chosen = select::pick(&candidates, None)?;
+        let slot = &inner.slots[chosen];
+        if slot.elastic {
+            let upstream = slot.upstream;
+            let kept: Vec<select::Candidate> = candidates
+                .iter()
+                .zip(&inner.slots)
+                .map(|(c, s)| select::Candidate {
+                    ready: c.ready && s.upstream == upstream && !s.elastic,
+                    ..*c
+                })
+                .collect();
+            chosen = select::pick(&kept, None).unwrap_or(chosen);
+        }
+        Some(inner.slots[chosen].shared.conn_id())
     }
 
     /// Whether a job of `need` can be served: by a connection that is up

@@ -3,24 +3,41 @@
 //! Owns: everything between the router and the upstream sockets. Many
 //! sessions share few sockets here.
 //!
-//! Layout:
-//! - `pool`: the coin's pool; dispatches jobs, grows and shrinks connections;
-//! - `select`: the pure choice of a connection for a job;
+//! Layout, in the order a request meets them:
+//! - `pool`: the coin's pool handle; builds each generation (reload),
+//!   reports status;
+//! - `state`: one generation's upstreams and slots; dispatch, and growing
+//!   connections when requests queue in the proxy;
+//! - `select`: the pure choice of a connection for a job (cost, throttled
+//!   upstreams passed over while others have room);
 //! - `levels`: protocol levels: which connections can answer a job;
-//! - `health`: the probe loop and the rise/fall rules that take an upstream
-//!   in and out of rotation (lag behind the best tip, lost connections);
 //! - `supervisor`: keeps one connection slot connected, with backoff, and
 //!   retries what a dead connection left unanswered;
-//! - `conn`: the per-socket actor that rewrites ids;
-//! - `connect`: dialing, TCP or TLS.
+//! - `conn`: the per-socket actor that rewrites ids, learns its in-flight
+//!   limit (`limit`) and resends "busy" answers; `handshake` opens it;
+//!   `shared` is what it shares with selection;
+//! - `connect`: dialing, TCP or TLS;
+//! - `monitor`: the loop that judges health (`health`: the rise/fall
+//!   rules), throttling (`throttle`: the upstream's own metering, made
+//!   visible) and retires connections that are not needed.
+//!
+//! Imports go one way, no circles: `pool` -> (`monitor`, `supervisor`) ->
+//! `state` -> (`select`, `health`, `throttle`, `conn` -> `handshake` ->
+//! `shared`); `levels` adds capability methods to `pool` and `state`.
 
 pub mod conn;
 pub mod connect;
+mod handshake;
 pub mod health;
 pub mod levels;
+pub mod limit;
+mod monitor;
 pub mod pool;
 pub mod select;
+pub mod shared;
+mod state;
 mod supervisor;
+pub mod throttle;
 
 pub use levels::Capability;
 pub use pool::Pool;
@@ -113,4 +130,9 @@ pub struct UpstreamStatus {
     /// The protocol level each ready connection negotiated.
     pub levels: Vec<crate::protocol::Version>,
     pub info: conn::UpstreamInfo,
+    /// The upstream is throttling us (see `throttle`), and why.
+    pub throttled: bool,
+    pub throttle_reason: String,
+    /// The learned in-flight limits of its ready connections, summed.
+    pub in_flight_limit: usize,
 }

@@ -1,10 +1,11 @@
-//! The pool of one coin: every upstream's connection slots, and dispatch.
+//! The pool of one coin: the handle the router and the hub hold.
 //!
-//! Owns: the slots (a supervisor task each; slots beyond an upstream's
-//! `min_connections` stay dormant until the active ones are saturated, and go
-//! dormant again when idle), choosing a slot for each job via `select`,
-//! per-upstream health state (judged by `health`), and the event stream the
-//! subscription hub consumes.
+//! Owns: building each generation of upstreams and connection slots (a
+//! supervisor task each; slots beyond an upstream's `min_connections` stay
+//! dormant until requests queue, see `state`, and are retired again by
+//! `monitor`), starting its supervisors and monitor, replacing it on reload,
+//! the event stream the subscription hub consumes, and the status read by
+//! logs, metrics and the status page. Dispatch itself is `state`'s.
 //!
 //! Protocol levels: the ordinary slots ask every upstream for the coin's
 //! `upstream_protocol`. Each upstream also has one *protocol slot* that asks
@@ -19,12 +20,12 @@
 
 use super::conn::{ConnShared, UpstreamInfo};
 use super::connect::Dialer;
-use super::health::{self, Finding, Health, HealthRules};
-use super::supervisor::{Supervisor, SupervisorSettings};
-use super::{select, ConnId, Job, PoolEvent, UpstreamStatus};
+use super::health::{Health, HealthRules};
+use super::state::{Cell, PoolInner, Slot, SupervisorSettings, Upstream};
+use super::supervisor::Supervisor;
+use super::throttle::Throttle;
+use super::{monitor, select, ConnId, Job, PoolEvent, UpstreamStatus};
 use crate::config::{ServerConfig, UpstreamEntry};
-use crate::jsonrpc::{ErrorCode, RpcError};
-use crate::status::events::CoinEvents;
 use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,42 +46,6 @@ pub struct PoolOptions {
     pub protocol_max: Option<String>,
     pub metrics: Option<Arc<crate::metrics::CoinMetrics>>,
 }
-
-/// One upstream server and its rotation state.
-pub(super) struct Upstream {
-    pub entry: UpstreamEntry,
-    pub label: String,
-    pub healthy: AtomicBool,
-    pub health: Mutex<Health>,
-}
-
-/// One connection slot.
-pub(super) struct Slot {
-    pub upstream: usize,
-    pub dialer: Dialer,
-    pub tx: mpsc::Sender<Job>,
-    pub shared: Arc<ConnShared>,
-    /// The upstream's protocol slot (see the module doc): never grown into.
-    pub top: bool,
-}
-
-pub(super) struct PoolInner {
-    pub coin: String,
-    pub upstreams: Vec<Upstream>,
-    pub slots: Vec<Slot>,
-    pub events: mpsc::UnboundedSender<PoolEvent>,
-    pub settings: SupervisorSettings,
-    /// Stops this generation's supervisors and health loop.
-    pub stop: CancellationToken,
-    /// The rules the health loop judges by (the status page judges lag by
-    /// the same ones).
-    pub rules: HealthRules,
-    /// Health flips and connection failures are recorded here.
-    pub journal: CoinEvents,
-}
-
-/// The current generation of a pool; replaced whole on reload.
-pub(super) type Cell = ArcSwap<PoolInner>;
 
 /// A coin's upstream pool. Cheap to clone. Its upstream set can be replaced
 /// at run time ([`Pool::reconfigure`]) without dropping client sessions.
@@ -153,7 +118,7 @@ impl Pool {
         Ok(())
     }
 
-    /// Start the supervisors and the health loop of the current generation.
+    /// Start the supervisors and the monitor of the current generation.
     fn launch(&self, pending: Vec<(mpsc::Receiver<Job>, bool)>, options: &PoolOptions) {
         let inner = self.cell.load_full();
         for (index, (rx, elastic)) in pending.into_iter().enumerate() {
@@ -184,7 +149,7 @@ impl Pool {
             };
             self.base.tracker.spawn(sup.run());
         }
-        self.base.tracker.spawn(health::run(
+        self.base.tracker.spawn(monitor::run(
             inner.clone(),
             options.rules,
             inner.stop.clone(),
@@ -304,6 +269,9 @@ impl Pool {
                     height: ready.iter().map(|s| s.shared.tip()).max().unwrap_or(0),
                     levels: ready.iter().map(|s| s.shared.level()).collect(),
                     info,
+                    throttled: u.throttle.is_throttled(),
+                    throttle_reason: u.throttle.reason(),
+                    in_flight_limit: ready.iter().map(|s| s.shared.limit()).sum(),
                 }
             })
             .collect()
@@ -319,23 +287,36 @@ fn build(
     options: &PoolOptions,
 ) -> Result<(Arc<PoolInner>, Vec<(mpsc::Receiver<Job>, bool)>), String> {
     let coin = &base.coin;
+    let journal = options
+        .metrics
+        .as_ref()
+        .map(|m| m.journal.clone())
+        .unwrap_or_default();
     let mut slots = Vec::new();
     let mut rxs = Vec::new();
     let mut upstreams = Vec::new();
     for (i, entry) in entries.iter().enumerate() {
         let dialer =
             Dialer::new(entry.clone()).map_err(|e| format!("coins.{coin}.upstreams[{i}]: {e}"))?;
+        let label = entry.url.to_string();
+        let throttle = Arc::new(Throttle::new(
+            coin,
+            &label,
+            options.metrics.as_ref().map(|m| m.throttle_signals(&label)),
+            journal.clone(),
+        ));
         upstreams.push(Upstream {
             entry: entry.clone(),
-            label: entry.url.to_string(),
+            label,
             healthy: AtomicBool::new(true),
             health: Mutex::new(Health::default()),
+            throttle: throttle.clone(),
         });
         let min = entry.min_connections.max(1);
         let first = slots.len();
         for n in 0..entry.max_connections.max(1) {
             let (tx, rx) = mpsc::channel(QUEUE_PER_CONNECTION);
-            let shared = Arc::new(ConnShared::new(entry.max_in_flight));
+            let shared = Arc::new(ConnShared::new(entry.max_in_flight, throttle.clone()));
             shared.active.store(n < min, Ordering::Release);
             slots.push(Slot {
                 upstream: i,
@@ -343,6 +324,7 @@ fn build(
                 shared,
                 dialer: dialer.clone(),
                 top: false,
+                elastic: n >= min,
             });
             rxs.push((rx, n >= min));
         }
@@ -350,7 +332,7 @@ fn build(
             // Dormant, and never closed for idleness once woken: it holds
             // the subscriptions only that level can hold.
             let (tx, rx) = mpsc::channel(QUEUE_PER_CONNECTION);
-            let shared = Arc::new(ConnShared::new(entry.max_in_flight));
+            let shared = Arc::new(ConnShared::new(entry.max_in_flight, throttle.clone()));
             shared.active.store(false, Ordering::Release);
             for s in &slots[first..] {
                 let _ = s.shared.upgrade.set(shared.clone());
@@ -361,6 +343,7 @@ fn build(
                 shared,
                 dialer: dialer.clone(),
                 top: true,
+                elastic: false,
             });
             rxs.push((rx, false));
         }
@@ -382,154 +365,8 @@ fn build(
         settings,
         stop: base.shutdown.child_token(),
         rules: options.rules,
-        journal: options
-            .metrics
-            .as_ref()
-            .map(|m| m.journal.clone())
-            .unwrap_or_default(),
+        journal,
+        clients: options.metrics.clone(),
     });
     Ok((inner, rxs))
-}
-
-impl PoolInner {
-    /// One health check of every upstream (called by the health loop).
-    pub fn check_health(&self, rules: &HealthRules) {
-        let inner = self;
-        let tips: Vec<Option<u64>> = (0..inner.upstreams.len())
-            .map(|i| {
-                inner
-                    .slots
-                    .iter()
-                    .filter(|s| s.upstream == i && s.shared.is_ready())
-                    .map(|s| s.shared.tip())
-                    .max()
-            })
-            .collect();
-        let best = tips.iter().flatten().copied().max().unwrap_or(0);
-        for (i, u) in inner.upstreams.iter().enumerate() {
-            let finding = health::judge(tips[i], best, rules.max_lag);
-            let flip = u
-                .health
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .observe(finding == Finding::Ok, rules);
-            let Some(now_healthy) = flip else { continue };
-            u.healthy.store(now_healthy, Ordering::Release);
-            match finding {
-                Finding::Ok => {
-                    tracing::info!(coin = %inner.coin, upstream = %u.label, "upstream back in rotation")
-                }
-                Finding::NoConnection => {
-                    tracing::warn!(coin = %inner.coin, upstream = %u.label, "upstream out of rotation: no connection")
-                }
-                Finding::Lagging { behind, best } => tracing::warn!(
-                    coin = %inner.coin, upstream = %u.label, behind, best_tip = best,
-                    "upstream out of rotation: lagging behind the best tip"
-                ),
-            }
-            inner
-                .journal
-                .record(finding.event_kind(), Some(&u.label), finding.to_string());
-            // Whatever lives on its connections moves (or may come back).
-            for s in inner
-                .slots
-                .iter()
-                .filter(|s| s.upstream == i && s.shared.is_ready())
-            {
-                let conn = s.shared.conn_id();
-                let ev = if now_healthy {
-                    PoolEvent::Up { conn }
-                } else {
-                    PoolEvent::Down { conn }
-                };
-                let _ = inner.events.send(ev);
-            }
-        }
-    }
-
-    pub(super) fn candidates(&self) -> Vec<select::Candidate> {
-        self.slots
-            .iter()
-            .map(|s| {
-                let u = &self.upstreams[s.upstream];
-                select::Candidate {
-                    ready: s.shared.is_ready(),
-                    healthy: u.healthy.load(Ordering::Acquire),
-                    in_flight: s.shared.in_flight(),
-                    max_in_flight: s.shared.max_in_flight,
-                    weight: u.entry.weight,
-                    backup: u.entry.backup,
-                }
-            })
-            .collect()
-    }
-
-    pub(super) fn slot_of(&self, conn: ConnId) -> Option<usize> {
-        self.slots
-            .iter()
-            .position(|s| s.shared.is_ready() && s.shared.conn_id() == conn)
-    }
-
-    pub(super) fn dispatch(&self, job: Job) {
-        match select::pick(&self.capable_candidates(job.need), job.last_conn) {
-            Some(index) => self.send_to(index, job),
-            None if job.need.is_any() || !self.slots.iter().any(|s| s.shared.is_ready()) => {
-                job.responder.fail(RpcError::new(
-                    ErrorCode::UpstreamUnavailable,
-                    format!("no upstream server available for {}", self.coin),
-                ))
-            }
-            None => {
-                let need = job.need;
-                job.responder.fail(RpcError::new(
-                    ErrorCode::UpstreamUnavailable,
-                    format!(
-                        "no upstream connection of {} speaks {need} right now",
-                        self.coin
-                    ),
-                ))
-            }
-        }
-    }
-
-    fn send_to(&self, index: usize, mut job: Job) {
-        let slot = &self.slots[index];
-        job.last_conn = Some(index);
-        let load = slot.shared.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        if load > slot.shared.max_in_flight {
-            self.grow(slot.upstream);
-        }
-        match slot.tx.try_send(job) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(job)) => {
-                slot.shared.release();
-                job.responder.fail(RpcError::new(
-                    ErrorCode::LimitExceeded,
-                    "upstream queue full: try again later",
-                ));
-            }
-            Err(mpsc::error::TrySendError::Closed(job)) => {
-                slot.shared.release();
-                job.responder.fail(RpcError::new(
-                    ErrorCode::UpstreamUnavailable,
-                    "upstream connection closed",
-                ));
-            }
-        }
-    }
-
-    /// Wake a dormant slot of `upstream`, if it has one: its active
-    /// connections are saturated.
-    fn grow(&self, upstream: usize) {
-        let dormant = self
-            .slots
-            .iter()
-            .find(|s| s.upstream == upstream && !s.top && !s.shared.active.load(Ordering::Acquire));
-        if let Some(s) = dormant {
-            if !s.shared.active.swap(true, Ordering::AcqRel) {
-                tracing::debug!(coin = %self.coin, upstream = %self.upstreams[upstream].label, "opening another connection: the open ones are saturated");
-                s.shared.wake.notify_one();
-            }
-        }
-    }
 }

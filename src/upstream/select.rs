@@ -4,9 +4,16 @@
 //! healthy backups (used only while no primary is healthy), and only when
 //! no upstream is healthy at all, whatever is still connected (serving from
 //! a lagging upstream beats failing every request). Within the chosen tier,
-//! the fewest outstanding requests relative to the upstream's weight. A connection at its in-flight limit can still be
-//! picked: its queue holds the request until a slot frees up (the pool's
-//! growth, not selection, answers saturation).
+//! throttled upstreams (see `throttle`) are passed over while a connection
+//! of an upstream that is not throttled has room (fewer requests than its
+//! learned limit); a throttled upstream that is the only one left still
+//! serves. Then the lowest cost wins: outstanding requests (plus this one)
+//! times the connection's recent answer time, divided by the upstream's
+//! weight, so a slowing upstream gets less. Answer times below
+//! [`RTT_FLOOR_US`] count as that floor (between fast upstreams, it is the
+//! fewest outstanding requests per unit of weight). A connection at its
+//! in-flight limit can still be picked: its queue holds the request until a
+//! slot frees up (the pool's growth, not selection, answers saturation).
 //!
 //! Capability is a separate filter ([`capable`]): a request that only some
 //! protocol levels answer (see [`Need`]) is offered only the connections
@@ -17,13 +24,33 @@ use crate::protocol::Version;
 /// What selection needs to know about one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate {
+    /// Connected, and kept open (not retired by the pool's shrinking).
     pub ready: bool,
     /// The upstream is in rotation (see `health`).
     pub healthy: bool,
     pub in_flight: usize,
-    pub max_in_flight: usize,
+    /// The connection's learned in-flight limit.
+    pub limit: usize,
+    /// Recent answer time in microseconds (0: unknown).
+    pub rtt_us: u64,
     pub weight: u32,
     pub backup: bool,
+    /// The upstream is throttling us.
+    pub throttled: bool,
+}
+
+/// Answer times below this (µs) are not told apart.
+pub const RTT_FLOOR_US: u64 = 1000;
+
+impl Candidate {
+    fn has_room(&self) -> bool {
+        self.in_flight < self.limit
+    }
+
+    /// (outstanding + 1) × answer time; compared across weights below.
+    fn cost(&self) -> u128 {
+        (self.in_flight as u128 + 1) * self.rtt_us.max(RTT_FLOOR_US) as u128
+    }
 }
 
 /// Index of the connection to use, or `None` when none can take a request.
@@ -42,14 +69,19 @@ pub fn pick(candidates: &[Candidate], skip: Option<usize>) -> Option<usize> {
         .filter(|(i, c)| usable(*i, c))
         .map(|(_, c)| tier(c))
         .min()?;
+    let in_tier = |i: usize, c: &Candidate| usable(i, c) && tier(c) == best_tier;
+    let room_unthrottled = candidates
+        .iter()
+        .enumerate()
+        .any(|(i, c)| in_tier(i, c) && !c.throttled && c.has_room());
     candidates
         .iter()
         .enumerate()
-        .filter(|(i, c)| usable(*i, c) && tier(c) == best_tier)
-        // Compare in_flight / weight without division: a/wa < b/wb <=> a*wb < b*wa.
+        .filter(|(i, c)| in_tier(*i, c) && !(room_unthrottled && c.throttled))
+        // Compare cost / weight without division: a/wa < b/wb <=> a*wb < b*wa.
         .min_by(|(_, a), (_, b)| {
-            let la = (a.in_flight as u64 + 1) * b.weight as u64;
-            let lb = (b.in_flight as u64 + 1) * a.weight as u64;
+            let la = a.cost() * b.weight as u128;
+            let lb = b.cost() * a.weight as u128;
             la.cmp(&lb)
         })
         .map(|(i, _)| i)
@@ -120,10 +152,40 @@ mod tests {
             ready,
             healthy: true,
             in_flight,
-            max_in_flight: 10,
+            limit: 10,
+            rtt_us: 0,
             weight,
             backup,
+            throttled: false,
         }
+    }
+
+    #[test]
+    fn a_slower_upstream_gets_less() {
+        // 2 outstanding at 100 ms costs more than 5 at 20 ms.
+        let mut slow = c(true, 2, 1, false);
+        slow.rtt_us = 100_000;
+        let mut fast = c(true, 5, 1, false);
+        fast.rtt_us = 20_000;
+        assert_eq!(pick(&[slow, fast], None), Some(1));
+        // Sub-millisecond differences are noise: outstanding decides.
+        slow.rtt_us = 900;
+        fast.rtt_us = 100;
+        assert_eq!(pick(&[slow, fast], None), Some(0));
+    }
+
+    #[test]
+    fn throttled_only_when_no_other_has_room() {
+        let mut throttled = c(true, 0, 1, false);
+        throttled.throttled = true;
+        // The other one has room (3 < 10): the throttled one is passed over.
+        let cs = [throttled, c(true, 3, 1, false)];
+        assert_eq!(pick(&cs, None), Some(1));
+        // The other one is full: cost decides again.
+        let cs = [throttled, c(true, 12, 1, false)];
+        assert_eq!(pick(&cs, None), Some(0));
+        // Alone, it still serves.
+        assert_eq!(pick(&[throttled], None), Some(0));
     }
 
     #[test]

@@ -8,7 +8,8 @@
 
 use super::conn::{self, ConnCtx, ConnShared};
 use super::connect::Dialer;
-use super::pool::Cell;
+use super::state::{Cell, SupervisorSettings};
+use super::throttle::Signal;
 use super::{Job, PoolEvent};
 use crate::jsonrpc::{ErrorCode, RpcError};
 use crate::status::events::{CoinEvents, EventKind};
@@ -24,18 +25,6 @@ const BACKOFF_START: Duration = Duration::from_millis(200);
 
 /// Every established connection gets a distinct id, process-wide.
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
-
-#[derive(Clone)]
-pub struct SupervisorSettings {
-    pub client_name: String,
-    pub protocol: String,
-    pub connect_timeout: Duration,
-    pub ping_interval: Duration,
-    pub stall_after: Duration,
-    pub idle_close: Duration,
-    /// Longest delay between two dial attempts (`upstream_reconnect_max_ms`).
-    pub reconnect_max: Duration,
-}
 
 pub(super) struct Supervisor {
     pub coin: String,
@@ -79,6 +68,8 @@ impl Supervisor {
                         NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
                         Ordering::Release,
                     );
+                    let (pool, index) = (&self.pool, self.index);
+                    let resend = move |job: Job| resend(pool, index, job);
                     let ctx = ConnCtx {
                         coin: &self.coin,
                         label: &self.label,
@@ -91,12 +82,18 @@ impl Supervisor {
                         stall_after: self.settings.stall_after,
                         idle_close: self.elastic.then_some(self.settings.idle_close),
                         latency: self.latency.as_ref(),
+                        resend: &resend,
                         shutdown: &self.shutdown,
                     };
-                    let ended = conn::serve(stream, &mut self.rx, ctx).await;
+                    let mut ended = conn::serve(stream, &mut self.rx, ctx).await;
                     if self.shutdown.is_cancelled() {
                         self.fail_all(ended.unanswered, "shutting down");
+                        self.fail_all(ended.queued, "shutting down");
                         break;
+                    }
+                    // Never written: they may go anywhere.
+                    for job in std::mem::take(&mut ended.queued) {
+                        self.redispatch(job);
                     }
                     if ended.reason == conn::IDLE {
                         tracing::debug!(coin = %self.coin, upstream = %self.label, "closing an idle extra connection");
@@ -106,6 +103,17 @@ impl Supervisor {
                     }
                     if ended.was_ready {
                         backoff = BACKOFF_START;
+                    }
+                    if ended.closed_by_upstream && !ended.unanswered.is_empty() {
+                        // What ElectrumX does to a session past its hard
+                        // limit (or a server shedding load).
+                        self.shared.throttle.signal(
+                            Signal::Disconnect,
+                            &format!(
+                                "closed a connection with {} requests outstanding",
+                                ended.unanswered.len()
+                            ),
+                        );
                     }
                     self.journal.record(
                         EventKind::ConnectionLost,
@@ -177,19 +185,9 @@ impl Supervisor {
         }
     }
 
-    fn redispatch(&self, mut job: Job) {
+    fn redispatch(&self, job: Job) {
         self.shared.release();
-        job.last_conn = Some(self.index);
-        if let Some(reroute) = job.reroute.clone() {
-            return (reroute.0)(job);
-        }
-        match self.pool.upgrade() {
-            Some(pool) => pool.load().dispatch(job),
-            None => job.responder.fail(RpcError::new(
-                ErrorCode::UpstreamUnavailable,
-                "shutting down",
-            )),
-        }
+        resend(&self.pool, self.index, job);
     }
 
     /// Jobs written to a connection that died: resend read-only ones once,
@@ -219,6 +217,22 @@ impl Supervisor {
             job.responder
                 .fail(RpcError::new(ErrorCode::UpstreamUnavailable, why));
         }
+    }
+}
+
+/// Send a job that left slot `index` (its in-flight count released) where
+/// it goes next: its reroute, or the pool's choice of another connection.
+fn resend(pool: &Weak<Cell>, index: usize, mut job: Job) {
+    job.last_conn = Some(index);
+    if let Some(reroute) = job.reroute.clone() {
+        return (reroute.0)(job);
+    }
+    match pool.upgrade() {
+        Some(pool) => pool.load().dispatch(job),
+        None => job.responder.fail(RpcError::new(
+            ErrorCode::UpstreamUnavailable,
+            "shutting down",
+        )),
     }
 }
 

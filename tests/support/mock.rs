@@ -10,10 +10,14 @@
 //! Files: this one is the server (connections, steering, notifications);
 //! `mock_methods.rs` answers the protocol-1.4 methods; `mock_levels.rs`
 //! makes it an ElectrumX 2.0 (`MockOptions::protocol_max`): per-connection
-//! negotiation up to 1.7, and the methods and shapes of 1.6 and 1.7.
+//! negotiation up to 1.7, and the methods and shapes of 1.6 and 1.7;
+//! `mock_meter.rs` meters sessions like ElectrumX (`MockOptions::meter`).
 
 #[path = "mock_levels.rs"]
 mod levels;
+#[path = "mock_meter.rs"]
+#[allow(dead_code)]
+pub mod meter;
 #[path = "mock_methods.rs"]
 mod methods;
 
@@ -47,6 +51,9 @@ pub struct MockOptions {
     /// connection and serve each level's methods (see `mock_levels.rs`).
     /// `None`: a protocol-1.4 server (`protocol_max` "1.4.2").
     pub protocol_max: Option<String>,
+    /// Meter each session like ElectrumX (cost, concurrency, sleeps, -101
+    /// and close at the hard limit, optionally a group cost).
+    pub meter: Option<Arc<meter::Meter>>,
 }
 
 pub fn sha256d(data: &[u8]) -> [u8; 32] {
@@ -576,6 +583,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, shared: Ar
             outpoints: HashMap::new(),
         },
     );
+    if let Some(m) = &shared.opts.meter {
+        m.open(id);
+    }
     let pad = shared.opts.pad;
     let writer_kill = kill.clone();
     let writer = tokio::spawn(async move {
@@ -629,6 +639,18 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, shared: Ar
         if method == "server.version" {
             identified = true;
         }
+        if let Some(m) = shared.opts.meter.clone() {
+            meter::handle(
+                shared.clone(),
+                m,
+                id,
+                req,
+                line.len(),
+                tx.clone(),
+                kill.clone(),
+            );
+            continue;
+        }
         let delay = shared.delay_ms.load(Ordering::SeqCst);
         let reply = methods::answer(&shared, id, &req);
         let Some(id_val) = req.get("id").cloned() else {
@@ -655,6 +677,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, shared: Ar
         }
     }
     kill.cancel();
+    if let Some(m) = &shared.opts.meter {
+        m.close(id);
+    }
     shared.conns.lock().unwrap().remove(&id);
     drop(tx);
     let _ = writer.await;

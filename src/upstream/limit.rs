@@ -1,0 +1,214 @@
+//! How many requests one upstream connection may have written and
+//! unanswered: learned from its answer times, not configured by hand.
+//!
+//! Owns: the limiter ([`Limiter`], pure and unit-tested) each connection
+//! actor feeds with its answer times. It does not queue anything: the
+//! connection stops writing at the limit and the pool, seeing requests wait
+//! in the proxy, opens another connection.
+//!
+//! Why: ElectrumX runs at most `INITIAL_CONCURRENT` (10) requests of a
+//! session at a time, fewer as the session's cost rises, and makes each one
+//! sleep once past its soft limit. Requests written beyond that wait inside
+//! the upstream, where nothing else can take them. So the limiter starts
+//! at that 10 and follows what the upstream actually serves, Vegas style:
+//!
+//! - `base`: the shortest answer time seen over the last one or two windows
+//!   of [`WINDOW`] answers (what an answer costs with no queue);
+//! - each *round* (as many answers as the limit) yields its mean answer
+//!   time `recent`, and the requests that were waiting upstream rather than
+//!   being served are estimated as `queued = limit × (recent − base −
+//!   SLACK) / recent`;
+//! - `queued` below [`ALPHA`] and the connection was kept full during the
+//!   round: one more (answers do not slow down as it fills); above
+//!   [`BETA`]: fewer, by the excess over `BETA` halved (at least one);
+//!   between: unchanged;
+//! - an upstream's "busy" answer (ElectrumX's -101 / -102) halves it.
+//!
+//! It stays within `[1, ceiling]`, the ceiling being the upstream's
+//! `max_in_flight`. [`SLACK`] keeps a loopback upstream's microsecond jitter
+//! from reading as a queue.
+
+use std::time::Duration;
+
+/// Where a limit starts: what ElectrumX grants a fresh session.
+pub const INITIAL: usize = 10;
+/// Answers per window of the `base` answer time.
+pub const WINDOW: u32 = 500;
+/// Queued requests below which the limit grows.
+pub const ALPHA: f64 = 2.0;
+/// Queued requests above which the limit shrinks.
+pub const BETA: f64 = 4.0;
+/// Answer-time differences below this are noise, not a queue.
+pub const SLACK: Duration = Duration::from_micros(500);
+
+/// The learned in-flight limit of one connection.
+#[derive(Debug, Clone)]
+pub struct Limiter {
+    limit: usize,
+    ceiling: usize,
+    /// Shortest answer time of the current and the previous window (s).
+    window_min: f64,
+    prev_min: f64,
+    window_n: u32,
+    /// This round: answers, their summed time, whether the connection was
+    /// full at some answer.
+    round_n: usize,
+    round_sum: f64,
+    round_full: bool,
+}
+
+impl Limiter {
+    pub fn new(ceiling: usize) -> Limiter {
+        let ceiling = ceiling.max(1);
+        Limiter {
+            limit: INITIAL.min(ceiling),
+            ceiling,
+            window_min: f64::INFINITY,
+            prev_min: f64::INFINITY,
+            window_n: 0,
+            round_n: 0,
+            round_sum: 0.0,
+            round_full: false,
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// The answer time with no queue, as far as it is known (seconds).
+    pub fn base(&self) -> Option<f64> {
+        let b = self.window_min.min(self.prev_min);
+        b.is_finite().then_some(b)
+    }
+
+    /// One answer took `rtt`; `in_flight` requests were written and
+    /// unanswered when it arrived (itself included). Returns the new limit
+    /// when it changed.
+    pub fn on_answer(&mut self, rtt: Duration, in_flight: usize) -> Option<usize> {
+        let rtt = rtt.as_secs_f64();
+        self.window_min = self.window_min.min(rtt);
+        self.window_n += 1;
+        if self.window_n >= WINDOW {
+            self.prev_min = self.window_min;
+            self.window_min = f64::INFINITY;
+            self.window_n = 0;
+        }
+        self.round_n += 1;
+        self.round_sum += rtt;
+        self.round_full |= in_flight >= self.limit;
+        if self.round_n < self.limit {
+            return None;
+        }
+        let recent = self.round_sum / self.round_n as f64;
+        let full = self.round_full;
+        self.round_n = 0;
+        self.round_sum = 0.0;
+        self.round_full = false;
+        let base = self.base()?;
+        let queued = if recent > 0.0 {
+            self.limit as f64 * ((recent - base - SLACK.as_secs_f64()).max(0.0) / recent)
+        } else {
+            0.0
+        };
+        let old = self.limit;
+        if queued < ALPHA {
+            if full {
+                self.limit = (self.limit + 1).min(self.ceiling);
+            }
+        } else if queued > BETA {
+            let cut = (((queued - BETA) / 2.0).ceil() as usize).max(1);
+            self.limit = self.limit.saturating_sub(cut).max(1);
+        }
+        (self.limit != old).then_some(self.limit)
+    }
+
+    /// The upstream said it is busy: halve. Returns the new limit.
+    pub fn on_busy(&mut self) -> usize {
+        self.limit = (self.limit / 2).max(1);
+        self.round_n = 0;
+        self.round_sum = 0.0;
+        self.round_full = false;
+        self.limit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Feed `rounds` rounds of answers from an upstream that serves
+    /// `concurrency` requests at a time, each taking `service`, with the
+    /// connection kept full at the limit (a closed loop).
+    fn drive(l: &mut Limiter, concurrency: usize, service: Duration, rounds: usize) {
+        for _ in 0..rounds {
+            let limit = l.limit();
+            // With `limit` written and `concurrency` served at a time, an
+            // answer waits for the ones ahead of it.
+            let waves = limit.div_ceil(concurrency) as u32;
+            for i in 0..limit {
+                let wave = (i / concurrency) as u32 + 1;
+                let rtt = service * wave.min(waves);
+                l.on_answer(rtt, limit);
+            }
+        }
+    }
+
+    #[test]
+    fn starts_at_what_electrumx_grants_and_stays_under_the_ceiling() {
+        assert_eq!(Limiter::new(256).limit(), 10);
+        assert_eq!(Limiter::new(4).limit(), 4);
+        let mut l = Limiter::new(12);
+        drive(&mut l, 1000, 10 * MS, 50);
+        assert_eq!(l.limit(), 12, "answers never slow: grows to the ceiling");
+    }
+
+    #[test]
+    fn grows_while_answers_do_not_slow_down() {
+        let mut l = Limiter::new(256);
+        drive(&mut l, 1000, 10 * MS, 30);
+        assert!(l.limit() > 30, "{}", l.limit());
+    }
+
+    #[test]
+    fn settles_near_the_upstream_concurrency() {
+        // ElectrumX at a raised cost: 4 at a time. Requests beyond that
+        // queue upstream, answers slow down, the limit comes down to it.
+        let mut l = Limiter::new(256);
+        drive(&mut l, 4, 10 * MS, 200);
+        let limit = l.limit();
+        assert!((3..=9).contains(&limit), "{limit}");
+        // And from a high start as well.
+        let mut l = Limiter::new(256);
+        drive(&mut l, 1000, 10 * MS, 60);
+        assert!(l.limit() > 40);
+        drive(&mut l, 4, 10 * MS, 400);
+        assert!((3..=9).contains(&l.limit()), "{}", l.limit());
+    }
+
+    #[test]
+    fn an_idle_connection_does_not_grow() {
+        let mut l = Limiter::new(256);
+        for _ in 0..1000 {
+            l.on_answer(10 * MS, 1);
+        }
+        assert_eq!(l.limit(), 10);
+    }
+
+    #[test]
+    fn busy_halves_and_jitter_is_not_a_queue() {
+        let mut l = Limiter::new(256);
+        assert_eq!(l.on_busy(), 5);
+        assert_eq!(l.on_busy(), 2);
+        assert_eq!(l.on_busy(), 1);
+        assert_eq!(l.on_busy(), 1);
+        // Loopback answers in 50-250 us: under SLACK, so it grows.
+        let mut l = Limiter::new(64);
+        for i in 0..5000u64 {
+            l.on_answer(Duration::from_micros(50 + (i * 37) % 200), l.limit());
+        }
+        assert_eq!(l.limit(), 64);
+    }
+}
