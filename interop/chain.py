@@ -5,7 +5,7 @@ its defaults) and interop/defaults_pass.py (the interop pass at the
 defaults). The addresses are derived from labels (nobody holds their keys),
 as upstream_cost.py derives its own, so a run is repeatable.
 
-    build(stack) -> {"height", "txids", "tx_heights", "scripthashes", "hot"}
+    build(stack) -> {"height", "txids", "tx_heights", "scripthashes", "addresses", "hot"}
 
 - 1,000 "wallet" addresses, paid round robin three at a time, so every one
   has a history of one or two payments (what most wallet addresses have);
@@ -55,5 +55,6 @@ def build(st, seed=1):
         "txids": txids,
         "tx_heights": [tx_heights[t] for t in txids],
         "scripthashes": [sh for _, sh in wallet],
+        "addresses": [a for a, _ in wallet],
         "hot": [sh for _, sh in hot],
     }

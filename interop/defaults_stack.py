@@ -98,9 +98,9 @@ class DefaultsStack(interop.Stack):
             self.stop(name)
 
 
-async def admin_rpc(port, method, params):
+async def admin_rpc(port, method, params=()):
     r, w = await asyncio.open_connection("127.0.0.1", port)
-    w.write(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode() + b"\n")
+    w.write(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)}).encode() + b"\n")
     line = await r.readline()
     w.close()
     reply = json.loads(line)

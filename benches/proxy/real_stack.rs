@@ -26,8 +26,8 @@ pub(crate) struct UpstreamCounts {
     pub(crate) requests: u64,
     /// Sessions opened: each sends `server.version` once.
     pub(crate) sessions: u64,
-    /// The highest cost among the sessions still open, and the lowest
-    /// concurrency ElectrumX grants one of them (10 when not throttled).
+    /// The highest session cost and the lowest concurrency ElectrumX
+    /// granted a session (10 when not throttled), sampled each second.
     pub(crate) max_cost: f64,
     pub(crate) min_concurrency: Option<u64>,
 }
@@ -117,11 +117,13 @@ impl RealStack {
         }
     }
 
-    pub(crate) async fn counts(&self) -> Vec<UpstreamCounts> {
+    /// What each ElectrumX counted since its restart; `worst`: what
+    /// [`RealStack::watch_sessions`] saw during the run.
+    pub(crate) async fn counts(&self, worst: &[UpstreamCounts]) -> Vec<UpstreamCounts> {
         let mut all = Vec::new();
-        for &port in &self.rpc_ports {
+        for (i, &port) in self.rpc_ports.iter().enumerate() {
             let info = admin_rpc(port, "getinfo").await;
-            let mut c = UpstreamCounts::default();
+            let mut c = worst.get(i).cloned().unwrap_or_default();
             if let Some(counts) = info["request counts"].as_object() {
                 for (method, n) in counts {
                     if method.contains('.') {
@@ -133,28 +135,52 @@ impl RealStack {
                     .and_then(Value::as_u64)
                     .unwrap_or(0);
             }
-            // Rows: [id, flags, address, client, protocol, cost, extra cost, ...];
-            // flags: the kind's initial ("T" TCP, "R" admin RPC), then the
-            // concurrency granted now.
-            for row in admin_rpc(port, "sessions")
-                .await
-                .as_array()
-                .into_iter()
-                .flatten()
-            {
-                let flags = row[1].as_str().unwrap_or("");
-                if !flags.starts_with('T') && !flags.starts_with('S') {
-                    continue;
-                }
-                c.max_cost = c.max_cost.max(row[5].as_f64().unwrap_or(0.0));
-                let digits: String = flags.chars().filter(char::is_ascii_digit).collect();
-                if let Ok(n) = digits.parse::<u64>() {
-                    c.min_concurrency = Some(c.min_concurrency.map_or(n, |m| m.min(n)));
-                }
-            }
             all.push(c);
         }
         all
+    }
+
+    /// Sample every ElectrumX's sessions each second until `stop` fires:
+    /// the highest session cost and the lowest concurrency seen.
+    pub(crate) fn watch_sessions(
+        &self,
+        mut stop: tokio::sync::oneshot::Receiver<()>,
+    ) -> tokio::task::JoinHandle<Vec<UpstreamCounts>> {
+        let ports = self.rpc_ports.clone();
+        tokio::spawn(async move {
+            let mut worst = vec![UpstreamCounts::default(); ports.len()];
+            loop {
+                for (c, &port) in worst.iter_mut().zip(&ports) {
+                    sample_sessions(port, c).await;
+                }
+                tokio::select! {
+                    _ = &mut stop => return worst,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        })
+    }
+}
+
+/// Fold ElectrumX's `sessions` into `c`. Rows: [id, flags, address, client,
+/// protocol, cost, extra cost, ...]; flags: the kind's initial ("T" TCP,
+/// "S" TLS, "R" admin RPC), "C" if closing, then the concurrency granted now.
+async fn sample_sessions(port: u16, c: &mut UpstreamCounts) {
+    for row in admin_rpc(port, "sessions")
+        .await
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let flags = row[1].as_str().unwrap_or("");
+        if !flags.starts_with('T') && !flags.starts_with('S') {
+            continue;
+        }
+        c.max_cost = c.max_cost.max(row[5].as_f64().unwrap_or(0.0));
+        let digits: String = flags.chars().filter(char::is_ascii_digit).collect();
+        if let Ok(n) = digits.parse::<u64>() {
+            c.min_concurrency = Some(c.min_concurrency.map_or(n, |m| m.min(n)));
+        }
     }
 }
 
