@@ -230,7 +230,7 @@ async def load(st, data):
             if time.monotonic() >= deadline:
                 for t in pending:
                     t.cancel()
-                r["unfinished"] = name
+                r["unfinished"] = f"{name} phase ({answers() - a0} answers in it by then)"
                 return False
             log(f"  {name}: {answers() - a0} answers so far, {len(errors)} errors, "
                 f"ElectrumX session cost up to {watch.max_cost:.0f}, concurrency down to {watch.min_concurrency}")
@@ -282,7 +282,8 @@ def verdict(r):
     log(f"electrum-lb: at most {watch.max_upstream:.0f} upstream connections open (its metrics)")
     failures = []
     if r["unfinished"]:
-        failures.append(f"the {r['unfinished']} phase did not finish within {LOAD_TIMEOUT}s of the start")
+        failures.append(f"the {r['unfinished']} did not finish within {LOAD_TIMEOUT}s of the start "
+                        f"(about 10 s when no upstream session is throttled)")
     if errors:
         codes = Counter(str(code) for _, _, code, _ in errors)
         failures.append(f"{len(errors)} error(s) reached the wallets ("
