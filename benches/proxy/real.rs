@@ -178,7 +178,7 @@ async fn real_bench(opts: RealOptions) {
             let proc = start_front(front, &stack.upstreams, &dir).await;
             let target = proc.addrs[0];
             let primed = if w == Workload::Cacheable {
-                prime(&proc.addrs, &bodies).await
+                prime_real(target, &bodies).await
             } else {
                 0
             };

@@ -303,3 +303,53 @@ pub(crate) fn error_code(line: &[u8]) -> Option<i64> {
         .unwrap_or(rest.len());
     Some(std::str::from_utf8(&rest[..end]).ok()?.parse().unwrap_or(0))
 }
+
+/// Every body once, over a few connections that negotiate first (as
+/// ElectrumX requires), all pipelined; the number of answers.
+pub(crate) async fn prime_real(target: SocketAddr, bodies: &Arc<Vec<Vec<u8>>>) -> u64 {
+    const PRIME_CONNECTIONS: usize = 8;
+    let mut tasks = JoinSet::new();
+    for c in 0..PRIME_CONNECTIONS {
+        let bodies = bodies.clone();
+        tasks.spawn(async move {
+            let mut stream = TcpStream::connect(target).await.expect("connect");
+            let mut out = b"{\"jsonrpc\":\"2.0\",\"method\":\"server.version\",\"params\":[\"xbench\",\"1.4\"],\"id\":0}\n".to_vec();
+            let mut owed = 1u64;
+            for (i, body) in bodies.iter().enumerate().skip(c).step_by(PRIME_CONNECTIONS) {
+                out.extend_from_slice(body);
+                out.extend_from_slice((i + 1).to_string().as_bytes());
+                out.extend_from_slice(b"}\n");
+                owed += 1;
+            }
+            let (mut rd, mut wr) = stream.split();
+            let write = async {
+                wr.write_all(&out).await.expect("write");
+            };
+            let read = async {
+                let mut answers = 0u64;
+                let mut pending = Vec::new();
+                let mut chunk = vec![0u8; 64 * 1024];
+                while answers < owed {
+                    let n = rd.read(&mut chunk).await.expect("read");
+                    assert!(n > 0, "closed while priming");
+                    pending.extend_from_slice(&chunk[..n]);
+                    let mut at = 0;
+                    while let Some(end) = pending[at..].iter().position(|&b| b == b'\n') {
+                        if json_id(&pending[at..at + end]).is_some() {
+                            answers += 1;
+                        }
+                        at += end + 1;
+                    }
+                    pending.drain(..at);
+                }
+                answers
+            };
+            tokio::join!(write, read).1
+        });
+    }
+    let mut answers = 0;
+    while let Some(n) = tasks.join_next().await {
+        answers += n.expect("priming task");
+    }
+    answers
+}
