@@ -2,8 +2,8 @@
 //! ElectrumX 2.0 servers that keep ElectrumX's default session limits.
 //!
 //! ```text
-//! cargo bench --bench proxy -- --upstream real                # 30 s per run, about 5 minutes
-//! cargo bench --bench proxy -- --upstream real --lb-tuned     # also electrum-lb with
+//! cargo bench --bench proxy -- --upstream real                # 30 s per run, about 4 minutes
+//! cargo bench --bench proxy -- --upstream real --lb-tuned     # about 6 minutes: also electrum-lb with
 //!                                  # max_in_flight = 8, max_connections = 8 per upstream
 //! cargo bench --bench proxy -- --upstream real --secs 10 --conns 16 --depth 8 --only uncached,mix
 //! ```
