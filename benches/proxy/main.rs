@@ -11,6 +11,8 @@
 //! cargo bench --bench proxy -- --upstream electrumx #   (default: both)
 //! cargo bench --bench proxy -- --upstream-us 20     # upstreams that spend
 //!                                   # 20 us of CPU on every request
+//! cargo bench --bench proxy -- --upstream real     # real ElectrumX 2.0 at its
+//!                                   # default session limits (real.rs)
 //! ```
 //!
 //! Upstream models: every throughput workload runs against two kinds of mock
@@ -62,6 +64,9 @@ mod load;
 mod mock;
 mod options;
 mod procs;
+mod real;
+mod real_stack;
+mod workload;
 mod ws;
 
 use chain::*;
@@ -69,6 +74,7 @@ use load::*;
 use mock::*;
 use options::*;
 use procs::*;
+use real_stack::*;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -77,6 +83,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use workload::*;
 
 pub(crate) const MOCK_ENV: &str = "PROXY_BENCH_MOCK";
 pub(crate) const THREADS_ENV: &str = "PROXY_BENCH_THREADS";
@@ -98,6 +105,9 @@ pub(crate) fn main() {
     raise_open_files_limit();
     if std::env::var(MOCK_ENV).is_ok() {
         return mock_main();
+    }
+    if real::requested() {
+        return real::real_main();
     }
     let opts = Options::from_args();
     tokio::runtime::Builder::new_multi_thread()

@@ -73,8 +73,18 @@ pub(crate) fn start_electrum_lb(
     );
     let path = dir.join("electrum-lb.toml");
     std::fs::write(&path, text).expect("write electrum-lb.toml");
+    launch_electrum_lb(&path, upstreams.len(), threads)
+}
+
+/// Start the release binary with the config at `path` and wait until it
+/// listens (TCP and `ws://`) and `upstreams` upstreams are connected.
+pub(crate) fn launch_electrum_lb(
+    path: &std::path::Path,
+    upstreams: usize,
+    threads: Option<String>,
+) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_electrum-lb"));
-    cmd.arg("--config").arg(&path);
+    cmd.arg("--config").arg(path);
     if let Some(threads) = threads {
         cmd.arg("--threads").arg(threads);
     }
@@ -105,7 +115,7 @@ pub(crate) fn start_electrum_lb(
     let mut ws = None;
     let mut up = std::collections::HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while listen.is_none() || ws.is_none() || up.len() < upstreams.len() {
+    while listen.is_none() || ws.is_none() || up.len() < upstreams {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = rx
             .recv_timeout(left)
