@@ -134,11 +134,12 @@ async fn connections_grow_while_requests_queue_and_shrink_after() {
         "{} upstream sessions for 7 client sessions",
         meter.peak_sessions()
     );
-    // Each session serves 4 at a time: the limits came down from the 10
-    // they start at (requests beyond 4 wait inside the upstream).
+    // Each session serves 4 at a time: requests beyond that wait inside
+    // the upstream, so the limits never grew past the 10 they start at
+    // (and answer times alone take them no lower: see upstream/limit.rs).
     let st = &server.coins["test"].router.pool.status()[0];
     assert!(
-        st.in_flight_limit < 10 * st.connections,
+        st.in_flight_limit <= 10 * st.connections,
         "limits {} over {} connections",
         st.in_flight_limit,
         st.connections

@@ -81,6 +81,9 @@ pub struct ConnCtx<'a> {
     /// Sends a job answered "busy" to another connection (its in-flight
     /// count already released here).
     pub resend: &'a (dyn Fn(Job) + Send + Sync),
+    /// Told when this connection is up, so the upstream's other slots
+    /// waiting out a backoff reconnect now (the upstream is back).
+    pub reachable: &'a tokio::sync::Notify,
     pub shutdown: &'a CancellationToken,
 }
 
@@ -146,6 +149,7 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
         );
     }
     ctx.shared.ready.store(true, Ordering::Release);
+    ctx.reachable.notify_waiters();
     let _ = ctx.events.send(PoolEvent::Up { conn });
 
     let reason = actor.run(&mut reader, &mut wr, rx).await;

@@ -121,6 +121,11 @@ impl Pool {
     /// Start the supervisors and the monitor of the current generation.
     fn launch(&self, pending: Vec<(mpsc::Receiver<Job>, bool)>, options: &PoolOptions) {
         let inner = self.cell.load_full();
+        let reachable: Vec<Arc<tokio::sync::Notify>> = inner
+            .upstreams
+            .iter()
+            .map(|_| Arc::new(tokio::sync::Notify::new()))
+            .collect();
         for (index, (rx, elastic)) in pending.into_iter().enumerate() {
             let protocol_max = inner.slots[index]
                 .top
@@ -136,6 +141,7 @@ impl Pool {
                 protocol_max,
                 dialer: slot.dialer.clone(),
                 shared: slot.shared.clone(),
+                reachable: reachable[slot.upstream].clone(),
                 pool: Arc::downgrade(&self.cell),
                 events: self.base.events.clone(),
                 rx,

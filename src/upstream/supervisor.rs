@@ -37,6 +37,9 @@ pub(super) struct Supervisor {
     pub protocol_max: Option<String>,
     pub dialer: Dialer,
     pub shared: Arc<ConnShared>,
+    /// Shared by the upstream's slots: a slot whose connection comes up
+    /// wakes the others from their backoff (see `run`).
+    pub reachable: Arc<tokio::sync::Notify>,
     /// The pool's current generation: redispatched jobs go there.
     pub pool: Weak<Cell>,
     pub events: mpsc::UnboundedSender<PoolEvent>,
@@ -83,6 +86,7 @@ impl Supervisor {
                         idle_close: self.elastic.then_some(self.settings.idle_close),
                         latency: self.latency.as_ref(),
                         resend: &resend,
+                        reachable: &self.reachable,
                         shutdown: &self.shutdown,
                     };
                     let mut ended = conn::serve(stream, &mut self.rx, ctx).await;
@@ -138,6 +142,11 @@ impl Supervisor {
                 }
             }
             // Wait before reconnecting, moving anything queued here meanwhile.
+            // Another slot of the same upstream getting through ends the
+            // wait: otherwise an upstream back from a restart could serve for
+            // a while on its protocol connection alone, and requests only its
+            // ordinary connections answer (1.4 `blockchain.scripthash.*`)
+            // would fail meanwhile.
             let delay = jitter(backoff);
             backoff = (backoff * 2).min(self.settings.reconnect_max);
             let wake = Instant::now() + delay;
@@ -145,6 +154,10 @@ impl Supervisor {
                 tokio::select! {
                     _ = self.shutdown.cancelled() => break,
                     _ = tokio::time::sleep_until(wake) => break,
+                    _ = self.reachable.notified() => {
+                        backoff = BACKOFF_START;
+                        break;
+                    }
                     job = self.rx.recv() => match job {
                         Some(job) => self.redispatch(job),
                         None => return,
