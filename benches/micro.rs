@@ -18,11 +18,10 @@ use electrum_lb::cache::{self, Cache};
 use electrum_lb::codec::{Frame, LineReader};
 use electrum_lb::config::CacheConfig;
 use electrum_lb::jsonrpc::{self, ClientMessage, UpstreamMessage};
-use electrum_lb::reply::{Answer, Outbound, Responder};
+use electrum_lb::reply::{self, Answer, Responder};
 use serde_json::value::RawValue;
 use std::hint::black_box;
 use std::sync::Arc;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const SCRIPTHASH: &str = "8b01df4e368ea28f8dc0423bcf7a4923e3a12d307c875e47a0cfbf90b5c39161";
@@ -133,8 +132,7 @@ fn cache(c: &mut Criterion) {
             tokio::task::yield_now().await;
         }
     });
-    let (queue, mut lines) = mpsc::channel(1024);
-    let out = Outbound::new(queue, CancellationToken::new());
+    let (out, mut lines) = reply::channel(1024, CancellationToken::new(), None);
     let id = RawValue::from_string("42".into()).expect("JSON");
     let history_params = format!("[\"{SCRIPTHASH}\"]");
 
@@ -158,7 +156,7 @@ fn cache(c: &mut Criterion) {
                 cache.serve("blockchain.transaction.get", &tx_params, responder, |_| {
                     panic!("a hit sends nothing")
                 });
-                black_box(lines.try_recv().expect("an answer"));
+                black_box(lines.try_recv_all().pop_front().expect("an answer"));
             },
             BatchSize::SmallInput,
         )

@@ -3,7 +3,7 @@
 //! Owns: the reader loop (bounded framing, first-line and idle timeouts, one
 //! call into the router per line) and the writer task (drains the session's
 //! bounded queue and writes everything queued with one `write` call). The two
-//! are joined by the bounded mpsc whose sending side is [`Outbound`]: upstream
+//! are joined by the bounded queue whose sending side is [`Outbound`]: upstream
 //! answers and hub notifications arrive through clones of it. A client whose
 //! queue fills is disconnected, never buffered without limit.
 //!
@@ -31,13 +31,13 @@ use crate::codec::{CodecError, Frame, LineReader};
 use crate::hub::SessionId;
 use crate::jsonrpc::{self, ErrorCode, Line, RpcError};
 use crate::limits::{Limit, ReplyLimits, SessionGate};
-use crate::reply::Outbound;
+use crate::reply::{self, Inbox, Outbound};
 use crate::router::{Router, SessionState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -62,7 +62,7 @@ pub struct Stops {
     pub hard: CancellationToken,
 }
 
-/// Writes stop batching past this many bytes.
+/// Past this many bytes a write goes out without waiting for more answers.
 const WRITE_BATCH: usize = 64 * 1024;
 
 /// How often a paused reader looks again without a wake-up.
@@ -110,12 +110,11 @@ pub async fn run<S>(
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
-    let (tx, rx) = mpsc::channel::<Line>(limits.queue);
     let kill = CancellationToken::new();
+    let metrics = router.metrics.clone();
+    let (out, rx) = reply::channel(limits.queue, kill.clone(), Some(metrics.clone()));
     // Signalled by the writer whenever it has taken lines off the queue.
     let room = Arc::new(Notify::new());
-    // Only to see how full the queue is; dropped before waiting for the writer.
-    let gauge = tx.clone();
     // Fired when a drained session ends: the writer writes what is queued
     // and closes without waiting for the hub to let go of the session.
     let finish = CancellationToken::new();
@@ -131,8 +130,6 @@ pub async fn run<S>(
         room.clone(),
         gate.reply_limits(),
     ));
-    let metrics = router.metrics.clone();
-    let out = Outbound::with_parts(tx, kill.clone(), Some(metrics.clone()));
     let mut st = SessionState::new(next_session_id(), out);
     let max_in_flight = gate.max_in_flight();
     st.gate = gate;
@@ -152,7 +149,7 @@ pub async fn run<S>(
     tokio::pin!(drain, hard, killed, idle);
 
     let end = loop {
-        if !has_room(&gauge, &st.out, max_in_flight) {
+        if !has_room(&st.out, max_in_flight) {
             if st.out.pending() >= max_in_flight {
                 st.gate.hit(Limit::InFlight);
             }
@@ -163,7 +160,10 @@ pub async fn run<S>(
                 }
                 _ = &mut hard => break End::Shutdown,
                 _ = &mut killed => break End::Disconnected,
-                r = tokio::time::timeout(limits.idle_timeout, wait_for_room(&gauge, &st.out, max_in_flight, &room)) => r,
+                // Boxed, as every wait off the common path: inline, each
+                // would make every session's task larger (see README
+                // "Performance", idle sessions).
+                r = Box::pin(tokio::time::timeout(limits.idle_timeout, wait_for_room(&st.out, max_in_flight, &room))) => r,
             };
             if waited.is_err() {
                 // The writer is stuck on a client that does not read.
@@ -176,8 +176,11 @@ pub async fn run<S>(
         let frame = if draining && owes_nothing(first_line, &st.out, &reader) {
             // Bytes may have arrived that nobody has read yet: a request
             // already received is answered before the session ends.
-            tokio::task::yield_now().await;
-            match tokio::time::timeout(Duration::ZERO, reader.next_frame()).await {
+            let last = Box::pin(async {
+                tokio::task::yield_now().await;
+                tokio::time::timeout(Duration::ZERO, reader.next_frame()).await
+            });
+            match last.await {
                 Ok(r) => Ok(r),
                 Err(_) => break End::Drained,
             }
@@ -194,7 +197,8 @@ pub async fn run<S>(
                 // An answer left: the session may owe nothing now (the
                 // writer's wake-up can come just before the request stops
                 // counting as pending, hence the timeout).
-                _ = tokio::time::timeout(RECHECK, room.notified()), if draining => continue,
+                // Built only once draining (the block runs when first polled).
+                _ = async { Box::pin(tokio::time::timeout(RECHECK, room.notified())).await }, if draining => continue,
                 _ = &mut idle => Err(()),
             }
         };
@@ -259,10 +263,9 @@ pub async fn run<S>(
     // The writer finishes once every pending answer has been written (each
     // holds a clone of the queue's sender) or the hard stop comes.
     drop(st);
-    drop(gauge);
     let _ = writer.await;
     if matches!(end, End::Drained) {
-        let late = linger(&mut reader, &stops.hard).await;
+        let late = Box::pin(linger(&mut reader, &stops.hard)).await;
         if late > 0 {
             metrics.drain_late_lines.inc_by(late);
             tracing::debug!(
@@ -307,20 +310,15 @@ async fn linger<R: AsyncRead + Unpin>(reader: &mut LineReader<R>, hard: &Cancell
 /// Whether the queue can take the answers of every request in flight and
 /// the answer of one more line, and the session is under its in-flight
 /// limit (a session at the limit is not read until an answer leaves).
-fn has_room(queue: &mpsc::Sender<Line>, out: &Outbound, max_in_flight: usize) -> bool {
-    queue.capacity() > out.pending() && out.pending() < max_in_flight
+fn has_room(out: &Outbound, max_in_flight: usize) -> bool {
+    out.free_slots() > out.pending() && out.pending() < max_in_flight
 }
 
 /// Wait until [`has_room`]: only the writer makes room (an answer arriving
 /// moves a line from "in flight" to "queued" and changes nothing; below the
 /// in-flight limit, the writer taking that answer is the wake-up).
-async fn wait_for_room(
-    queue: &mpsc::Sender<Line>,
-    out: &Outbound,
-    max_in_flight: usize,
-    room: &Notify,
-) {
-    while !has_room(queue, out, max_in_flight) {
+async fn wait_for_room(out: &Outbound, max_in_flight: usize, room: &Notify) {
+    while !has_room(out, max_in_flight) {
         // An answer is queued before its request stops counting as in
         // flight: on a multi-threaded runtime the writer's wake-up can come
         // in between and be the last one, so look again now and then.
@@ -328,17 +326,14 @@ async fn wait_for_room(
     }
 }
 
-/// Append what is queued to `buf`, up to about `WRITE_BATCH` bytes.
-fn gather(rx: &mut mpsc::Receiver<Line>, buf: &mut Vec<u8>, limits: &ReplyLimits) {
-    while buf.len() < WRITE_BATCH {
-        match rx.try_recv() {
-            Ok(m) => {
-                if let Some(m) = limits.check(m) {
-                    buf.extend_from_slice(&m);
-                    buf.push(b'\n');
-                }
-            }
-            Err(_) => break,
+/// Append `lines` to `buf`, each with its newline; a reply over the size
+/// limit becomes an error with the same id.
+fn gather(lines: std::collections::VecDeque<Line>, buf: &mut Vec<u8>, limits: &ReplyLimits) {
+    buf.reserve(lines.iter().map(|l| l.len() + 1).sum());
+    for m in lines {
+        if let Some(m) = limits.check(m) {
+            buf.extend_from_slice(&m);
+            buf.push(b'\n');
         }
     }
 }
@@ -354,7 +349,7 @@ struct WriterEnds {
 
 async fn write_loop<W>(
     mut wr: W,
-    mut rx: mpsc::Receiver<Line>,
+    mut rx: Inbox,
     ends: WriterEnds,
     bytes_out: prometheus::IntCounter,
     room: Arc<Notify>,
@@ -362,7 +357,6 @@ async fn write_loop<W>(
 ) where
     W: AsyncWrite + Unpin,
 {
-    let mut buf: Vec<u8> = Vec::new();
     // Registered once for the whole session, not once per write.
     let WriterEnds { kill, hard, finish } = ends;
     let killed = kill.cancelled();
@@ -371,7 +365,7 @@ async fn write_loop<W>(
     tokio::pin!(killed, stopped, finished);
     let mut closing = false;
     loop {
-        let first = tokio::select! {
+        let lines = tokio::select! {
             biased;
             _ = &mut killed => break,
             _ = &mut stopped => break,
@@ -382,22 +376,20 @@ async fn write_loop<W>(
                 closing = true;
                 continue;
             }
-            m = rx.recv() => match m {
+            m = rx.recv_all() => match m {
                 Some(m) => m,
                 None => break,
             },
         };
-        // A reply over the size limit becomes an error with the same id.
-        if let Some(first) = limits.check(first) {
-            buf.extend_from_slice(&first);
-            buf.push(b'\n');
-        }
-        gather(&mut rx, &mut buf, &limits);
+        // Allocated per write and freed after it: an idle session holds
+        // no write buffer.
+        let mut buf = Vec::new();
+        gather(lines, &mut buf, &limits);
         if buf.len() < WRITE_BATCH {
             // Answers come in bursts (one upstream read holds many): let
             // the burst land so that it leaves in one write.
             tokio::task::yield_now().await;
-            gather(&mut rx, &mut buf, &limits);
+            gather(rx.try_recv_all(), &mut buf, &limits);
         }
         room.notify_one();
         // Flushed too: a transport may hold written bytes back until then
@@ -416,11 +408,6 @@ async fn write_loop<W>(
         }
         bytes_out.inc_by(buf.len() as u64);
         limits.sent(buf.len());
-        if buf.capacity() > WRITE_BATCH * 2 {
-            buf = Vec::new();
-        } else {
-            buf.clear();
-        }
     }
     // Stop the reader too (a write error means the client is gone).
     kill.cancel();
