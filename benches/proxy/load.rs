@@ -76,7 +76,7 @@ impl Workload {
 }
 
 /// xorshift64: cheap, deterministic.
-pub(crate) struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
     pub(crate) fn below(&mut self, n: usize) -> usize {
