@@ -6,7 +6,9 @@
 //!   an upstream answer read and given back its client id
 //!   (`parse_upstream_line`, `result_line`);
 //! - the cache: the policy of a request, a hit answered into a session
-//!   queue, a request the cache does not keep passing through.
+//!   queue, a request the cache does not keep passing through;
+//! - the session queue (`reply::queue`): four answers queued and taken by
+//!   the writer in one go, as a burst from one upstream read is.
 //!
 //! ```text
 //! cargo bench --bench micro
@@ -180,5 +182,21 @@ fn cache(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, framing, id_rewriting, cache);
+fn queue(c: &mut Criterion) {
+    let (out, mut inbox) = reply::channel(1024, CancellationToken::new(), None);
+    let answer = history_answer(7).into_bytes();
+    let mut g = c.benchmark_group("queue");
+    g.throughput(Throughput::Elements(4));
+    g.bench_function("four_answers_queued_and_taken", |b| {
+        b.iter(|| {
+            for _ in 0..4 {
+                out.send(answer.clone());
+            }
+            black_box(inbox.try_recv_all())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, framing, id_rewriting, cache, queue);
 criterion_main!(benches);

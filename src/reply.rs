@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +48,9 @@ pub struct Outbound {
 #[derive(Debug)]
 struct OutboundInner {
     queue: Queue,
+    /// Signalled by the writer whenever it has taken lines off the queue
+    /// (the session's reader may be waiting for room).
+    room: Notify,
     /// Cancelled to disconnect the session (queue overflow, fatal error).
     kill: CancellationToken,
     /// Requests of this session that still await an answer.
@@ -89,9 +92,9 @@ impl Inbox {
         self.inner.queue.take()
     }
 
-    /// Refuse further lines; those queued can still be received.
-    pub fn close(&mut self) {
-        self.inner.queue.close();
+    /// Lines were taken: wake the session's reader if it waits for room.
+    pub fn made_room(&self) {
+        self.inner.room.notify_one();
     }
 }
 
@@ -111,6 +114,7 @@ pub fn channel(
 ) -> (Outbound, Inbox) {
     let inner = Arc::new(OutboundInner {
         queue: Queue::new(capacity),
+        room: Notify::new(),
         kill,
         pending: AtomicUsize::new(0),
         metrics,
@@ -152,6 +156,18 @@ impl Outbound {
     /// Lines the queue can still take.
     pub fn free_slots(&self) -> usize {
         self.inner.queue.free()
+    }
+
+    /// Wakes when the writer took lines off the queue.
+    pub fn room(&self) -> &Notify {
+        &self.inner.room
+    }
+
+    /// A drained session ends: nothing more is queued (a late notification
+    /// is dropped), and the writer writes what is queued and ends, without
+    /// waiting for the hub to let go of its clones.
+    pub fn finish(&self) {
+        self.inner.queue.close();
     }
 
     pub fn kill_token(&self) -> &CancellationToken {

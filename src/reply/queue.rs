@@ -91,9 +91,17 @@ impl Queue {
         self.state().closed
     }
 
-    /// Refuse further lines; those queued can still be taken.
+    /// Refuse further lines; those queued can still be taken, and the
+    /// writer, if it waits, wakes to take them (or to learn that none come).
     pub fn close(&self) {
-        self.state().closed = true;
+        let waker = {
+            let mut st = self.state();
+            st.closed = true;
+            st.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 
     pub fn sender_added(&self) {
