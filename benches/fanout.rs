@@ -152,16 +152,34 @@ upstreams = ["{upstream}"]
 /// LINE to the first N connections, one `write` each, then answers `done`.
 fn run_bare() {
     use std::io::Read;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    // A backlog as long as the proxy's (std's 128 overflows when hundreds
+    // of clients connect at once: their connections look established but
+    // are never accepted).
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("socket");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    socket.bind(&any.into()).expect("bind");
+    socket.listen(1024).expect("listen");
+    let listener: std::net::TcpListener = socket.into();
     println!("LISTEN {}", listener.local_addr().expect("addr"));
     std::io::stdout().flush().expect("stdout");
     let conns = Arc::new(std::sync::Mutex::new(Vec::<std::net::TcpStream>::new()));
     {
         let conns = conns.clone();
         std::thread::spawn(move || {
-            for s in listener.incoming().map_while(Result::ok) {
-                let _ = s.set_nodelay(true);
-                conns.lock().expect("conns").push(s);
+            for s in listener.incoming() {
+                match s {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        conns.lock().expect("conns").push(s);
+                    }
+                    // A connection aborted before it was accepted, or no
+                    // descriptor left for a moment: go on accepting.
+                    Err(e) => {
+                        eprintln!("bare writer: accept: {e}");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
             }
         });
     }
@@ -223,8 +241,17 @@ enum Session {
 }
 
 impl Session {
-    async fn connect(proxy: SocketAddr, transport: Transport) -> Session {
-        let stream = TcpStream::connect(proxy).await.expect("connect");
+    /// The `i`th session connects from the `i`th address of 127.0.0.0/8
+    /// (127.0.0.2 on): 20,000 sessions from one address would run short
+    /// of ephemeral ports.
+    async fn connect(proxy: SocketAddr, transport: Transport, i: usize) -> Session {
+        let n = i as u32 + 2;
+        let ip = std::net::Ipv4Addr::new(127, (n >> 16) as u8, (n >> 8) as u8, n as u8);
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(ip.into(), 0))
+            .expect("bind a client address");
+        let stream = socket.connect(proxy).await.expect("connect");
         stream.set_nodelay(true).expect("nodelay");
         match transport {
             Transport::Tcp | Transport::Bare => Session::Tcp(BufReader::new(stream)),
@@ -493,12 +520,12 @@ async fn connect_and_subscribe(
         "{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"blockchain.scripthash.subscribe\",\"params\":[\"{sh}\"]}}"
     );
     let mut tasks = JoinSet::new();
-    for _ in 0..n {
+    for i in 0..n {
         let gate = gate.clone();
         let request = request.clone();
         tasks.spawn(async move {
             let _permit = gate.acquire_owned().await.expect("open");
-            let mut session = Session::connect(proxy, transport).await;
+            let mut session = Session::connect(proxy, transport, i).await;
             if transport == Transport::Bare {
                 return session;
             }
