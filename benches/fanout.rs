@@ -155,8 +155,8 @@ fn run_bare() {
     // A backlog as long as the proxy's (std's 128 overflows when hundreds
     // of clients connect at once: their connections look established but
     // are never accepted).
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-        .expect("socket");
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
     let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     socket.bind(&any.into()).expect("bind");
     socket.listen(1024).expect("listen");
