@@ -4,7 +4,7 @@
 //! ```text
 //! cargo bench --bench fanout              # N = 1,000 and N = 10,000, over TCP then WebSocket
 //! cargo bench --bench fanout -- 2000 5000 # other sizes
-//! cargo bench --bench fanout -- tcp       # one transport only (tcp or ws)
+//! cargo bench --bench fanout -- tcp       # one transport only (tcp or ws; bare always runs)
 //! ```
 //!
 //! Each size runs over TCP and over WebSocket (`ws://`, tokio-tungstenite's
@@ -25,6 +25,14 @@
 //! scripthash's history (one upstream notification), and each client
 //! stamps the arrival of its notification. A round's figure is the time from
 //! the upstream notification to the last arrival.
+//!
+//! The floor (transport `bare`, run with every size): another child process
+//! (`FANOUT_BARE` set) that only accepts the N connections and, when told
+//! on its stdin, writes the same notification line to each of them in a
+//! loop, one `write` per socket, with nothing else to do. Its last arrival,
+//! measured the same way, is what the proxy's fan-out is divided by. The
+//! open files limit (20,000 on the machine of the README, hard) bounds N
+//! per process: a larger N is cut to what fits, and said so.
 
 #[allow(dead_code)]
 #[path = "../tests/support/mock.rs"]
@@ -44,6 +52,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 
 const CHILD_ENV: &str = "FANOUT_PROXY_UPSTREAM";
+const BARE_ENV: &str = "FANOUT_BARE";
 const ROUNDS: usize = 7;
 /// Clients connecting and subscribing at the same time.
 const CONNECT_CONCURRENCY: usize = 256;
@@ -51,6 +60,10 @@ const CONNECT_CONCURRENCY: usize = 256;
 fn main() {
     if let Ok(upstream) = std::env::var(CHILD_ENV) {
         run_proxy(&upstream);
+        return;
+    }
+    if std::env::var(BARE_ENV).is_ok() {
+        run_bare();
         return;
     }
     let sizes: Vec<usize> = std::env::args()
@@ -63,12 +76,15 @@ fn main() {
         sizes
     };
     let words: Vec<String> = std::env::args().skip(1).collect();
-    let mut transports: Vec<Transport> = [Transport::Tcp, Transport::Ws]
+    let mut transports: Vec<Transport> = [Transport::Tcp, Transport::Ws, Transport::Bare]
         .into_iter()
         .filter(|t| words.iter().any(|w| w == t.name()))
         .collect();
     if transports.is_empty() {
         transports = vec![Transport::Tcp, Transport::Ws];
+    }
+    if !transports.contains(&Transport::Bare) {
+        transports.push(Transport::Bare);
     }
     let limit = open_files_limit();
     println!(
@@ -95,10 +111,17 @@ upstreams = ["{upstream}"]
 "#
     );
     let config = electrum_lb::Config::parse(&text, "fanout.toml").expect("config");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    // The binary's automatic runtime (src/cli.rs): one thread on 2 CPUs
+    // or fewer, one per CPU above.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let runtime = if cpus <= 2 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    }
+    .enable_all()
+    .build()
+    .expect("runtime");
     runtime.block_on(async {
         let server = electrum_lb::start(config).await.expect("proxy starts");
         let pool = server.coins["bench"].router.pool.clone();
@@ -125,6 +148,66 @@ upstreams = ["{upstream}"]
     });
 }
 
+/// The bare writer: accepts connections; each stdin line `N LINE` writes
+/// LINE to the first N connections, one `write` each, then answers `done`.
+fn run_bare() {
+    use std::io::Read;
+    // A backlog as long as the proxy's (std's 128 overflows when hundreds
+    // of clients connect at once: their connections look established but
+    // are never accepted).
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    socket.bind(&any.into()).expect("bind");
+    socket.listen(1024).expect("listen");
+    let listener: std::net::TcpListener = socket.into();
+    println!("LISTEN {}", listener.local_addr().expect("addr"));
+    std::io::stdout().flush().expect("stdout");
+    let conns = Arc::new(std::sync::Mutex::new(Vec::<std::net::TcpStream>::new()));
+    {
+        let conns = conns.clone();
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                match s {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        conns.lock().expect("conns").push(s);
+                    }
+                    // A connection aborted before it was accepted, or no
+                    // descriptor left for a moment: go on accepting.
+                    Err(e) => {
+                        eprintln!("bare writer: accept: {e}");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        });
+    }
+    let stdin = std::io::stdin();
+    let mut input = std::io::BufReader::new(stdin.lock());
+    let mut command = String::new();
+    while input.read_line(&mut command).unwrap_or(0) > 0 {
+        let (n, line) = command.trim_end().split_once(' ').expect("N LINE");
+        let n: usize = n.parse().expect("N");
+        let bytes = format!("{line}\n").into_bytes();
+        loop {
+            let conns = conns.lock().expect("conns");
+            if conns.len() >= n {
+                for mut s in conns.iter().take(n) {
+                    s.write_all(&bytes).expect("write");
+                }
+                break;
+            }
+            drop(conns);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        println!("done");
+        std::io::stdout().flush().expect("stdout");
+        command.clear();
+    }
+    let _ = std::io::stdin().read(&mut [0u8; 1]);
+}
+
 /// The soft limit on open files, from /proc (Linux).
 fn open_files_limit() -> Option<usize> {
     let text = std::fs::read_to_string("/proc/self/limits").ok()?;
@@ -136,6 +219,8 @@ fn open_files_limit() -> Option<usize> {
 enum Transport {
     Tcp,
     Ws,
+    /// The floor: the bare writer, no proxy.
+    Bare,
 }
 
 impl Transport {
@@ -143,6 +228,7 @@ impl Transport {
         match self {
             Transport::Tcp => "tcp",
             Transport::Ws => "ws",
+            Transport::Bare => "bare",
         }
     }
 }
@@ -155,11 +241,20 @@ enum Session {
 }
 
 impl Session {
-    async fn connect(proxy: SocketAddr, transport: Transport) -> Session {
-        let stream = TcpStream::connect(proxy).await.expect("connect");
+    /// The `i`th session connects from the `i`th address of 127.0.0.0/8
+    /// (127.0.0.2 on): 20,000 sessions from one address would run short
+    /// of ephemeral ports.
+    async fn connect(proxy: SocketAddr, transport: Transport, i: usize) -> Session {
+        let n = i as u32 + 2;
+        let ip = std::net::Ipv4Addr::new(127, (n >> 16) as u8, (n >> 8) as u8, n as u8);
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(ip.into(), 0))
+            .expect("bind a client address");
+        let stream = socket.connect(proxy).await.expect("connect");
         stream.set_nodelay(true).expect("nodelay");
         match transport {
-            Transport::Tcp => Session::Tcp(BufReader::new(stream)),
+            Transport::Tcp | Transport::Bare => Session::Tcp(BufReader::new(stream)),
             Transport::Ws => {
                 // A small read buffer: the default (128 KiB) times 10,000
                 // clients would be this process's memory, not the proxy's.
@@ -210,8 +305,58 @@ impl Session {
     }
 }
 
+/// The bare writer's process: its address, and its stdin and stdout.
+struct Bare {
+    child: std::process::Child,
+    addr: SocketAddr,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Bare {
+    fn start() -> Bare {
+        let mut child = Command::new(std::env::current_exe().expect("own path"))
+            .env(BARE_ENV, "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the bare writer");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("bare address");
+        let addr = line
+            .trim()
+            .strip_prefix("LISTEN ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected line from the bare writer: {line:?}"));
+        Bare { child, addr, out }
+    }
+
+    /// Tell it to write `line` to its first `n` connections.
+    fn write_all(&mut self, n: usize, line: &str) {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{n} {line}").expect("command");
+        stdin.flush().expect("flush");
+    }
+
+    /// Wait for the `done` of the last command.
+    fn wait_done(&mut self) {
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("done");
+    }
+}
+
+impl Drop for Bare {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The sessions of one transport in one size, and their figures.
 struct Set {
+    bare: Option<Bare>,
     transport: Transport,
     sh: String,
     sessions: Vec<Session>,
@@ -242,6 +387,16 @@ async fn bench(sizes: Vec<usize>, transports: Vec<Transport>, limit: Option<usiz
     };
 
     for (run, n) in sizes.into_iter().enumerate() {
+        let n = match limit {
+            Some(l) if n + 64 > l => {
+                println!(
+                    "fanout N={n}: cut to {} sessions: the open files limit is {l} per process (hard; raising it needs CAP_SYS_RESOURCE)",
+                    l - 64
+                );
+                l - 64
+            }
+            _ => n,
+        };
         // Both transports' sessions held at once, their rounds alternating,
         // when the open files allow it (a slow moment of a shared machine
         // then hits both alike); else one transport after the other.
@@ -264,9 +419,11 @@ async fn bench(sizes: Vec<usize>, transports: Vec<Transport>, limit: Option<usiz
             }
             let mut sets = Vec::new();
             for transport in group {
+                let bare = (transport == Transport::Bare).then(Bare::start);
                 let proxy = match transport {
                     Transport::Tcp => tcp,
                     Transport::Ws => ws,
+                    Transport::Bare => bare.as_ref().expect("bare").addr,
                 };
                 let sh = hex::encode(sha2_of(
                     format!("fanout-{run}-{n}-{}", transport.name()).as_bytes(),
@@ -275,6 +432,7 @@ async fn bench(sizes: Vec<usize>, transports: Vec<Transport>, limit: Option<usiz
                 let sessions = connect_and_subscribe(proxy, transport, n, &sh).await;
                 let setup = started.elapsed();
                 sets.push(Set {
+                    bare,
                     transport,
                     sh,
                     sessions,
@@ -288,8 +446,15 @@ async fn bench(sizes: Vec<usize>, transports: Vec<Transport>, limit: Option<usiz
                     let history = vec![(format!("{:064x}", round + 1), 0i64)];
                     let status = mock::status_of(&history).expect("non-empty");
                     let sessions = std::mem::take(&mut set.sessions);
-                    let (back, last, median) =
-                        one_round(sessions, &upstream, &set.sh, history, &status).await;
+                    let (back, last, median) = one_round(
+                        sessions,
+                        &upstream,
+                        set.bare.as_mut(),
+                        &set.sh,
+                        history,
+                        &status,
+                    )
+                    .await;
                     set.sessions = back;
                     set.lasts.push(last);
                     set.medians.push(median);
@@ -312,6 +477,17 @@ async fn bench(sizes: Vec<usize>, transports: Vec<Transport>, limit: Option<usiz
             }
         }
         let of = |t: Transport| figures.iter().find(|(f, _)| *f == t).map(|(_, d)| *d);
+        if let Some(bare) = of(Transport::Bare) {
+            for t in [Transport::Tcp, Transport::Ws] {
+                if let Some(d) = of(t) {
+                    println!(
+                        "fanout N={n}: {} through electrum-lb / bare writes, last session notified: {:.2}x",
+                        t.name(),
+                        d.as_secs_f64() / bare.as_secs_f64()
+                    );
+                }
+            }
+        }
         if let (Some(tcp), Some(ws)) = (of(Transport::Tcp), of(Transport::Ws)) {
             println!(
                 "fanout N={n}: WebSocket / TCP, last session notified: {:.2}x ({})",
@@ -344,12 +520,15 @@ async fn connect_and_subscribe(
         "{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"blockchain.scripthash.subscribe\",\"params\":[\"{sh}\"]}}"
     );
     let mut tasks = JoinSet::new();
-    for _ in 0..n {
+    for i in 0..n {
         let gate = gate.clone();
         let request = request.clone();
         tasks.spawn(async move {
             let _permit = gate.acquire_owned().await.expect("open");
-            let mut session = Session::connect(proxy, transport).await;
+            let mut session = Session::connect(proxy, transport, i).await;
+            if transport == Transport::Bare {
+                return session;
+            }
             session.send_line(&request).await;
             let mut reply = String::new();
             session.read_line(&mut reply).await.expect("reply");
@@ -369,6 +548,7 @@ async fn connect_and_subscribe(
 async fn one_round(
     sessions: Vec<Session>,
     upstream: &mock::Mock,
+    bare: Option<&mut Bare>,
     sh: &str,
     history: Vec<(String, i64)>,
     status: &str,
@@ -396,13 +576,29 @@ async fn one_round(
     // Let every reader reach its socket before the clock starts.
     tokio::task::yield_now().await;
     let t0 = Instant::now();
-    upstream.set_history(sh, history);
+    let bare = match bare {
+        Some(b) => {
+            // The line the proxy would send.
+            b.write_all(
+                n,
+                &format!("{{\"jsonrpc\":\"2.0\",\"method\":\"blockchain.scripthash.subscribe\",\"params\":[\"{sh}\",\"{status}\"]}}"),
+            );
+            Some(b)
+        }
+        None => {
+            upstream.set_history(sh, history);
+            None
+        }
+    };
     let mut back = Vec::with_capacity(n);
     let mut arrivals = Vec::with_capacity(n);
     while let Some(r) = tasks.join_next().await {
         let (session, at) = r.expect("reader task");
         back.push(session);
         arrivals.push(at.duration_since(t0));
+    }
+    if let Some(b) = bare {
+        b.wait_done();
     }
     arrivals.sort();
     (back, arrivals[n - 1], arrivals[n / 2])

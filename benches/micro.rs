@@ -6,7 +6,9 @@
 //!   an upstream answer read and given back its client id
 //!   (`parse_upstream_line`, `result_line`);
 //! - the cache: the policy of a request, a hit answered into a session
-//!   queue, a request the cache does not keep passing through.
+//!   queue, a request the cache does not keep passing through;
+//! - the session queue (`reply::queue`): four answers queued and taken by
+//!   the writer in one go, as a burst from one upstream read is.
 //!
 //! ```text
 //! cargo bench --bench micro
@@ -18,11 +20,10 @@ use electrum_lb::cache::{self, Cache};
 use electrum_lb::codec::{Frame, LineReader};
 use electrum_lb::config::CacheConfig;
 use electrum_lb::jsonrpc::{self, ClientMessage, UpstreamMessage};
-use electrum_lb::reply::{Answer, Outbound, Responder};
+use electrum_lb::reply::{self, Answer, Responder};
 use serde_json::value::RawValue;
 use std::hint::black_box;
 use std::sync::Arc;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const SCRIPTHASH: &str = "8b01df4e368ea28f8dc0423bcf7a4923e3a12d307c875e47a0cfbf90b5c39161";
@@ -133,8 +134,7 @@ fn cache(c: &mut Criterion) {
             tokio::task::yield_now().await;
         }
     });
-    let (queue, mut lines) = mpsc::channel(1024);
-    let out = Outbound::new(queue, CancellationToken::new());
+    let (out, mut lines) = reply::channel(1024, CancellationToken::new(), None);
     let id = RawValue::from_string("42".into()).expect("JSON");
     let history_params = format!("[\"{SCRIPTHASH}\"]");
 
@@ -158,7 +158,7 @@ fn cache(c: &mut Criterion) {
                 cache.serve("blockchain.transaction.get", &tx_params, responder, |_| {
                     panic!("a hit sends nothing")
                 });
-                black_box(lines.try_recv().expect("an answer"));
+                black_box(lines.try_recv_all().pop_front().expect("an answer"));
             },
             BatchSize::SmallInput,
         )
@@ -182,5 +182,21 @@ fn cache(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, framing, id_rewriting, cache);
+fn queue(c: &mut Criterion) {
+    let (out, mut inbox) = reply::channel(1024, CancellationToken::new(), None);
+    let answer = history_answer(7).into_bytes();
+    let mut g = c.benchmark_group("queue");
+    g.throughput(Throughput::Elements(4));
+    g.bench_function("four_answers_queued_and_taken", |b| {
+        b.iter(|| {
+            for _ in 0..4 {
+                out.send(answer.clone());
+            }
+            black_box(inbox.try_recv_all())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, framing, id_rewriting, cache, queue);
 criterion_main!(benches);

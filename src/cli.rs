@@ -16,7 +16,8 @@ pub struct Cli {
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Worker threads (0: one per CPU).
+    /// Worker threads (0: automatic: one on a machine with 2 CPUs or fewer,
+    /// else one per CPU).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// In-place upgrade: once this process's upstreams are ready, take the
@@ -31,8 +32,50 @@ pub struct Cli {
     pub takeover_wait: u64,
 }
 
+impl Cli {
+    /// How many threads the runtime gets: `--threads`, or the automatic
+    /// choice for `cpus`.
+    pub fn runtime_threads(&self, cpus: usize) -> usize {
+        match self.threads {
+            0 => auto_threads(cpus),
+            n => n,
+        }
+    }
+}
+
+/// The automatic runtime size. Measured on a 2-core machine with the load
+/// generator and upstreams beside the proxy (README "Performance"): a
+/// second worker thread costs 15-25% more CPU per request (cross-thread
+/// wake-ups between session, connection and hub tasks) and serves no more
+/// requests, because the proxy never has a core to itself there. With more
+/// cores, one worker per CPU.
+pub fn auto_threads(cpus: usize) -> usize {
+    if cpus <= 2 {
+        1
+    } else {
+        cpus
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_thread_on_small_machines_one_per_cpu_above() {
+        assert_eq!(auto_threads(1), 1);
+        assert_eq!(auto_threads(2), 1);
+        assert_eq!(auto_threads(4), 4);
+        let explicit = Cli::parse_from(["electrum-lb", "--threads", "3"]);
+        assert_eq!(explicit.runtime_threads(2), 3);
+        let auto = Cli::parse_from(["electrum-lb"]);
+        assert_eq!(auto.runtime_threads(2), 1);
+        assert_eq!(auto.runtime_threads(8), 8);
+    }
 }

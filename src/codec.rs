@@ -4,12 +4,14 @@
 //! not parse JSON (that is `jsonrpc`) and does not write (writers batch their
 //! own output, see `session::writer`).
 //!
-//! The read buffer starts small and grows only while a long line is being
-//! assembled, then shrinks back: idle wallets are the common case and each one
-//! should cost a few hundred bytes, not a 64 KiB buffer.
+//! Idle wallets are the common case, so a reader waiting with nothing
+//! buffered holds no buffer at all: it reads into a stack buffer that lives
+//! only during the read call and keeps just the bytes that arrived. The heap
+//! buffer exists while part of a line is waiting for the rest (it grows
+//! while a long line is being assembled) and is released once it is empty.
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 /// What a read attempt produced.
 #[derive(Debug, PartialEq, Eq)]
@@ -51,10 +53,10 @@ impl CodecError {
     }
 }
 
-/// Initial capacity of a connection's read buffer.
-const INITIAL_CAPACITY: usize = 512;
-/// Above this capacity an emptied buffer is released rather than kept.
-const RETAIN_CAPACITY: usize = 16 * 1024;
+/// Minimum room for a read into a buffer that holds part of a line.
+const MIN_READ: usize = 512;
+/// A read into an empty buffer goes through this much stack.
+const STACK_READ: usize = 4096;
 
 /// A line reader with a hard maximum line length.
 ///
@@ -73,7 +75,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
     pub fn new(inner: R, max_len: usize) -> Self {
         Self {
             inner,
-            buf: BytesMut::with_capacity(INITIAL_CAPACITY),
+            buf: BytesMut::new(),
             max_len,
             scanned: 0,
             eof: false,
@@ -99,14 +101,18 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 }
                 return Ok(Frame::Line(trimmed));
             }
-            if self.buf.capacity() - self.buf.len() < INITIAL_CAPACITY / 2 {
-                self.buf.reserve(self.buf.len().max(INITIAL_CAPACITY));
-            }
-            let n = self
-                .inner
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(CodecError::from_read)?;
+            let n = if self.buf.is_empty() {
+                // Whatever capacity is left (shared with lines already
+                // handed out) is released before the wait.
+                self.buf = BytesMut::new();
+                read_fresh(&mut self.inner, &mut self.buf).await
+            } else {
+                if self.buf.capacity() - self.buf.len() < MIN_READ / 2 {
+                    self.buf.reserve(self.buf.len().max(MIN_READ));
+                }
+                self.inner.read_buf(&mut self.buf).await
+            };
+            let n = n.map_err(CodecError::from_read)?;
             if n == 0 {
                 self.eof = true;
             }
@@ -136,9 +142,6 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 let mut line = self.buf.split_to(end + 1);
                 line.truncate(end);
                 self.scanned = 0;
-                if self.buf.is_empty() && self.buf.capacity() > RETAIN_CAPACITY {
-                    self.buf = BytesMut::with_capacity(INITIAL_CAPACITY);
-                }
                 Ok(Some(trim_cr(line)))
             }
             None => {
@@ -161,6 +164,23 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
     }
 }
 
+/// Read once into a stack buffer (part of the poll call's frame, not of the
+/// future, which would hold it across the wait) and append what arrived to
+/// `buf`, which is allocated to that size only now.
+async fn read_fresh<R: AsyncRead + Unpin>(
+    inner: &mut R,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); STACK_READ];
+        let mut read = ReadBuf::uninit(&mut stack);
+        std::task::ready!(std::pin::Pin::new(&mut *inner).poll_read(cx, &mut read))?;
+        buf.extend_from_slice(read.filled());
+        std::task::Poll::Ready(Ok(read.filled().len()))
+    })
+    .await
+}
+
 fn trim_cr(mut line: BytesMut) -> BytesMut {
     if line.last() == Some(&b'\r') {
         line.truncate(line.len() - 1);
@@ -171,6 +191,7 @@ fn trim_cr(mut line: BytesMut) -> BytesMut {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     async fn frames(input: &[u8], max: usize) -> Vec<Result<Frame, String>> {
         let mut reader = LineReader::new(input, max);
@@ -255,6 +276,22 @@ mod tests {
             reader.next_frame().await,
             Err(CodecError::TooLong { max: 7 })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_reader_with_nothing_buffered_holds_no_buffer() {
+        let (mut tx, rx) = tokio::io::duplex(64);
+        use tokio::io::AsyncWriteExt;
+        let mut reader = LineReader::new(rx, 100);
+        assert_eq!(reader.buf.capacity(), 0);
+        tx.write_all(b"a\nb").await.unwrap();
+        assert_eq!(reader.next_frame().await.unwrap(), Frame::Line("a".into()));
+        tx.write_all(b"b\n").await.unwrap();
+        assert_eq!(reader.next_frame().await.unwrap(), Frame::Line("bb".into()));
+        // The next read finds nothing: it waits without a buffer.
+        let waiting = tokio::time::timeout(Duration::from_millis(1), reader.next_frame()).await;
+        assert!(waiting.is_err());
+        assert_eq!(reader.buf.capacity(), 0);
     }
 
     #[tokio::test]

@@ -32,13 +32,13 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(args.log_format);
-    let mut builder = if args.threads == 1 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = args.runtime_threads(cpus);
+    let mut builder = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
         let mut b = tokio::runtime::Builder::new_multi_thread();
-        if args.threads > 1 {
-            b.worker_threads(args.threads);
-        }
+        b.worker_threads(threads);
         b
     };
     let runtime = match builder.enable_all().build() {
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(config = %args.config.display(), coins = ?config.coins.keys().collect::<Vec<_>>(), "starting");
+    tracing::info!(config = %args.config.display(), threads, coins = ?config.coins.keys().collect::<Vec<_>>(), "starting");
     tracing::debug!(?config, "effective configuration");
     let listen = if args.takeover {
         electrum_lb::Listen::Takeover {

@@ -5,13 +5,18 @@
 //! forwarded request. An upstream connection formats a client's reply itself
 //! (original id restored) and pushes it straight into that client's queue: no
 //! task per request, no copy of the result into an intermediate tree.
+//! [`queue`] is the bounded queue between them and the session's writer.
+
+pub mod queue;
 
 use crate::jsonrpc::{self, Line, RpcError};
 use crate::metrics::{CoinMetrics, Outcome};
+use queue::{Pushed, Queue};
 use serde_json::value::RawValue;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -32,17 +37,20 @@ pub enum Answer {
 pub type InternalReply = Result<Answer, RpcError>;
 
 /// The producing side of one session's outbound queue. The session's writer
-/// task holds the receiver. Cloned into every pending request of the session,
-/// so a clone is one reference count: everything it carries lives in one
-/// shared allocation.
-#[derive(Clone, Debug)]
+/// task holds the [`Inbox`]. Cloned into every pending request of the
+/// session, so a clone is one reference count: everything it carries lives
+/// in one shared allocation.
+#[derive(Debug)]
 pub struct Outbound {
     inner: Arc<OutboundInner>,
 }
 
 #[derive(Debug)]
 struct OutboundInner {
-    tx: mpsc::Sender<Line>,
+    queue: Queue,
+    /// Signalled by the writer whenever it has taken lines off the queue
+    /// (the session's reader may be waiting for room).
+    room: Notify,
     /// Cancelled to disconnect the session (queue overflow, fatal error).
     kill: CancellationToken,
     /// Requests of this session that still await an answer.
@@ -51,27 +59,75 @@ struct OutboundInner {
     metrics: Option<Arc<CoinMetrics>>,
 }
 
-impl Outbound {
-    pub fn new(tx: mpsc::Sender<Line>, kill: CancellationToken) -> Self {
-        Self::with_parts(tx, kill, None)
-    }
-
-    /// An outbound queue whose answered requests are counted in `metrics`.
-    pub fn with_parts(
-        tx: mpsc::Sender<Line>,
-        kill: CancellationToken,
-        metrics: Option<Arc<CoinMetrics>>,
-    ) -> Self {
-        Self {
-            inner: Arc::new(OutboundInner {
-                tx,
-                kill,
-                pending: AtomicUsize::new(0),
-                metrics,
-            }),
+impl Clone for Outbound {
+    fn clone(&self) -> Self {
+        self.inner.queue.sender_added();
+        Outbound {
+            inner: self.inner.clone(),
         }
     }
+}
 
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        self.inner.queue.sender_dropped();
+    }
+}
+
+/// The consuming side of a session's outbound queue: its writer's.
+#[derive(Debug)]
+pub struct Inbox {
+    inner: Arc<OutboundInner>,
+}
+
+impl Inbox {
+    /// Every queued line, waiting for one; `None` once nothing more can
+    /// come (every [`Outbound`] is gone, or the inbox was closed and is empty).
+    pub async fn recv_all(&mut self) -> Option<VecDeque<Line>> {
+        std::future::poll_fn(|cx| self.inner.queue.poll_take(cx)).await
+    }
+
+    /// Every queued line, without waiting.
+    pub fn try_recv_all(&mut self) -> VecDeque<Line> {
+        self.inner.queue.take()
+    }
+
+    /// Lines were taken: wake the session's reader if it waits for room.
+    pub fn made_room(&self) {
+        self.inner.room.notify_one();
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.inner.queue.receiver_dropped();
+    }
+}
+
+/// A session's outbound queue of at most `capacity` lines: the producing
+/// side (cloned into requests and subscriptions) and the writer's side.
+/// Answered requests are counted in `metrics`, when given.
+pub fn channel(
+    capacity: usize,
+    kill: CancellationToken,
+    metrics: Option<Arc<CoinMetrics>>,
+) -> (Outbound, Inbox) {
+    let inner = Arc::new(OutboundInner {
+        queue: Queue::new(capacity),
+        room: Notify::new(),
+        kill,
+        pending: AtomicUsize::new(0),
+        metrics,
+    });
+    (
+        Outbound {
+            inner: inner.clone(),
+        },
+        Inbox { inner },
+    )
+}
+
+impl Outbound {
     pub fn metrics(&self) -> Option<&Arc<CoinMetrics>> {
         self.inner.metrics.as_ref()
     }
@@ -88,14 +144,30 @@ impl Outbound {
     /// Queue a line for the client. A client whose queue is full is not
     /// reading: it is disconnected rather than buffered without limit.
     pub fn send(&self, line: Line) {
-        match self.inner.tx.try_send(line) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
+        match self.inner.queue.push(line) {
+            Pushed::Queued | Pushed::Closed => {}
+            Pushed::Full => {
                 tracing::debug!("client queue full: disconnecting a slow reader");
                 self.inner.kill.cancel();
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
+    }
+
+    /// Lines the queue can still take.
+    pub fn free_slots(&self) -> usize {
+        self.inner.queue.free()
+    }
+
+    /// Wakes when the writer took lines off the queue.
+    pub fn room(&self) -> &Notify {
+        &self.inner.room
+    }
+
+    /// A drained session ends: nothing more is queued (a late notification
+    /// is dropped), and the writer writes what is queued and ends, without
+    /// waiting for the hub to let go of its clones.
+    pub fn finish(&self) {
+        self.inner.queue.close();
     }
 
     pub fn kill_token(&self) -> &CancellationToken {
@@ -103,7 +175,7 @@ impl Outbound {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.inner.tx.is_closed() || self.inner.kill.is_cancelled()
+        self.inner.queue.is_closed() || self.inner.kill.is_cancelled()
     }
 
     /// Count one more request awaiting an answer.
@@ -350,29 +422,27 @@ mod tests {
 
     #[tokio::test]
     async fn client_reply_restores_id() {
-        let (tx, mut rx) = mpsc::channel(4);
-        let out = Outbound::new(tx, CancellationToken::new());
+        let (out, mut rx) = channel(4, CancellationToken::new(), None);
         let r = Responder::client(&raw("\"abc\""), &out, "server.ping");
         assert_eq!(out.pending(), 1);
         r.deliver(Ok(&raw("[1,2]")));
         assert_eq!(
-            rx.recv().await.unwrap(),
-            br#"{"jsonrpc":"2.0","result":[1,2],"id":"abc"}"#
+            rx.recv_all().await.unwrap(),
+            [br#"{"jsonrpc":"2.0","result":[1,2],"id":"abc"}"#.to_vec()]
         );
         assert_eq!(out.pending(), 0);
     }
 
     #[tokio::test]
     async fn batch_waits_for_every_slot_and_keeps_order() {
-        let (tx, mut rx) = mpsc::channel(4);
-        let out = Outbound::new(tx, CancellationToken::new());
+        let (out, mut rx) = channel(4, CancellationToken::new(), None);
         let batch = Batch::new(vec![(raw("1"), "a"), (raw("2"), "b")], &out);
         batch.slot(1).deliver(Ok(&raw("\"b\"")));
-        assert!(rx.try_recv().is_err());
+        assert!(rx.try_recv_all().is_empty());
         batch
             .slot(0)
             .fail(RpcError::new(crate::jsonrpc::ErrorCode::InternalError, "x"));
-        let line = String::from_utf8(rx.recv().await.unwrap()).unwrap();
+        let line = String::from_utf8(rx.recv_all().await.unwrap().remove(0).unwrap()).unwrap();
         assert_eq!(
             line,
             r#"[{"jsonrpc":"2.0","error":{"code":-32603,"message":"x"},"id":1},{"jsonrpc":"2.0","result":"b","id":2}]"#
@@ -382,8 +452,7 @@ mod tests {
 
     #[tokio::test]
     async fn full_queue_disconnects() {
-        let (tx, _rx) = mpsc::channel(1);
-        let out = Outbound::new(tx, CancellationToken::new());
+        let (out, _rx) = channel(1, CancellationToken::new(), None);
         out.send(b"1".to_vec());
         assert!(!out.kill_token().is_cancelled());
         out.send(b"2".to_vec());

@@ -3,7 +3,7 @@
 //! Owns: the reader loop (bounded framing, first-line and idle timeouts, one
 //! call into the router per line) and the writer task (drains the session's
 //! bounded queue and writes everything queued with one `write` call). The two
-//! are joined by the bounded mpsc whose sending side is [`Outbound`]: upstream
+//! are joined by the bounded queue whose sending side is [`Outbound`]: upstream
 //! answers and hub notifications arrive through clones of it. A client whose
 //! queue fills is disconnected, never buffered without limit.
 //!
@@ -31,13 +31,12 @@ use crate::codec::{CodecError, Frame, LineReader};
 use crate::hub::SessionId;
 use crate::jsonrpc::{self, ErrorCode, Line, RpcError};
 use crate::limits::{Limit, ReplyLimits, SessionGate};
-use crate::reply::Outbound;
+use crate::reply::{self, Inbox, Outbound};
 use crate::router::{Router, SessionState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -62,7 +61,7 @@ pub struct Stops {
     pub hard: CancellationToken,
 }
 
-/// Writes stop batching past this many bytes.
+/// Past this many bytes a write goes out without waiting for more answers.
 const WRITE_BATCH: usize = 64 * 1024;
 
 /// How often a paused reader looks again without a wake-up.
@@ -100,175 +99,182 @@ enum End {
 
 /// Serve one client until it leaves, misbehaves, or the proxy stops. The
 /// `gate` holds the session's slots and budgets (see `limits`).
-pub async fn run<S>(
+///
+/// Not an `async fn`: one keeps a copy of each argument beside the locals
+/// made from it for as long as it runs. Here the setup (the writer task is
+/// spawned now) happens before the future exists, and the future holds
+/// only what the session needs while it waits: about 0.2 KiB less per idle
+/// session.
+pub fn run<S>(
     stream: S,
     router: Arc<Router>,
     limits: SessionLimits,
     stops: Stops,
     gate: SessionGate,
-) where
+) -> impl std::future::Future<Output = ()> + Send + 'static
+where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
-    let (tx, rx) = mpsc::channel::<Line>(limits.queue);
     let kill = CancellationToken::new();
-    // Signalled by the writer whenever it has taken lines off the queue.
-    let room = Arc::new(Notify::new());
-    // Only to see how full the queue is; dropped before waiting for the writer.
-    let gauge = tx.clone();
-    // Fired when a drained session ends: the writer writes what is queued
-    // and closes without waiting for the hub to let go of the session.
-    let finish = CancellationToken::new();
+    let metrics = router.metrics.clone();
+    let (out, rx) = reply::channel(limits.queue, kill.clone(), Some(metrics.clone()));
     let writer = tokio::spawn(write_loop(
         wr,
         rx,
         WriterEnds {
             kill: kill.clone(),
             hard: stops.hard.clone(),
-            finish: finish.clone(),
         },
         router.metrics.bytes_out.clone(),
-        room.clone(),
         gate.reply_limits(),
     ));
-    let metrics = router.metrics.clone();
-    let out = Outbound::with_parts(tx, kill.clone(), Some(metrics.clone()));
     let mut st = SessionState::new(next_session_id(), out);
     let max_in_flight = gate.max_in_flight();
     st.gate = gate;
     let mut reader = LineReader::new(rd, limits.max_line);
-    let mut first_line = true;
-    // Set up once, not per line: each of these registers itself with a
-    // timer wheel or a waiter list when first polled.
-    let drain = stops.drain.cancelled();
-    let hard = stops.hard.cancelled();
-    let killed = kill.cancelled();
-    let mut draining = false;
-    // The idle timer is re-armed lazily: a line only moves `deadline` later;
-    // when the timer fires before it, it is set to the deadline and waited
-    // again. The timer must never be later than the deadline.
-    let mut deadline = Instant::now() + limits.first_line_timeout;
-    let idle = tokio::time::sleep_until(deadline);
-    tokio::pin!(drain, hard, killed, idle);
+    async move {
+        let mut first_line = true;
+        // Set up once, not per line: each of these registers itself with a
+        // timer wheel or a waiter list when first polled.
+        let drain = stops.drain.cancelled();
+        let hard = stops.hard.cancelled();
+        let killed = kill.cancelled();
+        let mut draining = false;
+        // The idle timer is re-armed lazily: a line only moves `deadline` later;
+        // when the timer fires before it, it is set to the deadline and waited
+        // again. The timer must never be later than the deadline.
+        let mut deadline = Instant::now() + limits.first_line_timeout;
+        let idle = tokio::time::sleep_until(deadline);
+        tokio::pin!(drain, hard, killed, idle);
 
-    let end = loop {
-        if !has_room(&gauge, &st.out, max_in_flight) {
-            if st.out.pending() >= max_in_flight {
-                st.gate.hit(Limit::InFlight);
-            }
-            let waited = tokio::select! {
-                _ = &mut drain, if !draining => {
-                    draining = true;
-                    continue;
+        let end = loop {
+            if !has_room(&st.out, max_in_flight) {
+                if st.out.pending() >= max_in_flight {
+                    st.gate.hit(Limit::InFlight);
                 }
-                _ = &mut hard => break End::Shutdown,
-                _ = &mut killed => break End::Disconnected,
-                r = tokio::time::timeout(limits.idle_timeout, wait_for_room(&gauge, &st.out, max_in_flight, &room)) => r,
-            };
-            if waited.is_err() {
-                // The writer is stuck on a client that does not read.
-                kill.cancel();
-                break End::SlowReader;
-            }
-            // Time spent waiting for room is not the client's idle time.
-            deadline = Instant::now() + limits.idle_timeout;
-        }
-        let frame = if draining && owes_nothing(first_line, &st.out, &reader) {
-            // Bytes may have arrived that nobody has read yet: a request
-            // already received is answered before the session ends.
-            tokio::task::yield_now().await;
-            match tokio::time::timeout(Duration::ZERO, reader.next_frame()).await {
-                Ok(r) => Ok(r),
-                Err(_) => break End::Drained,
-            }
-        } else {
-            tokio::select! {
-                biased;
-                r = reader.next_frame() => Ok(r),
-                _ = &mut drain, if !draining => {
-                    draining = true;
-                    continue;
+                let waited = tokio::select! {
+                    _ = &mut drain, if !draining => {
+                        draining = true;
+                        continue;
+                    }
+                    _ = &mut hard => break End::Shutdown,
+                    _ = &mut killed => break End::Disconnected,
+                    // Boxed, as every wait off the common path: inline, each
+                    // would make every session's task larger (see README
+                    // "Performance", idle sessions).
+                    r = Box::pin(tokio::time::timeout(limits.idle_timeout, wait_for_room(&st.out, max_in_flight))) => r,
+                };
+                if waited.is_err() {
+                    // The writer is stuck on a client that does not read.
+                    kill.cancel();
+                    break End::SlowReader;
                 }
-                _ = &mut hard => break End::Shutdown,
-                _ = &mut killed => break End::Disconnected,
-                // An answer left: the session may owe nothing now (the
-                // writer's wake-up can come just before the request stops
-                // counting as pending, hence the timeout).
-                _ = tokio::time::timeout(RECHECK, room.notified()), if draining => continue,
-                _ = &mut idle => Err(()),
-            }
-        };
-        let frame = match frame {
-            Err(()) if Instant::now() < deadline => {
-                idle.as_mut().reset(deadline);
-                continue;
-            }
-            other => other,
-        };
-        match frame {
-            Err(()) => {
-                // Slowloris (no first line) or an idle wallet.
-                st.gate.refused(if first_line {
-                    Limit::FirstLine
-                } else {
-                    Limit::Idle
-                });
-                break End::Idle;
-            }
-            Ok(Ok(Frame::Line(line))) => {
-                metrics.bytes_in.inc_by(line.len() as u64 + 1);
+                // Time spent waiting for room is not the client's idle time.
                 deadline = Instant::now() + limits.idle_timeout;
-                if first_line {
-                    // The timer may be set later than the idle deadline
-                    // (a longer first-line timeout): the only time the
-                    // deadline moves earlier, so re-arm now.
+            }
+            let frame = if draining && owes_nothing(first_line, &st.out, &reader) {
+                // Bytes may have arrived that nobody has read yet: a request
+                // already received is answered before the session ends.
+                let last = Box::pin(async {
+                    tokio::task::yield_now().await;
+                    tokio::time::timeout(Duration::ZERO, reader.next_frame()).await
+                });
+                match last.await {
+                    Ok(r) => Ok(r),
+                    Err(_) => break End::Drained,
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    r = reader.next_frame() => Ok(r),
+                    _ = &mut drain, if !draining => {
+                        draining = true;
+                        continue;
+                    }
+                    _ = &mut hard => break End::Shutdown,
+                    _ = &mut killed => break End::Disconnected,
+                    // An answer left: the session may owe nothing now (the
+                    // writer's wake-up can come just before the request stops
+                    // counting as pending, hence the timeout).
+                    // Built only once draining (the block runs when first polled).
+                    _ = async { Box::pin(tokio::time::timeout(RECHECK, st.out.room().notified())).await }, if draining => continue,
+                    _ = &mut idle => Err(()),
+                }
+            };
+            let frame = match frame {
+                Err(()) if Instant::now() < deadline => {
                     idle.as_mut().reset(deadline);
-                    first_line = false;
+                    continue;
                 }
-                router.handle_line(&mut st, &line);
-                if st.close {
-                    break End::Refused;
+                other => other,
+            };
+            match frame {
+                Err(()) => {
+                    // Slowloris (no first line) or an idle wallet.
+                    st.gate.refused(if first_line {
+                        Limit::FirstLine
+                    } else {
+                        Limit::Idle
+                    });
+                    break End::Idle;
                 }
+                Ok(Ok(Frame::Line(line))) => {
+                    metrics.bytes_in.inc_by(line.len() as u64 + 1);
+                    deadline = Instant::now() + limits.idle_timeout;
+                    if first_line {
+                        // The timer may be set later than the idle deadline
+                        // (a longer first-line timeout): the only time the
+                        // deadline moves earlier, so re-arm now.
+                        idle.as_mut().reset(deadline);
+                        first_line = false;
+                    }
+                    router.handle_line(&mut st, &line);
+                    if st.close {
+                        break End::Refused;
+                    }
+                }
+                Ok(Ok(Frame::Eof)) => break End::ClientClosed,
+                Ok(Err(CodecError::TooLong { max })) => {
+                    metrics.limit_hit();
+                    st.gate.hit(Limit::Line);
+                    st.out.send(jsonrpc::error_line(
+                        jsonrpc::NULL_ID,
+                        &RpcError::new(
+                            ErrorCode::InvalidRequest,
+                            format!(
+                                "line exceeds the limit of {max} bytes: closing the connection"
+                            ),
+                        ),
+                    ));
+                    break End::LineTooLong;
+                }
+                Ok(Err(CodecError::Io(e))) => break End::ReadError(e.to_string()),
             }
-            Ok(Ok(Frame::Eof)) => break End::ClientClosed,
-            Ok(Err(CodecError::TooLong { max })) => {
-                metrics.limit_hit();
-                st.gate.hit(Limit::Line);
-                st.out.send(jsonrpc::error_line(
-                    jsonrpc::NULL_ID,
-                    &RpcError::new(
-                        ErrorCode::InvalidRequest,
-                        format!("line exceeds the limit of {max} bytes: closing the connection"),
-                    ),
-                ));
-                break End::LineTooLong;
-            }
-            Ok(Err(CodecError::Io(e))) => break End::ReadError(e.to_string()),
+        };
+        tracing::debug!(?end, pending = st.out.pending(), "session ends");
+        match end {
+            End::Drained => metrics.drained_idle.inc(),
+            End::Shutdown => metrics.drained_deadline.inc(),
+            _ => {}
         }
-    };
-    tracing::debug!(?end, pending = st.out.pending(), "session ends");
-    match end {
-        End::Drained => metrics.drained_idle.inc(),
-        End::Shutdown => metrics.drained_deadline.inc(),
-        _ => {}
-    }
-    if matches!(end, End::Drained) {
-        finish.cancel();
-    }
-    router.hub.session_closed(st.id, st.subs.drain().collect());
-    // The writer finishes once every pending answer has been written (each
-    // holds a clone of the queue's sender) or the hard stop comes.
-    drop(st);
-    drop(gauge);
-    let _ = writer.await;
-    if matches!(end, End::Drained) {
-        let late = linger(&mut reader, &stops.hard).await;
-        if late > 0 {
-            metrics.drain_late_lines.inc_by(late);
-            tracing::debug!(
-                lines = late,
-                "requests arrived after the drained session closed"
-            );
+        if matches!(end, End::Drained) {
+            st.out.finish();
+        }
+        router.hub.session_closed(st.id, st.subs.drain().collect());
+        // The writer finishes once every pending answer has been written (each
+        // holds a clone of the queue's sender) or the hard stop comes.
+        drop(st);
+        let _ = writer.await;
+        if matches!(end, End::Drained) {
+            let late = Box::pin(linger(&mut reader, &stops.hard)).await;
+            if late > 0 {
+                metrics.drain_late_lines.inc_by(late);
+                tracing::debug!(
+                    lines = late,
+                    "requests arrived after the drained session closed"
+                );
+            }
         }
     }
 }
@@ -307,122 +313,101 @@ async fn linger<R: AsyncRead + Unpin>(reader: &mut LineReader<R>, hard: &Cancell
 /// Whether the queue can take the answers of every request in flight and
 /// the answer of one more line, and the session is under its in-flight
 /// limit (a session at the limit is not read until an answer leaves).
-fn has_room(queue: &mpsc::Sender<Line>, out: &Outbound, max_in_flight: usize) -> bool {
-    queue.capacity() > out.pending() && out.pending() < max_in_flight
+fn has_room(out: &Outbound, max_in_flight: usize) -> bool {
+    out.free_slots() > out.pending() && out.pending() < max_in_flight
 }
 
 /// Wait until [`has_room`]: only the writer makes room (an answer arriving
 /// moves a line from "in flight" to "queued" and changes nothing; below the
 /// in-flight limit, the writer taking that answer is the wake-up).
-async fn wait_for_room(
-    queue: &mpsc::Sender<Line>,
-    out: &Outbound,
-    max_in_flight: usize,
-    room: &Notify,
-) {
-    while !has_room(queue, out, max_in_flight) {
+async fn wait_for_room(out: &Outbound, max_in_flight: usize) {
+    while !has_room(out, max_in_flight) {
         // An answer is queued before its request stops counting as in
         // flight: on a multi-threaded runtime the writer's wake-up can come
         // in between and be the last one, so look again now and then.
-        let _ = tokio::time::timeout(RECHECK, room.notified()).await;
+        let _ = tokio::time::timeout(RECHECK, out.room().notified()).await;
     }
 }
 
-/// Append what is queued to `buf`, up to about `WRITE_BATCH` bytes.
-fn gather(rx: &mut mpsc::Receiver<Line>, buf: &mut Vec<u8>, limits: &ReplyLimits) {
-    while buf.len() < WRITE_BATCH {
-        match rx.try_recv() {
-            Ok(m) => {
-                if let Some(m) = limits.check(m) {
-                    buf.extend_from_slice(&m);
-                    buf.push(b'\n');
-                }
-            }
-            Err(_) => break,
+/// Append `lines` to `buf`, each with its newline; a reply over the size
+/// limit becomes an error with the same id.
+fn gather(lines: std::collections::VecDeque<Line>, buf: &mut Vec<u8>, limits: &ReplyLimits) {
+    buf.reserve(lines.iter().map(|l| l.len() + 1).sum());
+    for m in lines {
+        if let Some(m) = limits.check(m) {
+            buf.extend_from_slice(&m);
+            buf.push(b'\n');
         }
     }
 }
 
 /// What ends the writer: `kill` (the client is gone or misbehaved) and
-/// `hard` (the proxy stops now) at once, dropping what is queued; `finish`
-/// (a drained session) once what is queued is written.
+/// `hard` (the proxy stops now) at once, dropping what is queued; a
+/// drained session (`Outbound::finish`) once what is queued is written.
 struct WriterEnds {
     kill: CancellationToken,
     hard: CancellationToken,
-    finish: CancellationToken,
 }
 
-async fn write_loop<W>(
+/// The writer (not an `async fn`, for the reason given at [`run`]).
+fn write_loop<W>(
     mut wr: W,
-    mut rx: mpsc::Receiver<Line>,
+    mut rx: Inbox,
     ends: WriterEnds,
     bytes_out: prometheus::IntCounter,
-    room: Arc<Notify>,
     limits: ReplyLimits,
-) where
-    W: AsyncWrite + Unpin,
+) -> impl std::future::Future<Output = ()> + Send
+where
+    W: AsyncWrite + Unpin + Send,
 {
-    let mut buf: Vec<u8> = Vec::new();
-    // Registered once for the whole session, not once per write.
-    let WriterEnds { kill, hard, finish } = ends;
-    let killed = kill.cancelled();
-    let stopped = hard.cancelled();
-    let finished = finish.cancelled();
-    tokio::pin!(killed, stopped, finished);
-    let mut closing = false;
-    loop {
-        let first = tokio::select! {
-            biased;
-            _ = &mut killed => break,
-            _ = &mut stopped => break,
-            _ = &mut finished, if !closing => {
-                // Nothing more may be queued (a late notification is
-                // dropped); what is queued is still received and written.
-                rx.close();
-                closing = true;
-                continue;
+    let WriterEnds { kill, hard } = ends;
+    async move {
+        // Registered once for the whole session, not once per write.
+        let killed = kill.cancelled();
+        let stopped = hard.cancelled();
+        tokio::pin!(killed, stopped);
+        loop {
+            let lines = tokio::select! {
+                biased;
+                _ = &mut killed => break,
+                _ = &mut stopped => break,
+                // `None` also once a drained session finished the queue
+                // (`Outbound::finish`) and what it held is written.
+            m = rx.recv_all() => match m {
+                    Some(m) => m,
+                    None => break,
+                },
+            };
+            // Allocated per write and freed after it: an idle session holds
+            // no write buffer.
+            let mut buf = Vec::new();
+            gather(lines, &mut buf, &limits);
+            if buf.len() < WRITE_BATCH {
+                // Answers come in bursts (one upstream read holds many): let
+                // the burst land so that it leaves in one write.
+                tokio::task::yield_now().await;
+                gather(rx.try_recv_all(), &mut buf, &limits);
             }
-            m = rx.recv() => match m {
-                Some(m) => m,
-                None => break,
-            },
-        };
-        // A reply over the size limit becomes an error with the same id.
-        if let Some(first) = limits.check(first) {
-            buf.extend_from_slice(&first);
-            buf.push(b'\n');
+            rx.made_room();
+            // Flushed too: a transport may hold written bytes back until then
+            // (the WebSocket adapter; TCP and TLS write through).
+            let written = tokio::select! {
+                biased;
+                r = async {
+                    wr.write_all(&buf).await?;
+                    wr.flush().await
+                } => r,
+                _ = &mut killed => break,
+                _ = &mut stopped => break,
+            };
+            if written.is_err() {
+                break;
+            }
+            bytes_out.inc_by(buf.len() as u64);
+            limits.sent(buf.len());
         }
-        gather(&mut rx, &mut buf, &limits);
-        if buf.len() < WRITE_BATCH {
-            // Answers come in bursts (one upstream read holds many): let
-            // the burst land so that it leaves in one write.
-            tokio::task::yield_now().await;
-            gather(&mut rx, &mut buf, &limits);
-        }
-        room.notify_one();
-        // Flushed too: a transport may hold written bytes back until then
-        // (the WebSocket adapter; TCP and TLS write through).
-        let written = tokio::select! {
-            biased;
-            r = async {
-                wr.write_all(&buf).await?;
-                wr.flush().await
-            } => r,
-            _ = &mut killed => break,
-            _ = &mut stopped => break,
-        };
-        if written.is_err() {
-            break;
-        }
-        bytes_out.inc_by(buf.len() as u64);
-        limits.sent(buf.len());
-        if buf.capacity() > WRITE_BATCH * 2 {
-            buf = Vec::new();
-        } else {
-            buf.clear();
-        }
+        // Stop the reader too (a write error means the client is gone).
+        kill.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
     }
-    // Stop the reader too (a write error means the client is gone).
-    kill.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
 }

@@ -4,6 +4,16 @@
 //! TLS 1.2 and 1.3) and the connector configuration for `ssl://` upstreams
 //! (system roots or a CA file, a pinned SHA-256 fingerprint, or an explicit
 //! `insecure` opt-out). It does not open sockets.
+//!
+//! Resumption is on for listeners: stateless session tickets (TLS 1.3 and
+//! 1.2) sealed with keys that rotate every 6 hours (the previous key still
+//! opens tickets until the next rotation), plus rustls' in-memory cache for
+//! TLS 1.2 session ids. The ticket keys belong to the process, not to one
+//! configuration: every configuration built here (at start and at each live
+//! reload, new certificate or not) seals and opens tickets with the same
+//! keys, so a wallet resumes across reloads. They are not handed to a
+//! successor on `--takeover`: after an in-place upgrade every wallet makes
+//! one full handshake.
 
 use crate::config::{parse_fingerprint, TlsFiles, UpstreamEntry};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -13,7 +23,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
 use std::io::BufReader;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// The development certificate shipped in `certs/`; a server using it gets a
 /// warning in the log.
@@ -21,6 +31,18 @@ const DEV_CERT: &str = include_str!("../certs/server.crt");
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The process's ticket sealer, shared by every listener configuration
+/// (see the module's documentation).
+fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, String> {
+    static TICKETER: OnceLock<Arc<dyn rustls::server::ProducesTickets>> = OnceLock::new();
+    if let Some(t) = TICKETER.get() {
+        return Ok(t.clone());
+    }
+    let made =
+        rustls::crypto::ring::Ticketer::new().map_err(|e| format!("session tickets: {e}"))?;
+    Ok(TICKETER.get_or_init(|| made).clone())
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -50,12 +72,13 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, Stri
             "serving the shipped development certificate: make your own for production (see certs/README.md)"
         );
     }
-    let config = rustls::ServerConfig::builder_with_provider(provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| format!("{} / {}: {e}", files.cert.display(), files.key.display()))?;
+    config.ticketer = ticketer()?;
     Ok(Arc::new(config))
 }
 

@@ -14,6 +14,8 @@ pub(crate) struct Proc {
     pub(crate) addrs: Vec<SocketAddr>,
     /// electrum-lb's `ws://` listener (idle WebSocket sessions).
     pub(crate) ws: Option<SocketAddr>,
+    /// A TLS listener (idle TLS sessions, handshakes).
+    pub(crate) ssl: Option<SocketAddr>,
 }
 
 impl Proc {
@@ -43,6 +45,7 @@ impl Proc {
             child,
             addrs,
             ws: None,
+            ssl: None,
         }
     }
 
@@ -67,8 +70,11 @@ pub(crate) fn start_electrum_lb(
     threads: Option<String>,
 ) -> Proc {
     let urls: Vec<String> = upstreams.iter().map(|a| format!("\"tcp://{a}\"")).collect();
+    let (crt, key) = crate::edge::cert_paths();
     let text = format!(
-        "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[coins.bench]\nlisten = [\"tcp://127.0.0.1:0\", \"ws://127.0.0.1:0\"]\nupstreams = [{}]\n",
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[tls]\ncert = {:?}\nkey = {:?}\n\n[coins.bench]\nlisten = [\"tcp://127.0.0.1:0\", \"ws://127.0.0.1:0\", \"ssl://127.0.0.1:0\"]\nupstreams = [{}]\n",
+        crt.display().to_string(),
+        key.display().to_string(),
         urls.join(", ")
     );
     let path = dir.join("electrum-lb.toml");
@@ -113,8 +119,11 @@ pub(crate) fn launch_electrum_lb(
     };
     let mut listen = None;
     let mut ws = None;
+    let mut ssl = None;
     let mut up = std::collections::HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(20);
+    // Listeners are logged before any upstream connection is up, so an
+    // `ssl://` listener in the config is known by then.
     while listen.is_none() || ws.is_none() || up.len() < upstreams {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = rx
@@ -125,6 +134,7 @@ pub(crate) fn launch_electrum_lb(
             let addr = |scheme| value(&line, scheme).and_then(|a| a.parse::<SocketAddr>().ok());
             listen = listen.or(addr("listen=tcp://"));
             ws = ws.or(addr("listen=ws://"));
+            ssl = ssl.or(addr("listen=ssl://"));
         }
         if line.contains("upstream connection up") {
             up.extend(value(&line, "upstream="));
@@ -137,6 +147,7 @@ pub(crate) fn launch_electrum_lb(
         child,
         addrs: vec![listen.expect("listen address")],
         ws,
+        ssl,
     }
 }
 
@@ -200,6 +211,7 @@ pub(crate) async fn start_haproxy(upstreams: &[SocketAddr], dir: &std::path::Pat
         child,
         addrs: vec![addr],
         ws: None,
+        ssl: None,
     }
 }
 

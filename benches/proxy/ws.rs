@@ -21,11 +21,11 @@ pub(crate) async fn open_idle_ws_sessions(
 ) -> Vec<WebSocketStream<TcpStream>> {
     let gate = Arc::new(Semaphore::new(256));
     let mut tasks = JoinSet::new();
-    for _ in 0..n {
+    for i in 0..n {
         let gate = gate.clone();
         tasks.spawn(async move {
             let _permit = gate.acquire_owned().await.expect("open");
-            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let tcp = crate::edge::connect_from(i, addr).await;
             // The client's buffers are this process's, not the proxy's:
             // kept small so that 10,000 of them fit easily.
             let config = WebSocketConfig::default().read_buffer_size(4096);
