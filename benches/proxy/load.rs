@@ -27,29 +27,57 @@ impl Workload {
 
     /// Request lines without their id: `{...,"id":` (the id and `}\n` follow).
     pub(crate) fn bodies(self, data: &Data) -> Vec<Vec<u8>> {
+        let deep = data.tip() - 10;
+        let chain = Chain {
+            scripthashes: &data.scripthashes,
+            txids: &data.txids,
+            tip: data.tip(),
+        };
+        // The mock proves any height: merkle proofs at random buried ones.
+        chain.bodies(self, |_, rng| rng.below(deep))
+    }
+}
+
+/// What the workloads ask about: the mock chain's or a real one's.
+pub(crate) struct Chain<'a> {
+    pub(crate) scripthashes: &'a [String],
+    pub(crate) txids: &'a [String],
+    pub(crate) tip: usize,
+}
+
+impl Chain<'_> {
+    /// Request lines without their id: `{...,"id":` (the id and `}\n`
+    /// follow). `merkle_height` gives the height a merkle proof of txid
+    /// number `t` is asked at.
+    pub(crate) fn bodies(
+        &self,
+        w: Workload,
+        merkle_height: impl Fn(usize, &mut Rng) -> usize,
+    ) -> Vec<Vec<u8>> {
         let req = |method: &str, params: String| {
             format!("{{\"jsonrpc\":\"2.0\",\"method\":\"{method}\",\"params\":{params},\"id\":")
                 .into_bytes()
         };
         let quoted = |s: &str| format!("[\"{s}\"]");
-        match self {
-            Workload::Uncached => data
+        match w {
+            Workload::Uncached => self
                 .scripthashes
                 .iter()
                 .map(|sh| req("blockchain.scripthash.get_history", quoted(sh)))
                 .collect(),
-            Workload::Cacheable => data
+            Workload::Cacheable => self
                 .txids
                 .iter()
                 .map(|t| req("blockchain.transaction.get", quoted(t)))
                 .collect(),
             Workload::Mix => {
                 let mut rng = Rng(0x5eed);
-                let deep = data.tip() - 10;
+                let deep = self.tip - 10;
                 (0..20_000)
                     .map(|_| {
-                        let sh = &data.scripthashes[rng.below(SCRIPTHASHES)];
-                        let tx = &data.txids[rng.below(TXIDS)];
+                        let sh = &self.scripthashes[rng.below(self.scripthashes.len())];
+                        let t = rng.below(self.txids.len());
+                        let tx = &self.txids[t];
                         match rng.below(100) {
                             0..35 => req("blockchain.scripthash.get_history", quoted(sh)),
                             35..40 => req("blockchain.scripthash.get_balance", quoted(sh)),
@@ -57,14 +85,14 @@ impl Workload {
                             45..70 => req("blockchain.transaction.get", quoted(tx)),
                             70..80 => req(
                                 "blockchain.transaction.get_merkle",
-                                format!("[\"{tx}\",{}]", rng.below(deep)),
+                                format!("[\"{tx}\",{}]", merkle_height(t, &mut rng)),
                             ),
                             80..90 => {
                                 req("blockchain.block.header", format!("[{}]", rng.below(deep)))
                             }
                             90..95 => req(
                                 "blockchain.block.header",
-                                format!("[{}]", data.tip() - rng.below(3)),
+                                format!("[{}]", self.tip - rng.below(3)),
                             ),
                             _ => req("blockchain.estimatefee", "[2]".into()),
                         }

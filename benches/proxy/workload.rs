@@ -55,52 +55,13 @@ impl RealChain {
     /// Request lines without their id, as [`Workload::bodies`] makes them
     /// for the mock chain: the same workloads and the same wallet mix.
     pub(crate) fn bodies(&self, w: Workload) -> Vec<Vec<u8>> {
-        let req = |method: &str, params: String| {
-            format!("{{\"jsonrpc\":\"2.0\",\"method\":\"{method}\",\"params\":{params},\"id\":")
-                .into_bytes()
+        let chain = Chain {
+            scripthashes: &self.scripthashes,
+            txids: &self.txids,
+            tip: self.height,
         };
-        let quoted = |s: &str| format!("[\"{s}\"]");
-        match w {
-            Workload::Uncached => self
-                .scripthashes
-                .iter()
-                .map(|sh| req("blockchain.scripthash.get_history", quoted(sh)))
-                .collect(),
-            Workload::Cacheable => self
-                .txids
-                .iter()
-                .map(|t| req("blockchain.transaction.get", quoted(t)))
-                .collect(),
-            Workload::Mix => {
-                let mut rng = Rng(0x5eed);
-                let deep = self.height - 10;
-                (0..20_000)
-                    .map(|_| {
-                        let sh = &self.scripthashes[rng.below(self.scripthashes.len())];
-                        let t = rng.below(self.txids.len());
-                        let tx = &self.txids[t];
-                        match rng.below(100) {
-                            0..35 => req("blockchain.scripthash.get_history", quoted(sh)),
-                            35..40 => req("blockchain.scripthash.get_balance", quoted(sh)),
-                            40..45 => req("blockchain.scripthash.listunspent", quoted(sh)),
-                            45..70 => req("blockchain.transaction.get", quoted(tx)),
-                            70..80 => req(
-                                "blockchain.transaction.get_merkle",
-                                format!("[\"{tx}\",{}]", self.tx_heights[t]),
-                            ),
-                            80..90 => {
-                                req("blockchain.block.header", format!("[{}]", rng.below(deep)))
-                            }
-                            90..95 => req(
-                                "blockchain.block.header",
-                                format!("[{}]", self.height - rng.below(3)),
-                            ),
-                            _ => req("blockchain.estimatefee", "[2]".into()),
-                        }
-                    })
-                    .collect()
-            }
-        }
+        // A real node proves a transaction at its own height only.
+        chain.bodies(w, |t, _| self.tx_heights[t])
     }
 }
 
