@@ -26,7 +26,10 @@
 //!   and an unsubscribe per read);
 //! - one not read for `idle` (`[cache] read_subscription_idle_secs`) goes;
 //! - one whose subscribe fails (an error, no upstream of a level that has
-//!   scripthash subscriptions) goes at once, and is not retried.
+//!   scripthash subscriptions) goes at once, and is not retried: the last
+//!   `limit` refused scripthashes are remembered and their reads go on as
+//!   plain reads (an upstream that refuses subscriptions would otherwise
+//!   be asked a subscribe and an unsubscribe every second read).
 //!
 //! Going means: the entry loses its read-driven mark, and is dropped and
 //! unsubscribed upstream (`blockchain.scripthash.unsubscribe`, protocol
@@ -59,6 +62,10 @@ pub(super) struct ReadSubs {
     seen_set: HashSet<String>,
     /// The read-driven entries, in second-chance order.
     ring: VecDeque<String>,
+    /// Scripthashes whose read-driven subscribe failed, oldest first (at
+    /// most `limit`): not subscribed again while remembered.
+    refused: VecDeque<String>,
+    refused_set: HashSet<String>,
     /// When the idle sweep runs next.
     next_sweep: Instant,
 }
@@ -71,6 +78,8 @@ impl ReadSubs {
             seen: VecDeque::new(),
             seen_set: HashSet::new(),
             ring: VecDeque::new(),
+            refused: VecDeque::new(),
+            refused_set: HashSet::new(),
             next_sweep: Instant::now() + idle,
         }
     }
@@ -90,6 +99,24 @@ impl ReadSubs {
         false
     }
 
+    /// Remember that a subscribe of `sh` failed (see the module doc).
+    fn refuse(&mut self, sh: &str) {
+        if self.refused_set.contains(sh) {
+            return;
+        }
+        if self.refused.len() >= self.limit.max(1) {
+            if let Some(old) = self.refused.pop_front() {
+                self.refused_set.remove(&old);
+            }
+        }
+        self.refused.push_back(sh.to_string());
+        self.refused_set.insert(sh.to_string());
+    }
+
+    fn is_refused(&self, sh: &str) -> bool {
+        self.refused_set.contains(sh)
+    }
+
     /// Remember that `sh` was read, forgetting the oldest beyond `limit`.
     fn remember(&mut self, sh: &str) {
         if self.seen.len() >= self.limit {
@@ -105,7 +132,10 @@ impl ReadSubs {
 impl Actor {
     /// A wallet read `sh`, and nobody was told a status of it.
     pub(super) fn on_noticed(&mut self, sh: String) {
-        if self.read_subs.limit == 0 || self.scripts.entries.contains_key(&sh) {
+        if self.read_subs.limit == 0
+            || self.scripts.entries.contains_key(&sh)
+            || self.read_subs.is_refused(&sh)
+        {
             return;
         }
         if !self.read_subs.admit(&sh) {
@@ -195,6 +225,7 @@ impl Actor {
     pub(super) fn abandon_read_sub(&mut self, sh: &str) {
         let driven = self.scripts.entries.get(sh).is_some_and(|e| e.read_driven);
         if driven {
+            self.read_subs.refuse(sh);
             self.read_subs.ring.retain(|s| s != sh);
             self.end_read_sub(sh);
         }
@@ -229,5 +260,18 @@ mod tests {
         assert!(!r.admit("a"));
         assert!(r.admit("c"));
         assert!(r.seen.len() <= 2 && r.seen_set.len() == r.seen.len());
+    }
+
+    #[test]
+    fn refused_ones_are_remembered_among_the_last_limit() {
+        let mut r = ReadSubs::new(2, Duration::from_secs(1));
+        r.refuse("a");
+        r.refuse("a");
+        assert!(r.is_refused("a"));
+        r.refuse("b");
+        r.refuse("c");
+        assert!(!r.is_refused("a"), "the oldest is forgotten");
+        assert!(r.is_refused("b") && r.is_refused("c"));
+        assert_eq!(r.refused.len(), r.refused_set.len());
     }
 }
