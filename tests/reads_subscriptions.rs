@@ -10,7 +10,7 @@ use electrum_lb::cache::AnswerCounters;
 use electrum_lb::hub::Route;
 use electrum_lb::Server;
 use serde_json::json;
-use support::mock::{status_from_history, status_of, Mock};
+use support::mock::{status_from_history, status_of, Mock, MockOptions};
 use support::*;
 
 const HISTORY: &str = "blockchain.scripthash.get_history";
@@ -166,5 +166,32 @@ async fn without_read_subscriptions_every_read_reaches_the_upstream() {
     }
     assert_eq!(mock.count(HISTORY), 5);
     assert_eq!(mock.count("blockchain.scripthash.subscribe"), 0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_scripthash_the_upstream_will_not_subscribe_is_asked_once() {
+    let mock = Mock::start_with(MockOptions {
+        refuse: vec!["blockchain.scripthash.subscribe"],
+        ..Default::default()
+    })
+    .await;
+    let sh = scripthash(50);
+    mock.set_history(&sh, history(1));
+    let server = proxy(&mock, "").await;
+    let mut reader = Client::connect(tcp_addr(&server, "test")).await;
+    read_and_fence(&mut reader, &sh).await;
+    read_and_fence(&mut reader, &sh).await;
+    wait_until(|| mock.count("blockchain.scripthash.subscribe") == 1).await;
+    wait_until(|| server.coins["test"].router.hub.route(&sh).is_none()).await;
+    // Refused once: every later read is a plain read, and the hub does
+    // not ask again.
+    for _ in 0..6 {
+        let h = reader.call(HISTORY, json!([sh])).await;
+        assert_eq!(status_from_history(&h), status_of(&history(1)));
+        reader.call("blockchain.headers.subscribe", json!([])).await;
+    }
+    assert_eq!(mock.count("blockchain.scripthash.subscribe"), 1);
+    assert!(server.coins["test"].router.hub.route(&sh).is_none());
     server.shutdown().await;
 }

@@ -54,6 +54,9 @@ pub struct MockOptions {
     /// Meter each session like ElectrumX (cost, concurrency, sleeps, -101
     /// and close at the hard limit, optionally a group cost).
     pub meter: Option<Arc<meter::Meter>>,
+    /// Methods answered with "unknown method" (-32601), as by a server
+    /// that does not offer them.
+    pub refuse: Vec<&'static str>,
 }
 
 pub fn sha256d(data: &[u8]) -> [u8; 32] {

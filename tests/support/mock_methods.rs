@@ -16,6 +16,9 @@ pub(super) fn answer(shared: &Shared, conn: u64, req: &Value) -> Answer {
             .map(str::to_string)
             .ok_or((1, "bad scripthash".to_string()))
     };
+    if shared.opts.refuse.contains(&method) {
+        return Err((-32601, format!("unknown method \"{method}\"")));
+    }
     let mut chain = shared.chain.lock().unwrap();
     if shared.opts.protocol_max.is_some() {
         if let Some(a) = levels::answer(shared, conn, method, &params, &mut chain) {
