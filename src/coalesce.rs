@@ -15,7 +15,7 @@
 //! while the map lock is held (join) or after the flight left the map (land).
 
 use crate::jsonrpc::{ErrorCode, RpcError};
-use crate::reply::{Answer, InternalReply, Responder};
+use crate::reply::{Answer, HookReply, InternalReply, Responder};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -77,12 +77,20 @@ impl Flight {
     }
 
     /// Give the answer to every waiter.
-    pub fn land(mut self, reply: &InternalReply) {
+    pub fn land(self, reply: &InternalReply) {
+        self.land_borrowed(match reply {
+            Ok(Answer::Result(raw)) => Ok(Ok(raw)),
+            Ok(Answer::Error(e)) => Ok(Err(e)),
+            Err(e) => Err(e.clone()),
+        })
+    }
+
+    /// [`Flight::land`] with the answer borrowed from where it arrived.
+    pub fn land_borrowed(mut self, reply: HookReply<'_>) {
         self.landed = true;
         for responder in self.take() {
-            match reply {
-                Ok(Answer::Result(raw)) => responder.deliver(Ok(raw)),
-                Ok(Answer::Error(e)) => responder.deliver(Err(e)),
+            match &reply {
+                Ok(outcome) => responder.deliver(*outcome),
                 Err(e) => responder.fail(e.clone()),
             }
         }

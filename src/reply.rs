@@ -223,6 +223,31 @@ pub enum Responder {
     Slot { index: usize, batch: Arc<Batch> },
     /// To the proxy itself (hub, translations, probes).
     Internal(oneshot::Sender<InternalReply>),
+    /// To code run where the answer arrives (see [`Hook`]).
+    Hook(Hook),
+}
+
+/// What a [`Hook`] is given: the upstream's answer, borrowed, or the
+/// proxy's own error.
+pub type HookReply<'a> = Result<UpstreamOutcome<'a>, RpcError>;
+
+/// An answer's consumer run in the task the answer arrives in (an upstream
+/// connection's, usually) with the answer borrowed from its line: the
+/// cache keeping an answer and handing it to every joined request needs no
+/// task, channel or copy of its own per request. Dropped unrun, it runs
+/// nothing: what it captured (a flight) answers its waiters on drop.
+pub struct Hook(Box<dyn for<'a> FnOnce(HookReply<'a>) + Send>);
+
+impl Hook {
+    pub fn new(f: impl for<'a> FnOnce(HookReply<'a>) + Send + 'static) -> Hook {
+        Hook(Box::new(f))
+    }
+}
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook")
+    }
 }
 
 impl Responder {
@@ -259,6 +284,7 @@ impl Responder {
                 };
                 let _ = tx.send(Ok(answer));
             }
+            Responder::Hook(hook) => (hook.0)(Ok(outcome)),
         }
     }
 
@@ -280,6 +306,7 @@ impl Responder {
             Responder::Internal(tx) => {
                 let _ = tx.send(Err(err));
             }
+            Responder::Hook(hook) => (hook.0)(Err(err)),
         }
     }
 
@@ -303,6 +330,13 @@ impl Responder {
                     .map_err(|e| RpcError::new(jsonrpc::ErrorCode::InternalError, e.to_string()));
                 let _ = tx.send(answer);
             }
+            Responder::Hook(hook) => match RawValue::from_string(result.to_string()) {
+                Ok(raw) => (hook.0)(Ok(Ok(&raw))),
+                Err(e) => (hook.0)(Err(RpcError::new(
+                    jsonrpc::ErrorCode::InternalError,
+                    e.to_string(),
+                ))),
+            },
         }
     }
 
@@ -312,6 +346,7 @@ impl Responder {
             Responder::Client { out, .. } => out.is_closed(),
             Responder::Slot { batch, .. } => batch.out.is_closed(),
             Responder::Internal(tx) => tx.is_closed(),
+            Responder::Hook(_) => false,
         }
     }
 }

@@ -32,12 +32,11 @@
 //!   notification of a newer status.
 
 use super::{lock, Cache, Entry};
-use crate::reply::{Answer, InternalReply, Responder};
+use crate::reply::{Answer, Hook, HookReply, Responder};
 use prometheus::IntCounter;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use tokio::sync::oneshot;
 
 /// The reads whose answers follow a scripthash's status.
 pub const READS: [&str; 4] = [
@@ -213,19 +212,16 @@ impl Cache {
             }
         }
         answers.counters.miss.inc();
-        let (tx, rx) = oneshot::channel();
-        fetch(Responder::Internal(tx));
         let cache = self.clone();
         let sh = sh.to_string();
         let method = method.to_string();
         let key = key.to_string();
-        tokio::spawn(async move {
-            let reply: InternalReply = rx.await.unwrap_or_else(|_| Err(crate::legacy::dropped()));
-            if let (true, Ok(Answer::Result(result))) = (generation != 0, &reply) {
+        fetch(Responder::Hook(Hook::new(move |reply: HookReply<'_>| {
+            if let (true, Ok(Ok(result))) = (generation != 0, &reply) {
                 cache.keep(&sh, &method, &key, result.get(), generation);
             }
-            flight.land(&reply);
-        });
+            flight.land_borrowed(reply);
+        })));
     }
 
     /// A kept answer of this generation.

@@ -50,13 +50,12 @@ pub use policy::{policy, Policy};
 use crate::coalesce::Coalescer;
 use crate::config::CacheConfig;
 use crate::jsonrpc::{ErrorCode, RpcError};
-use crate::reply::{Answer, InternalReply, Responder};
+use crate::reply::{Answer, Hook, HookReply, Responder};
 use answers::Answers;
 use serde_json::value::RawValue;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
 
 /// Bytes counted per entry beyond its key and value text (table slot,
 /// allocation headers, the entry itself).
@@ -218,18 +217,13 @@ impl Cache {
         // Whether the answer may be kept is decided now, against the tip
         // this request was sent under.
         let epoch = self.storable(policy).then(|| lock(&self.chain).epoch);
-        let (tx, rx) = oneshot::channel();
-        fetch(Responder::Internal(tx));
         let cache = self.clone();
-        tokio::spawn(async move {
-            let reply: InternalReply = rx.await.unwrap_or_else(|_| {
-                Err(RpcError::new(ErrorCode::InternalError, "request dropped"))
-            });
-            if let (Some(epoch), Ok(Answer::Result(result))) = (epoch, &reply) {
+        fetch(Responder::Hook(Hook::new(move |reply: HookReply<'_>| {
+            if let (Some(epoch), Ok(Ok(result))) = (epoch, &reply) {
                 cache.store(flight.key(), result.get(), policy, epoch);
             }
-            flight.land(&reply);
-        });
+            flight.land_borrowed(reply);
+        })));
     }
 
     /// A stored, still valid result.
