@@ -271,6 +271,7 @@ pub async fn start_with(config: Config, listen: Listen) -> anyhow::Result<Server
     );
     let admin = Arc::new(AdminState::new(Arc::new(status), &config.metrics));
     let drain = Drain::new(stops.clone(), admin.clone(), sockets.clone());
+    background.spawn(crate::upstream::lag::probe(stops.hard.clone()));
     background.spawn(crate::admin::serve(
         admin_listener,
         admin.clone(),

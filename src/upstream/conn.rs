@@ -118,6 +118,9 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
     ctx.shared
         .limit
         .store(actor.limiter.limit(), Ordering::Relaxed);
+    ctx.shared
+        .settled
+        .store(actor.limiter.settled(), Ordering::Relaxed);
 
     let hello = Hello {
         coin: ctx.coin,
@@ -397,7 +400,12 @@ impl Actor<'_> {
     fn learn(&mut self, rtt: Duration, in_flight: usize) {
         let shared = self.ctx.shared;
         shared.observe_rtt(rtt);
-        if let Some(limit) = self.limiter.on_answer(rtt, in_flight) {
+        self.limiter.set_noise(super::lag::current());
+        let changed = self.limiter.on_answer(rtt, in_flight);
+        shared
+            .settled
+            .store(self.limiter.settled(), Ordering::Relaxed);
+        if let Some(limit) = changed {
             shared.limit.store(limit, Ordering::Relaxed);
             tracing::trace!(
                 coin = self.ctx.coin,
@@ -421,6 +429,7 @@ impl Actor<'_> {
     fn on_busy(&mut self, signal: Signal, mut job: Job, error: &RawValue) {
         let limit = self.limiter.on_busy();
         self.ctx.shared.limit.store(limit, Ordering::Relaxed);
+        self.ctx.shared.settled.store(true, Ordering::Relaxed);
         self.ctx
             .shared
             .throttle

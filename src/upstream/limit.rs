@@ -24,6 +24,18 @@
 //!   between: unchanged;
 //! - an upstream's "busy" answer (ElectrumX's -101 / -102) halves it.
 //!
+//! Until answers queue in [`SETTLE_ROUNDS`] rounds in a row, the limit
+//! doubles each full round instead of growing by one (a slow start), and
+//! the limiter is not yet *settled*: the pool opens another connection
+//! only for a connection whose limit is settled (answers queued round
+//! after round, the upstream said busy, or the ceiling is reached). One
+//! slow round is not enough: a burst of new sessions, a page fault, a busy
+//! moment of the proxy's own make single rounds look queued. A connection still finding its limit is not full, it is
+//! learning: an upstream that serves everything at once (a loopback mock,
+//! a server without per-session limits) then carries the load on few
+//! connections, each write carrying many requests, and one that meters
+//! its sessions gets more of them as soon as its answers say so.
+//!
 //! Slower answers alone never take the limit below [`INITIAL`]: ElectrumX
 //! 2.0 holds replies while less than 1 KiB of them waits on a session,
 //! until a second after its previous send (its traffic-analysis padding),
@@ -36,8 +48,10 @@
 //! shows as busy answers and in `throttle`, and moves load elsewhere.
 //!
 //! It stays within `[1, ceiling]`, the ceiling being the upstream's
-//! `max_in_flight`. [`SLACK`] keeps a loopback upstream's microsecond jitter
-//! from reading as a queue.
+//! `max_in_flight`. [`SLACK`] keeps jitter and queues shorter than a wallet
+//! would notice from reading as a queue, and twice the proxy's own scheduling lag (see
+//! `lag`, given with [`Limiter::set_noise`]) the time an answer waits in
+//! its socket for a busy proxy to read it.
 
 use std::time::Duration;
 
@@ -49,8 +63,14 @@ pub const WINDOW: u32 = 500;
 pub const ALPHA: f64 = 2.0;
 /// Queued requests above which the limit shrinks.
 pub const BETA: f64 = 4.0;
-/// Answer-time differences below this are noise, not a queue.
-pub const SLACK: Duration = Duration::from_micros(500);
+/// Rounds in a row whose answers queued before the limit counts as settled.
+pub const SETTLE_ROUNDS: u32 = 3;
+/// Answer-time differences below this are noise, not a queue: a loopback
+/// upstream's jitter, a busy machine's scheduling (both proxy and upstream
+/// wait for a core), a queue too short for a wallet to notice. What more
+/// sessions buy from ElectrumX is escaping its sleeps (2.5 s by default)
+/// and reply hold (up to 1 s), not a millisecond.
+pub const SLACK: Duration = Duration::from_millis(2);
 
 /// The learned in-flight limit of one connection.
 #[derive(Debug, Clone)]
@@ -66,6 +86,15 @@ pub struct Limiter {
     round_n: usize,
     round_sum: f64,
     round_full: bool,
+    /// Whether answers have queued (or the upstream said busy) since the
+    /// connection opened: the slow start is over.
+    queued_once: bool,
+    /// Rounds in a row whose answers queued.
+    queued_rounds: u32,
+    /// See the module doc.
+    settled: bool,
+    /// Answer-time differences below this are noise (at least [`SLACK`]).
+    noise: f64,
 }
 
 impl Limiter {
@@ -80,7 +109,23 @@ impl Limiter {
             round_n: 0,
             round_sum: 0.0,
             round_full: false,
+            queued_once: false,
+            queued_rounds: 0,
+            settled: INITIAL >= ceiling,
+            noise: SLACK.as_secs_f64(),
         }
+    }
+
+    /// The proxy's own scheduling lag now: answer times within twice it of
+    /// the base are not a queue (see the module doc).
+    pub fn set_noise(&mut self, lag: Duration) {
+        self.noise = SLACK.max(lag * 2).as_secs_f64();
+    }
+
+    /// Whether the limit is where answers queue (or at its ceiling), so that
+    /// requests beyond it need another connection (see the module doc).
+    pub fn settled(&self) -> bool {
+        self.settled
     }
 
     pub fn limit(&self) -> usize {
@@ -118,28 +163,45 @@ impl Limiter {
         self.round_full = false;
         let base = self.base()?;
         let queued = if recent > 0.0 {
-            self.limit as f64 * ((recent - base - SLACK.as_secs_f64()).max(0.0) / recent)
+            self.limit as f64 * ((recent - base - self.noise).max(0.0) / recent)
         } else {
             0.0
         };
         let old = self.limit;
         if queued < ALPHA {
+            self.queued_rounds = 0;
             if full {
-                self.limit = (self.limit + 1).min(self.ceiling);
+                let step = if self.queued_once { 1 } else { self.limit };
+                self.limit = (self.limit + step).min(self.ceiling);
             }
+            self.settled = self.limit >= self.ceiling;
         } else if queued > BETA {
+            self.queued();
             // Answer times alone never take it below what ElectrumX grants
             // a fresh session (see the module doc); a busy answer can.
             let floor = INITIAL.min(self.ceiling).min(old);
             let cut = (((queued - BETA) / 2.0).ceil() as usize).max(1);
             self.limit = self.limit.saturating_sub(cut).max(floor);
+        } else {
+            self.queued();
         }
         (self.limit != old).then_some(self.limit)
+    }
+
+    /// This round's answers queued: settled after enough such rounds.
+    fn queued(&mut self) {
+        self.queued_rounds += 1;
+        if self.queued_rounds >= SETTLE_ROUNDS {
+            self.queued_once = true;
+            self.settled = true;
+        }
     }
 
     /// The upstream said it is busy: halve. Returns the new limit.
     pub fn on_busy(&mut self) -> usize {
         self.limit = (self.limit / 2).max(1);
+        self.queued_once = true;
+        self.settled = true;
         self.round_n = 0;
         self.round_sum = 0.0;
         self.round_full = false;
@@ -206,6 +268,57 @@ mod tests {
         assert_eq!(l.on_busy(), 5);
         drive(&mut l, 4, 10 * MS, 50);
         assert!((5..=10).contains(&l.limit()), "{}", l.limit());
+    }
+
+    #[test]
+    fn settled_once_answers_queue_and_not_while_they_do_not() {
+        // An upstream that serves everything at once: the limit doubles
+        // to the ceiling, and is settled only there.
+        let mut l = Limiter::new(256);
+        drive(&mut l, 1000, 10 * MS, 3);
+        assert!(!l.settled() && l.limit() >= 40, "{}", l.limit());
+        drive(&mut l, 1000, 10 * MS, 10);
+        assert!(l.settled() && l.limit() == 256);
+        // One serving 4 at a time: settled after SETTLE_ROUNDS rounds
+        // queued in a row, at 10.
+        let mut l = Limiter::new(256);
+        drive(&mut l, 4, 10 * MS, SETTLE_ROUNDS as usize - 1);
+        assert!(!l.settled());
+        drive(&mut l, 4, 10 * MS, 1);
+        assert!(l.settled() && l.limit() == 10);
+        // A slow round now and then is not a queue.
+        let mut l = Limiter::new(256);
+        for _ in 0..20 {
+            drive(&mut l, 4, 10 * MS, 1);
+            drive(&mut l, 1000, 10 * MS, 1);
+        }
+        assert!(!l.settled());
+        // A busy answer settles it too.
+        let mut l = Limiter::new(256);
+        assert!(!l.settled());
+        l.on_busy();
+        assert!(l.settled());
+    }
+
+    #[test]
+    fn the_proxys_own_lag_is_not_a_queue() {
+        // A busy proxy reads answers 3 ms late, whatever the upstream does:
+        // told so, the limiter still grows; not told, it reads a queue.
+        let late = |l: &mut Limiter| {
+            for i in 0..2000u64 {
+                let rtt = Duration::from_micros(100 + (i % 7) * 500);
+                l.on_answer(rtt, l.limit());
+            }
+        };
+        let mut told = Limiter::new(256);
+        told.set_noise(Duration::from_millis(2));
+        assert_eq!(told.noise, 0.004);
+        late(&mut told);
+        assert_eq!(told.limit(), 256);
+        let mut blind = Limiter::new(256);
+        blind.noise = Duration::from_micros(500).as_secs_f64();
+        late(&mut blind);
+        assert!(blind.settled() && blind.limit() < 256, "{}", blind.limit());
     }
 
     #[test]

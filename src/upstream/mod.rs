@@ -15,7 +15,8 @@
 //!   retries what a dead connection left unanswered;
 //! - `conn`: the per-socket actor that rewrites ids, learns its in-flight
 //!   limit (`limit`) and resends "busy" answers; `handshake` opens it;
-//!   `shared` is what it shares with selection;
+//!   `shared` is what it shares with selection; `lag` is how late the
+//!   proxy itself runs tasks (the limiter's noise floor);
 //! - `connect`: dialing, TCP or TLS;
 //! - `monitor`: the loop that judges health (`health`: the rise/fall
 //!   rules), throttling (`throttle`: the upstream's own metering, made
@@ -29,6 +30,7 @@ pub mod conn;
 pub mod connect;
 mod handshake;
 pub mod health;
+pub mod lag;
 pub mod levels;
 pub mod limit;
 mod monitor;

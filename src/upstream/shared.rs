@@ -26,6 +26,8 @@ pub struct ConnShared {
     /// Requests the connection writes before the rest wait in its queue,
     /// learned from answer times (see `limit`).
     pub limit: AtomicUsize,
+    /// [`super::limit::Limiter::settled`], for the pool's growth.
+    pub settled: AtomicBool,
     /// Recent answer time in microseconds (a peak-sensitive moving
     /// average; 0 while unknown): selection's cost of a request here.
     pub rtt_us: AtomicU64,
@@ -73,6 +75,7 @@ impl ConnShared {
             in_flight: AtomicUsize::new(0),
             ceiling,
             limit: AtomicUsize::new(super::limit::INITIAL.min(ceiling)),
+            settled: AtomicBool::new(super::limit::INITIAL >= ceiling),
             rtt_us: AtomicU64::new(0),
             base_us: AtomicU64::new(0),
             answered: AtomicU64::new(0),
@@ -113,6 +116,12 @@ impl ConnShared {
 
     pub fn limit(&self) -> usize {
         self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Whether the learned limit is where answers queue (see `limit`):
+    /// only then do requests beyond it call for another connection.
+    pub fn settled(&self) -> bool {
+        self.settled.load(Ordering::Relaxed)
     }
 
     pub fn release(&self) {

@@ -6,8 +6,9 @@
 //! judges it), choosing a slot for each job via `select`, and growing an
 //! upstream's connections when requests queue in the proxy.
 //!
-//! Growth: a job that finds its connection at its learned in-flight limit
-//! (see `limit`: requests now wait in the proxy) wakes a dormant slot of
+//! Growth: a job that finds its connection at its learned in-flight limit,
+//! once that limit is settled (see `limit`: answers queue upstream, so
+//! requests now wait in the proxy), wakes a dormant slot of
 //! that upstream, or of another upstream in rotation that is not throttled
 //! when that one is (more sessions do not buy budget from a server that
 //! meters us). Never beyond `max_connections`, and never more upstream
@@ -164,7 +165,7 @@ impl PoolInner {
         let slot = &self.slots[index];
         job.last_conn = Some(index);
         let load = slot.shared.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        if load > slot.shared.limit() {
+        if load > slot.shared.limit() && slot.shared.settled() {
             self.grow(slot.upstream);
         }
         match slot.tx.try_send(job) {
