@@ -278,17 +278,24 @@ async fn a_read_lost_with_the_old_upstream_waits_for_the_new_one() {
     s.wallet
         .send(&json!({"jsonrpc":"2.0","id":"h","method":"blockchain.scripthash.get_history","params":[s.sh]}))
         .await;
+    // (A history read may be tried on the other upstream first, its
+    // answer checked against S1: it disagrees, so it goes to the holder.)
     wait_until(|| s.holder.count("blockchain.scripthash.get_history") == 1).await;
+    let tried = s.other.count("blockchain.scripthash.get_history");
+    assert!(tried <= 1);
     s.holder.stop();
     wait_until(|| held(&s.server) == 1 && parked(&s.server) == 1).await;
-    assert_eq!(s.other.count("blockchain.scripthash.get_history"), 0);
+    assert_eq!(s.other.count("blockchain.scripthash.get_history"), tried);
     assert_eq!(fence(&mut s.wallet).await, Vec::<Value>::new());
 
     s.other.set_history(&s.sh, h1.clone());
     let answer = s.wallet.recv().await;
     assert_eq!(answer["id"], "h", "{answer}");
     assert_eq!(status_from_history(&answer["result"]), status_of(&h1));
-    assert_eq!(s.other.count("blockchain.scripthash.get_history"), 1);
+    assert_eq!(
+        s.other.count("blockchain.scripthash.get_history"),
+        tried + 1
+    );
     assert_eq!(fence(&mut s.wallet).await, Vec::<Value>::new());
     s.server.shutdown().await;
 }

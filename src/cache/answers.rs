@@ -49,7 +49,7 @@ pub const READS: [&str; 4] = [
 const GET_HISTORY: &str = "blockchain.scripthash.get_history";
 
 /// The events of `electrum_lb_read_answers_total` (see `metrics`).
-pub const EVENTS: [&str; 8] = [
+pub const EVENTS: [&str; 10] = [
     "hit",
     "join",
     "miss",
@@ -58,6 +58,8 @@ pub const EVENTS: [&str; 8] = [
     "invalidate",
     "subscribe",
     "unsubscribe",
+    "checked",
+    "recheck",
 ];
 
 /// Counters of what happened to reads and their kept answers. Registered
@@ -81,6 +83,12 @@ pub struct AnswerCounters {
     pub subscribe: IntCounter,
     /// Read-driven subscriptions dropped (idle, evicted or failed).
     pub unsubscribe: IntCounter,
+    /// History reads of subscribed scripthashes sent to any connection,
+    /// their answers checked against the status (see `router`).
+    pub checked: IntCounter,
+    /// Checked answers that disagreed, sent again to the connection
+    /// holding the subscription.
+    pub recheck: IntCounter,
 }
 
 impl AnswerCounters {
@@ -100,6 +108,8 @@ impl AnswerCounters {
             invalidate: make(EVENTS[5]),
             subscribe: make(EVENTS[6]),
             unsubscribe: make(EVENTS[7]),
+            checked: make(EVENTS[8]),
+            recheck: make(EVENTS[9]),
         }
     }
 }
@@ -295,6 +305,16 @@ impl Cache {
         if let Some(script) = table.scripts.remove(sh) {
             self.drop_kept(script.keys);
         }
+    }
+
+    /// The status subscribers of `sh` were told, if it has settled: a
+    /// `get_history` answer can be checked against it.
+    pub fn settled_status(&self, sh: &str) -> Option<Box<str>> {
+        lock(&self.answers.table)
+            .scripts
+            .get(sh)
+            .filter(|s| s.settled)
+            .map(|s| s.status.clone())
     }
 
     /// Whether `sh` was read since the last call (and clear the mark).
