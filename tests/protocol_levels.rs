@@ -272,8 +272,9 @@ async fn level_methods_are_refused_clearly_where_no_upstream_speaks_the_level() 
 async fn level_methods_reach_an_upstream_that_speaks_the_level() {
     let mock = upstream(true).await;
     let server = proxy(&mock, true).await;
-    // One ordinary connection at 1.4, the protocol connection at 1.7.
-    assert_eq!(mock.levels(), ["1.4", "1.7"]);
+    // One ordinary connection at 1.4.2 (asked 1.4 to 1.4.2), the protocol
+    // connection at 1.7.
+    assert_eq!(mock.levels(), ["1.4.2", "1.7"]);
     let mut c = client(&server, json!(["1.4", "1.7"])).await;
     let info = c.call("mempool.get_info", json!([])).await;
     assert_eq!(info["minrelaytxfee"], json!(0.00001));
@@ -426,7 +427,7 @@ async fn sessions_and_connections_are_counted_by_level() {
         assert_eq!(sample(&text, series), Some(want), "{series}");
     }
     let url = mock.url();
-    for level in ["1.4", "1.7"] {
+    for level in ["1.4.2", "1.7"] {
         let series = format!(
             "electrum_lb_upstream_protocol_connections{{coin=\"test\",level=\"{level}\",upstream=\"{url}\"}}"
         );

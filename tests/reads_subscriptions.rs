@@ -195,3 +195,31 @@ async fn a_scripthash_the_upstream_will_not_subscribe_is_asked_once() {
     assert!(server.coins["test"].router.hub.route(&sh).is_none());
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_upstream_below_1_4_2_is_not_sent_unsubscribes() {
+    // ElectrumX at 1.4 has no `blockchain.scripthash.unsubscribe`: asked,
+    // it answers an error and charges the session 100 for it.
+    let mock = Mock::start_with(MockOptions {
+        protocol_max: Some("1.4".into()),
+        ..Default::default()
+    })
+    .await;
+    let server = proxy(&mock, "read_subscriptions = 1").await;
+    let mut reader = Client::connect(tcp_addr(&server, "test")).await;
+    let (first, second) = (scripthash(70), scripthash(71));
+    for sh in [&first, &first] {
+        read_and_fence(&mut reader, sh).await;
+    }
+    wait_until(|| settled(&server, &first)).await;
+    // The newcomer takes the place of the one not read since.
+    for _ in 0..3 {
+        read_and_fence(&mut reader, &second).await;
+    }
+    wait_until(|| settled(&server, &second)).await;
+    assert!(server.coins["test"].router.hub.route(&first).is_none());
+    assert_eq!(counters(&server).unsubscribe.get(), 1);
+    assert_eq!(mock.count("blockchain.scripthash.subscribe"), 2);
+    assert_eq!(mock.count(UNSUBSCRIBE), 0);
+    server.shutdown().await;
+}

@@ -258,12 +258,18 @@ impl Actor {
     }
 
     /// Tell the upstream it may forget a subscription (scripthashes:
-    /// protocol 1.4.2; outpoints: 1.7). An upstream that does not know the
-    /// method answers an error, ignored; its later notifications for it
-    /// are ignored too.
+    /// protocol 1.4.2; outpoints: 1.7). A connection of a lower level is
+    /// not asked: ElectrumX answers a method its level lacks with an error
+    /// and charges the session 100 for it (the session keeps the
+    /// subscription until it closes). Later notifications for it are
+    /// ignored.
     pub(super) fn release_upstream(&self, conn: ConnId, topic: &Topic) {
+        let level = self.pool.conn_level(conn);
         let (method, params) = match topic {
             Topic::Headers => return,
+            Topic::Script(_) if level.is_some_and(|l| l < crate::protocol::Version(1, 4, 2)) => {
+                return
+            }
             Topic::Script(sh) => (scripthash::UNSUBSCRIBE, scripthash::subscribe_params(sh)),
             Topic::Outpoint(op) => (outpoint::UNSUBSCRIBE, outpoint::unsubscribe_params(op)),
         };

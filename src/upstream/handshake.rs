@@ -43,6 +43,14 @@ where
 {
     let version_params = match ctx.protocol_max {
         Some(max) => serde_json::to_string(&(ctx.client_name, [ctx.protocol, max])),
+        // 1.4.2 adds `blockchain.scripthash.unsubscribe` and nothing else:
+        // the hub releases read-driven subscriptions with it. A server
+        // without it negotiates 1.4 and is never sent one (ElectrumX
+        // answers a method its level lacks with an error, and charges the
+        // session 100 for every error).
+        None if ctx.protocol == "1.4" => {
+            serde_json::to_string(&(ctx.client_name, [ctx.protocol, "1.4.2"]))
+        }
         None => serde_json::to_string(&(ctx.client_name, ctx.protocol)),
     }
     .expect("strings serialize");

@@ -54,7 +54,21 @@ pub(super) fn answer(shared: &Shared, conn: u64, req: &Value) -> Answer {
         }
     }
     match method {
-        "server.version" => Ok(json!(["MockX 1.0", "1.4"])),
+        // Like ElectrumX at protocol_max 1.4.2: 1.4.2 when the range asked
+        // reaches it, 1.4 otherwise.
+        "server.version" => {
+            let reaches = p(1)
+                .as_array()
+                .and_then(|r| r.last()?.as_str().map(str::to_string));
+            Ok(json!([
+                "MockX 1.0",
+                if reaches.as_deref() == Some("1.4.2") {
+                    "1.4.2"
+                } else {
+                    "1.4"
+                }
+            ]))
+        }
         "server.features" => Ok(json!({
             "genesis_hash": hash_hex(sha256d(&chain.headers[0])),
             "protocol_min": "1.4", "protocol_max": "1.4.2", "hash_function": "sha256",
