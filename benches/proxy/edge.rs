@@ -66,6 +66,7 @@ pub(crate) async fn start_haproxy_tls(upstreams: &[SocketAddr], dir: &std::path:
         addrs: vec![addr],
         ws: None,
         ssl: None,
+        metrics: None,
     }
 }
 

@@ -16,6 +16,8 @@ pub(crate) struct Proc {
     pub(crate) ws: Option<SocketAddr>,
     /// A TLS listener (idle TLS sessions, handshakes).
     pub(crate) ssl: Option<SocketAddr>,
+    /// electrum-lb's metrics port.
+    pub(crate) metrics: Option<SocketAddr>,
 }
 
 impl Proc {
@@ -46,6 +48,7 @@ impl Proc {
             addrs,
             ws: None,
             ssl: None,
+            metrics: None,
         }
     }
 
@@ -120,11 +123,12 @@ pub(crate) fn launch_electrum_lb(
     let mut listen = None;
     let mut ws = None;
     let mut ssl = None;
+    let mut metrics = None;
     let mut up = std::collections::HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     // Listeners are logged before any upstream connection is up, so an
     // `ssl://` listener in the config is known by then.
-    while listen.is_none() || ws.is_none() || up.len() < upstreams {
+    while listen.is_none() || ws.is_none() || metrics.is_none() || up.len() < upstreams {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = rx
             .recv_timeout(left)
@@ -135,6 +139,9 @@ pub(crate) fn launch_electrum_lb(
             listen = listen.or(addr("listen=tcp://"));
             ws = ws.or(addr("listen=ws://"));
             ssl = ssl.or(addr("listen=ssl://"));
+        }
+        if line.contains("/metrics") {
+            metrics = value(&line, "listen=").and_then(|a| a.parse::<SocketAddr>().ok());
         }
         if line.contains("upstream connection up") {
             up.extend(value(&line, "upstream="));
@@ -148,6 +155,7 @@ pub(crate) fn launch_electrum_lb(
         addrs: vec![listen.expect("listen address")],
         ws,
         ssl,
+        metrics,
     }
 }
 
@@ -212,6 +220,7 @@ pub(crate) async fn start_haproxy(upstreams: &[SocketAddr], dir: &std::path::Pat
         addrs: vec![addr],
         ws: None,
         ssl: None,
+        metrics: None,
     }
 }
 

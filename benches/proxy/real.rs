@@ -107,6 +107,8 @@ struct Row {
     front: Front,
     run: RealRun,
     upstream: Vec<UpstreamCounts>,
+    /// electrum-lb's own upstream answer times (see [`answer_times`]).
+    answer_times: Option<String>,
 }
 
 pub(crate) fn real_main() {
@@ -189,6 +191,10 @@ async fn real_bench(opts: RealOptions) {
             run.answers += primed;
             let _ = stop.send(());
             let upstream = stack.counts(&watch.await.expect("session watch")).await;
+            let answer_times = match proc.metrics {
+                Some(addr) => answer_times(addr).await,
+                None => None,
+            };
             drop(proc);
             eprintln!(
                 "proxy bench: {} {}: {:.0} req/s",
@@ -201,6 +207,7 @@ async fn real_bench(opts: RealOptions) {
                 front,
                 run,
                 upstream,
+                answer_times,
             });
         }
     }
@@ -294,6 +301,38 @@ fn print_real_table(rows: &[Row]) {
         );
     }
     println!();
+    for r in rows {
+        if let Some(times) = &r.answer_times {
+            println!(
+                "electrum-lb's upstream answer times, {}: {times}",
+                r.workload.name()
+            );
+        }
+    }
+    for r in rows {
+        if let Some(u) = r
+            .upstream
+            .iter()
+            .max_by(|a, b| a.max_cost.total_cmp(&b.max_cost))
+        {
+            let methods: Vec<String> = u
+                .by_method
+                .iter()
+                .take(8)
+                .map(|(m, n)| format!("{m} {n}"))
+                .collect();
+            println!(
+                "costliest session, {} {}: cost {:.0} with {} subscriptions and {} messages received; its server's requests: {}",
+                r.workload.name(),
+                r.front.name(),
+                u.max_cost,
+                u.costliest_subs,
+                u.costliest_requests,
+                methods.join(", ")
+            );
+        }
+    }
+    println!();
     let lost: Vec<String> = rows
         .iter()
         .filter(|r| r.run.lost > 0)
@@ -328,4 +367,51 @@ fn print_real_table(rows: &[Row]) {
             verdict(ok)
         );
     }
+}
+
+/// How long electrum-lb's upstream requests took to be answered, from its
+/// `electrum_lb_upstream_request_duration_seconds` histogram (both
+/// upstreams): the share over 0.25, 0.5 and 1 s. ElectrumX 2.0 holds a
+/// reply smaller than 1 KiB until 1 s after the session's previous send,
+/// so a session carrying a few requests a second sees answers near 1 s.
+async fn answer_times(metrics: SocketAddr) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect(metrics).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.ok()?;
+    // (upper bound, count at or under it), summed over the upstreams.
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("electrum_lb_upstream_request_duration_seconds_bucket{")
+        else {
+            continue;
+        };
+        let le = rest.split("le=\"").nth(1)?.split('"').next()?;
+        let le: f64 = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().ok()?
+        };
+        let n: f64 = rest.rsplit(' ').next()?.parse().ok()?;
+        match buckets.iter_mut().find(|(b, _)| *b == le) {
+            Some((_, count)) => *count += n,
+            None => buckets.push((le, n)),
+        }
+    }
+    let total = buckets.iter().find(|(b, _)| b.is_infinite())?.1;
+    let over = |le: f64| {
+        let under = buckets
+            .iter()
+            .find(|(b, _)| *b == le)
+            .map_or(0.0, |(_, n)| *n);
+        100.0 * (total - under) / total.max(1.0)
+    };
+    Some(format!(
+        "{total:.0} answers, {:.1}% over 0.25 s, {:.1}% over 0.5 s, {:.1}% over 1 s",
+        over(0.25),
+        over(0.5),
+        over(1.0)
+    ))
 }

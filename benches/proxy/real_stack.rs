@@ -30,6 +30,13 @@ pub(crate) struct UpstreamCounts {
     /// granted a session (10 when not throttled), sampled each second.
     pub(crate) max_cost: f64,
     pub(crate) min_concurrency: Option<u64>,
+    /// The costliest session when its cost was highest: its subscriptions
+    /// and the requests it had received then (which session the cost is
+    /// on: one holding the proxy's subscriptions, or one carrying reads).
+    pub(crate) costliest_subs: u64,
+    pub(crate) costliest_requests: u64,
+    /// Requests ElectrumX handled by method, most first.
+    pub(crate) by_method: Vec<(String, u64)>,
 }
 
 impl RealStack {
@@ -126,10 +133,15 @@ impl RealStack {
             let mut c = worst.get(i).cloned().unwrap_or_default();
             if let Some(counts) = info["request counts"].as_object() {
                 for (method, n) in counts {
-                    if method.contains('.') {
-                        c.requests += n.as_u64().unwrap_or(0);
+                    if method.contains('.') || method == "invalid method" {
+                        let n = n.as_u64().unwrap_or(0);
+                        if method.contains('.') {
+                            c.requests += n;
+                        }
+                        c.by_method.push((method.clone(), n));
                     }
                 }
+                c.by_method.sort_by_key(|m| std::cmp::Reverse(m.1));
                 c.sessions = counts
                     .get("server.version")
                     .and_then(Value::as_u64)
@@ -163,7 +175,8 @@ impl RealStack {
 }
 
 /// Fold ElectrumX's `sessions` into `c`. Rows: [id, flags, address, client,
-/// protocol, cost, extra cost, ...]; flags: the kind's initial ("T" TCP,
+/// protocol, cost, extra cost, unanswered, txs sent, subscriptions,
+/// messages received, bytes received, ...]; flags: the kind's initial ("T" TCP,
 /// "S" TLS, "R" admin RPC), "C" if closing, then the concurrency granted now.
 async fn sample_sessions(port: u16, c: &mut UpstreamCounts) {
     for row in admin_rpc(port, "sessions")
@@ -176,7 +189,12 @@ async fn sample_sessions(port: u16, c: &mut UpstreamCounts) {
         if !flags.starts_with('T') && !flags.starts_with('S') {
             continue;
         }
-        c.max_cost = c.max_cost.max(row[5].as_f64().unwrap_or(0.0));
+        let cost = row[5].as_f64().unwrap_or(0.0);
+        if cost > c.max_cost {
+            c.max_cost = cost;
+            c.costliest_subs = row[9].as_u64().unwrap_or(0);
+            c.costliest_requests = row[10].as_u64().unwrap_or(0);
+        }
         let digits: String = flags.chars().filter(char::is_ascii_digit).collect();
         if let Ok(n) = digits.parse::<u64>() {
             c.min_concurrency = Some(c.min_concurrency.map_or(n, |m| m.min(n)));
