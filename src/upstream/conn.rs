@@ -115,12 +115,7 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
         limiter: Limiter::new(ctx.shared.ceiling),
         waiting: VecDeque::new(),
     };
-    ctx.shared
-        .limit
-        .store(actor.limiter.limit(), Ordering::Relaxed);
-    ctx.shared
-        .settled
-        .store(actor.limiter.settled(), Ordering::Relaxed);
+    actor.publish_limit();
 
     let hello = Hello {
         coin: ctx.coin,
@@ -396,17 +391,24 @@ impl Actor<'_> {
         }
     }
 
+    /// Show the limiter's limit and whether it has settled to selection
+    /// and the pool's growth (see `shared`).
+    fn publish_limit(&self) {
+        let shared = self.ctx.shared;
+        shared.limit.store(self.limiter.limit(), Ordering::Relaxed);
+        shared
+            .settled
+            .store(self.limiter.settled(), Ordering::Relaxed);
+    }
+
     /// Feed one answer time to the limiter and selection.
     fn learn(&mut self, rtt: Duration, in_flight: usize) {
         let shared = self.ctx.shared;
         shared.observe_rtt(rtt);
         self.limiter.set_noise(super::lag::current());
         let changed = self.limiter.on_answer(rtt, in_flight);
-        shared
-            .settled
-            .store(self.limiter.settled(), Ordering::Relaxed);
+        self.publish_limit();
         if let Some(limit) = changed {
-            shared.limit.store(limit, Ordering::Relaxed);
             tracing::trace!(
                 coin = self.ctx.coin,
                 upstream = self.ctx.label,
@@ -427,9 +429,8 @@ impl Actor<'_> {
     /// client's deadline allows; a broadcast, or one resent too often,
     /// gets the upstream's error.
     fn on_busy(&mut self, signal: Signal, mut job: Job, error: &RawValue) {
-        let limit = self.limiter.on_busy();
-        self.ctx.shared.limit.store(limit, Ordering::Relaxed);
-        self.ctx.shared.settled.store(true, Ordering::Relaxed);
+        self.limiter.on_busy();
+        self.publish_limit();
         self.ctx
             .shared
             .throttle
