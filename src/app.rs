@@ -341,7 +341,7 @@ fn bind_all(
 /// The `[server]` settings a pool generation is built from.
 fn upstream_settings(
     s: &crate::config::ServerConfig,
-) -> (u64, u64, u64, u64, u64, u32, u32, u64, String) {
+) -> (u64, u64, u64, u64, u64, u32, u32, u64, u64, String) {
     (
         s.upstream_ping_secs,
         s.upstream_stall_secs,
@@ -351,6 +351,7 @@ fn upstream_settings(
         s.health_rise,
         s.health_fall,
         s.upstream_reconnect_max_ms,
+        s.upstream_reply_hold_ms,
         s.server_name.clone(),
     )
 }

@@ -220,6 +220,11 @@ pub struct ServerConfig {
     /// Longest wait between two attempts to reach an upstream that is
     /// down: the delay starts at 200 ms and doubles up to this (+-25%).
     pub upstream_reconnect_max_ms: u64,
+    /// Milliseconds an upstream that pads its replies (ElectrumX 2.0) holds
+    /// the small ones back after its previous packet on a connection:
+    /// requests go where their answers wait least (see `upstream::hold`).
+    /// 0: holds are not considered.
+    pub upstream_reply_hold_ms: u64,
     /// Seconds of silence from a WebSocket client after which the proxy
     /// sends it a ping (keeps proxies and NATs from dropping an idle
     /// browser connection). 0: never.
@@ -249,6 +254,8 @@ impl Default for ServerConfig {
             health_fall: 2,
             failover_hold_ms: 10_000,
             upstream_reconnect_max_ms: 30_000,
+            // ElectrumX 2.0's PaddedRSTransport: 1 s.
+            upstream_reply_hold_ms: 1000,
             // ElectrumX (the `websockets` library) and Fulcrum both ping
             // every 20 s.
             ws_ping_secs: 20,

@@ -9,7 +9,8 @@
 //! handed back to the supervisor (which retries what may be retried and
 //! fails the rest); nothing is leaked.
 //!
-//! Answer times feed the limiter and selection (`shared`). An answer that
+//! Answer times feed the limiter and selection (`shared`), and so do the
+//! time of the last read and whether replies come padded (`hold`). An answer that
 //! is ElectrumX's "excessive resource usage" (-101) or "server busy" (-102)
 //! is a throttle signal (`throttle`) and halves the limit; the request,
 //! which the upstream did not serve, is resent to another connection
@@ -135,6 +136,9 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
         };
     }
     actor.last_read = Instant::now();
+    ctx.shared
+        .last_read_ms
+        .store(super::hold::now_ms(), Ordering::Relaxed);
     let conn = ctx.shared.conn_id();
     {
         let info = ctx.shared.info.lock().unwrap_or_else(|p| p.into_inner());
@@ -210,6 +214,10 @@ impl Actor<'_> {
                 frame = reader.next_frame() => match frame {
                     Ok(Frame::Line(line)) => {
                         self.last_read = Instant::now();
+                        self.ctx
+                            .shared
+                            .last_read_ms
+                            .store(super::hold::now_ms(), Ordering::Relaxed);
                         self.on_line(&line);
                         // Everything else that read brought in, without a
                         // trip through the select for each line.
@@ -330,6 +338,14 @@ impl Actor<'_> {
     }
 
     fn on_line(&mut self, line: &[u8]) {
+        if super::hold::padded(line) && !self.ctx.shared.pads() {
+            tracing::debug!(
+                coin = self.ctx.coin,
+                upstream = self.ctx.label,
+                "the upstream pads its replies (and holds small ones): packing requests"
+            );
+            self.ctx.shared.pads.store(true, Ordering::Relaxed);
+        }
         let msgs = match jsonrpc::parse_upstream_line(line) {
             Ok(m) => m,
             Err(_) => {

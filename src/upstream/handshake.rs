@@ -86,6 +86,9 @@ where
             Frame::Line(l) => l,
             Frame::Eof => return Err("closed during handshake".into()),
         };
+        if super::hold::padded(&line) {
+            ctx.shared.pads.store(true, Ordering::Relaxed);
+        }
         let msgs = jsonrpc::parse_upstream_line(&line)
             .map_err(|_| "invalid JSON in handshake".to_string())?;
         for msg in msgs {

@@ -9,7 +9,8 @@
 //! - `state`: one generation's upstreams and slots; dispatch, and growing
 //!   connections when requests queue in the proxy;
 //! - `select`: the pure choice of a connection for a job (cost, throttled
-//!   upstreams passed over while others have room);
+//!   upstreams passed over while others have room, where an answer waits
+//!   least on an upstream that holds small replies: `hold`);
 //! - `levels`: protocol levels: which connections can answer a job;
 //! - `supervisor`: keeps one connection slot connected, with backoff, and
 //!   retries what a dead connection left unanswered;
@@ -24,12 +25,13 @@
 //!
 //! Imports go one way, no circles: `pool` -> (`monitor`, `supervisor`) ->
 //! `state` -> (`select`, `health`, `throttle`, `conn` -> `handshake` ->
-//! `shared`); `levels` adds capability methods to `pool` and `state`.
+//! `shared` -> `hold`); `levels` adds capability methods to `pool` and `state`.
 
 pub mod conn;
 pub mod connect;
 mod handshake;
 pub mod health;
+pub mod hold;
 pub mod lag;
 pub mod levels;
 pub mod limit;

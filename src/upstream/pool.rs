@@ -362,6 +362,7 @@ fn build(
         stall_after: Duration::from_secs(server.upstream_stall_secs),
         idle_close: Duration::from_secs(server.upstream_idle_close_secs),
         reconnect_max: Duration::from_millis(server.upstream_reconnect_max_ms),
+        reply_hold: Duration::from_millis(server.upstream_reply_hold_ms),
     };
     let inner = Arc::new(PoolInner {
         coin: coin.clone(),

@@ -15,10 +15,20 @@
 //! in-flight limit can still be picked: its queue holds the request until a
 //! slot frees up (the pool's growth, not selection, answers saturation).
 //!
+//! Upstreams that hold small replies (ElectrumX 2.0, see `hold`): among
+//! the connections with room, one that answers at once (quiet for the hold
+//! window, or an upstream that does not hold) comes first, by cost as
+//! above; then one whose answers in flight are filling a packet, the fullest
+//! first (packing: answers that travel together are not held), while its
+//! recent work is under [`hold::PACK_UNTIL`]; then the rest by cost. Cost
+//! alone would spread requests evenly, which on a holding upstream leaves
+//! each session a trickle of small answers that each wait out the hold.
+//!
 //! Capability is a separate filter ([`capable`]): a request that only some
 //! protocol levels answer (see [`Need`]) is offered only the connections
 //! whose negotiated level fits, before `pick` runs.
 
+use super::hold::{self, Hold};
 use crate::protocol::Version;
 
 /// What selection needs to know about one connection.
@@ -37,6 +47,11 @@ pub struct Candidate {
     pub backup: bool,
     /// The upstream is throttling us.
     pub throttled: bool,
+    /// Where an answer would go on this connection (see `hold`).
+    pub hold: Hold,
+    /// Requests sent here recently ([`hold::Work`]; counted only where the
+    /// upstream holds).
+    pub work: u32,
 }
 
 /// Answer times below this (µs) are not told apart.
@@ -51,6 +66,30 @@ impl Candidate {
     fn cost(&self) -> u128 {
         (self.in_flight as u128 + 1) * self.rtt_us.max(RTT_FLOOR_US) as u128
     }
+
+    /// 0: answered at once; 1: packed into a filling packet; 2: the rest.
+    fn rank(&self) -> u8 {
+        match self.hold {
+            Hold::None => 0,
+            Hold::Filling if self.has_room() && self.work < hold::PACK_UNTIL => 1,
+            Hold::Filling | Hold::Held => 2,
+        }
+    }
+}
+
+/// Which of two candidates is the better choice (`Less`: `a`).
+fn better(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
+    a.rank().cmp(&b.rank()).then_with(|| {
+        if a.rank() == 1 {
+            // Packing: the fullest buffer first.
+            b.in_flight.cmp(&a.in_flight)
+        } else {
+            // Compare cost / weight without division: a/wa < b/wb <=> a*wb < b*wa.
+            let la = a.cost() * b.weight as u128;
+            let lb = b.cost() * a.weight as u128;
+            la.cmp(&lb)
+        }
+    })
 }
 
 /// Index of the connection to use, or `None` when none can take a request.
@@ -78,12 +117,7 @@ pub fn pick(candidates: &[Candidate], skip: Option<usize>) -> Option<usize> {
         .iter()
         .enumerate()
         .filter(|(i, c)| in_tier(*i, c) && !(room_unthrottled && c.throttled))
-        // Compare cost / weight without division: a/wa < b/wb <=> a*wb < b*wa.
-        .min_by(|(_, a), (_, b)| {
-            let la = a.cost() * b.weight as u128;
-            let lb = b.cost() * a.weight as u128;
-            la.cmp(&lb)
-        })
+        .min_by(|(_, a), (_, b)| better(a, b))
         .map(|(i, _)| i)
 }
 
@@ -157,6 +191,8 @@ mod tests {
             weight,
             backup,
             throttled: false,
+            hold: Hold::None,
+            work: 0,
         }
     }
 
@@ -245,6 +281,35 @@ mod tests {
         let cs = [c(true, 0, 1, false), c(true, 5, 1, false)];
         assert_eq!(pick(&cs, Some(0)), Some(1));
         assert_eq!(pick(&cs[..1], Some(0)), None);
+    }
+
+    #[test]
+    fn a_holding_upstream_gets_requests_packed() {
+        let held = |in_flight| Candidate {
+            hold: if in_flight > 0 { Hold::Filling } else { Hold::Held },
+            ..c(true, in_flight, 1, false)
+        };
+        // Cost alone would take the emptiest; the fullest filling one wins.
+        let cs = [held(0), held(3), held(5), held(1)];
+        assert_eq!(pick(&cs, None), Some(2));
+        // A connection quiet for the window answers at once: it comes first.
+        let quiet = Candidate {
+            hold: Hold::None,
+            ..c(true, 0, 1, false)
+        };
+        let cs = [held(3), quiet];
+        assert_eq!(pick(&cs, None), Some(1));
+        // A full one is not packed further: the next fullest with room is.
+        let cs = [held(10), held(4), held(0)];
+        assert_eq!(pick(&cs, None), Some(1));
+        // Nor one that has done its share of work recently.
+        let mut busy = held(6);
+        busy.work = hold::PACK_UNTIL;
+        let cs = [busy, held(2), held(0)];
+        assert_eq!(pick(&cs, None), Some(1));
+        // Nothing filling: the least loaded by cost, as without holds.
+        let cs = [busy, held(0)];
+        assert_eq!(pick(&cs, None), Some(1));
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! What one connection slot shares between its actor (`conn`), its
 //! supervisor and the pool's selection: readiness, load, the learned
-//! in-flight limit, answer times, and what the upstream said about itself.
+//! in-flight limit, answer times, whether and when the upstream holds its
+//! replies (`hold`), and what the upstream said about itself.
 //!
 //! Owns: these atomics and their meaning; nothing here decides anything.
 
+use super::hold::{HoldView, Work};
 use super::throttle::Throttle;
 use crate::protocol::Version;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -54,6 +56,13 @@ pub struct ConnShared {
     pub upgrade: OnceLock<Arc<ConnShared>>,
     /// The upstream's throttle state (shared by its slots).
     pub throttle: Arc<Throttle>,
+    /// The upstream pads its replies, and so holds small ones (see `hold`).
+    pub pads: AtomicBool,
+    /// `hold::now_ms` when this connection last received anything.
+    pub last_read_ms: AtomicU64,
+    /// Requests sent here recently (see `hold::Work`): kept only for
+    /// connections whose upstream pads.
+    pub work: Work,
 }
 
 /// What an upstream told us about itself.
@@ -86,6 +95,9 @@ impl ConnShared {
             level: AtomicU32::new(0),
             upgrade: OnceLock::new(),
             throttle,
+            pads: AtomicBool::new(false),
+            last_read_ms: AtomicU64::new(0),
+            work: Work::default(),
         }
     }
 
@@ -122,6 +134,22 @@ impl ConnShared {
     /// only then do requests beyond it call for another connection.
     pub fn settled(&self) -> bool {
         self.settled.load(Ordering::Relaxed)
+    }
+
+    /// Whether the upstream pads (and holds) its replies.
+    pub fn pads(&self) -> bool {
+        self.pads.load(Ordering::Relaxed)
+    }
+
+    /// What selection needs to know about this connection's reply hold,
+    /// with the pool's window (ms).
+    pub fn hold_view(&self, window_ms: u64) -> HoldView {
+        HoldView {
+            pads: self.pads(),
+            last_read_ms: self.last_read_ms.load(Ordering::Relaxed),
+            in_flight: self.in_flight(),
+            window_ms,
+        }
     }
 
     pub fn release(&self) {

@@ -20,7 +20,7 @@ use super::conn::ConnShared;
 use super::connect::Dialer;
 use super::health::{Health, HealthRules};
 use super::throttle::Throttle;
-use super::{select, ConnId, Job, PoolEvent};
+use super::{hold, select, ConnId, Job, PoolEvent};
 use crate::config::UpstreamEntry;
 use crate::jsonrpc::{ErrorCode, RpcError};
 use crate::status::events::CoinEvents;
@@ -42,6 +42,9 @@ pub struct SupervisorSettings {
     pub idle_close: Duration,
     /// Longest delay between two dial attempts (`upstream_reconnect_max_ms`).
     pub reconnect_max: Duration,
+    /// How long an upstream that pads holds small replies
+    /// (`upstream_reply_hold_ms`; zero: holds are not considered).
+    pub reply_hold: Duration,
 }
 
 /// One upstream server and its rotation state.
@@ -115,10 +118,19 @@ impl PoolInner {
     }
 
     pub(super) fn candidates(&self) -> Vec<select::Candidate> {
+        let window = self.settings.reply_hold.as_millis() as u64;
+        let mut now = None;
         self.slots
             .iter()
             .map(|s| {
                 let u = &self.upstreams[s.upstream];
+                // The clock is read only when some upstream holds.
+                let (hold, work) = if window > 0 && s.shared.pads() {
+                    let t = *now.get_or_insert_with(hold::now_ms);
+                    (s.shared.hold_view(window).state(t), s.shared.work.at(t))
+                } else {
+                    (hold::Hold::None, 0)
+                };
                 select::Candidate {
                     ready: s.shared.is_ready() && s.shared.is_active(),
                     healthy: u.healthy.load(Ordering::Acquire),
@@ -128,6 +140,8 @@ impl PoolInner {
                     weight: u.entry.weight,
                     backup: u.entry.backup,
                     throttled: u.throttle.is_throttled(),
+                    hold,
+                    work,
                 }
             })
             .collect()
@@ -165,6 +179,9 @@ impl PoolInner {
         let slot = &self.slots[index];
         job.last_conn = Some(index);
         let load = slot.shared.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        if slot.shared.pads() {
+            slot.shared.work.add(hold::now_ms());
+        }
         if load > slot.shared.limit() && slot.shared.settled() {
             self.grow(slot.upstream);
         }

@@ -11,8 +11,12 @@
 //! `mock_methods.rs` answers the protocol-1.4 methods; `mock_levels.rs`
 //! makes it an ElectrumX 2.0 (`MockOptions::protocol_max`): per-connection
 //! negotiation up to 1.7, and the methods and shapes of 1.6 and 1.7;
-//! `mock_meter.rs` meters sessions like ElectrumX (`MockOptions::meter`).
+//! `mock_meter.rs` meters sessions like ElectrumX (`MockOptions::meter`);
+//! `mock_hold.rs` pads and holds replies like ElectrumX 2.0
+//! (`MockOptions::reply_hold`).
 
+#[path = "mock_hold.rs"]
+pub mod hold;
 #[path = "mock_levels.rs"]
 mod levels;
 #[path = "mock_meter.rs"]
@@ -57,6 +61,9 @@ pub struct MockOptions {
     /// Methods answered with "unknown method" (-32601), as by a server
     /// that does not offer them.
     pub refuse: Vec<&'static str>,
+    /// Pad packets and hold small replies like ElectrumX 2.0, with this
+    /// window (see `mock_hold.rs`; `pad` is then moot).
+    pub reply_hold: Option<Duration>,
 }
 
 pub fn sha256d(data: &[u8]) -> [u8; 32] {
@@ -179,6 +186,10 @@ struct Shared {
     outpoint_refusal: AtomicBool,
     /// Answers computed but not sent yet (see [`Mock::hold_answers`]).
     held: Mutex<Option<Vec<HeldAnswer>>>,
+    /// Packets sent with `reply_hold`, by cause.
+    packets: hold::Packets,
+    /// `get_history` requests served, by connection.
+    histories_by_conn: Mutex<HashMap<u64, u64>>,
 }
 
 /// An answer kept back, and the connection it goes to.
@@ -241,6 +252,8 @@ impl Mock {
             protocol_1_6: AtomicBool::new(false),
             outpoint_refusal: AtomicBool::new(false),
             held: Mutex::new(None),
+            packets: hold::Packets::default(),
+            histories_by_conn: Mutex::new(HashMap::new()),
         });
         let listener = shareable_socket("127.0.0.1:0".parse().unwrap())
             .listen(1024)
@@ -267,6 +280,20 @@ impl Mock {
     }
 
     /// Requests received for `method`.
+    /// Packets sent with `reply_hold`, by cause.
+    pub fn packets(&self) -> &hold::Packets {
+        &self.shared.packets
+    }
+
+    /// `get_history` requests served on each connection (the counts, in
+    /// connection order).
+    pub fn histories_by_connection(&self) -> Vec<u64> {
+        let by_conn = self.shared.histories_by_conn.lock().unwrap();
+        let mut conns: Vec<_> = by_conn.iter().map(|(c, n)| (*c, *n)).collect();
+        conns.sort();
+        conns.into_iter().map(|(_, n)| n).collect()
+    }
+
     pub fn count(&self, method: &str) -> u64 {
         *self.shared.counts.lock().unwrap().get(method).unwrap_or(&0)
     }
@@ -591,7 +618,15 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, shared: Ar
     }
     let pad = shared.opts.pad;
     let writer_kill = kill.clone();
-    let writer = tokio::spawn(async move {
+    let (now_tx, now_rx) = mpsc::unbounded_channel::<String>();
+    let writer = if let Some(window) = shared.opts.reply_hold {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            hold::write_held(wr, rx, now_rx, window, &shared.packets, writer_kill).await
+        })
+    } else {
+        drop(now_rx);
+        tokio::spawn(async move {
         loop {
             let line = tokio::select! {
                 _ = writer_kill.cancelled() => break,
@@ -610,7 +645,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, shared: Ar
             }
         }
         let _ = wr.shutdown().await;
-    });
+    })
+    };
     let mut lines = BufReader::new(rd).lines();
     let mut identified = false;
     loop {
@@ -666,6 +702,19 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, shared: Ar
             }
         }
         .to_string();
+        if method == "blockchain.scripthash.get_history" {
+            *shared.histories_by_conn.lock().unwrap().entry(id).or_insert(0) += 1;
+        }
+        if shared.opts.reply_hold.is_some()
+            && matches!(
+                method.as_str(),
+                "server.version" | "server.features" | "blockchain.headers.subscribe"
+            )
+        {
+            // ElectrumX's warm-up budget sends a handshake at once.
+            let _ = now_tx.send(line);
+            continue;
+        }
         let Some(line) = shared.hold(&tx, line) else {
             continue;
         };
