@@ -35,7 +35,14 @@ async fn setup(hold_ms: u64) -> (Mock, Server) {
     );
     let server = start_proxy(&format!("{text}\n[cache]\nenabled = false\n")).await;
     let pool = &server.coins["test"].router.pool;
-    wait_until(|| pool.status().iter().map(|u| u.ready_connections).sum::<usize>() == 2).await;
+    wait_until(|| {
+        pool.status()
+            .iter()
+            .map(|u| u.ready_connections)
+            .sum::<usize>()
+            == 2
+    })
+    .await;
     (mock, server)
 }
 

@@ -20,7 +20,9 @@
 //! window, or an upstream that does not hold) comes first, by cost as
 //! above; then one whose answers in flight are filling a packet, the fullest
 //! first (packing: answers that travel together are not held), while its
-//! recent work is under [`hold::PACK_UNTIL`]; then the rest by cost. Cost
+//! estimated cost to the upstream is under [`hold::PACK_UNTIL`]; then the
+//! rest by cost. Packing happens within one upstream: the upstream is
+//! chosen first, by its load over all its connections. Cost
 //! alone would spread requests evenly, which on a holding upstream leaves
 //! each session a trickle of small answers that each wait out the hold.
 //!
@@ -47,10 +49,14 @@ pub struct Candidate {
     pub backup: bool,
     /// The upstream is throttling us.
     pub throttled: bool,
+    /// Index of its upstream (connections of one upstream share it).
+    pub upstream: usize,
+    /// Its upstream pads and holds small replies (see `hold`).
+    pub pads: bool,
     /// Where an answer would go on this connection (see `hold`).
     pub hold: Hold,
-    /// Requests sent here recently ([`hold::Work`]; counted only where the
-    /// upstream holds).
+    /// Estimated cost of this session to its upstream ([`hold::Work`];
+    /// counted only where the upstream holds).
     pub work: u32,
 }
 
@@ -113,12 +119,66 @@ pub fn pick(candidates: &[Candidate], skip: Option<usize>) -> Option<usize> {
         .iter()
         .enumerate()
         .any(|(i, c)| in_tier(i, c) && !c.throttled && c.has_room());
+    let eligible = |i: usize, c: &Candidate| in_tier(i, c) && !(room_unthrottled && c.throttled);
+    let holding = candidates
+        .iter()
+        .enumerate()
+        .any(|(i, c)| eligible(i, c) && c.pads);
+    if !holding {
+        return candidates
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| eligible(*i, c))
+            .min_by(|(_, a), (_, b)| better(a, b))
+            .map(|(i, _)| i);
+    }
+    // Packing concentrates requests on some connections of an upstream,
+    // which must not draw more of them to that upstream (each ElectrumX is
+    // one process): the upstream is chosen by its load over all its
+    // connections, then the connection within it.
+    let upstream = least_loaded_upstream(candidates, &eligible)?;
     candidates
         .iter()
         .enumerate()
-        .filter(|(i, c)| in_tier(*i, c) && !(room_unthrottled && c.throttled))
+        .filter(|(i, c)| eligible(*i, c) && c.upstream == upstream)
         .min_by(|(_, a), (_, b)| better(a, b))
         .map(|(i, _)| i)
+}
+
+/// The upstream with the least load per unit of weight among the eligible
+/// candidates: (its outstanding requests + 1) × its connections' mean
+/// answer time, over its weight. Not per connection: an ElectrumX is one
+/// process, and more sessions to it do not make it answer sooner.
+fn least_loaded_upstream(
+    candidates: &[Candidate],
+    eligible: &impl Fn(usize, &Candidate) -> bool,
+) -> Option<usize> {
+    let mut best: Option<(usize, u128, u128)> = None;
+    for (i, c) in candidates.iter().enumerate() {
+        let first = candidates[..i]
+            .iter()
+            .enumerate()
+            .all(|(j, d)| !(eligible(j, d) && d.upstream == c.upstream));
+        if !eligible(i, c) || !first {
+            continue;
+        }
+        let (mut outstanding, mut conns, mut rtt) = (0u128, 0u128, 0u128);
+        for (j, d) in candidates.iter().enumerate().skip(i) {
+            if eligible(j, d) && d.upstream == c.upstream {
+                outstanding += d.in_flight as u128;
+                conns += 1;
+                rtt += d.rtt_us.max(RTT_FLOOR_US) as u128;
+            }
+        }
+        // load = (outstanding + 1) * (rtt / conns) / weight
+        let load = (outstanding + 1) * rtt;
+        let per = conns * c.weight.max(1) as u128;
+        // a/pa < b/pb <=> a*pb < b*pa
+        if best.is_none_or(|(_, l, p)| load * p < l * per) {
+            best = Some((c.upstream, load, per));
+        }
+    }
+    best.map(|(u, _, _)| u)
 }
 
 /// The protocol levels of the upstream connections that can answer a
@@ -191,6 +251,8 @@ mod tests {
             weight,
             backup,
             throttled: false,
+            upstream: 0,
+            pads: false,
             hold: Hold::None,
             work: 0,
         }
@@ -286,7 +348,12 @@ mod tests {
     #[test]
     fn a_holding_upstream_gets_requests_packed() {
         let held = |in_flight| Candidate {
-            hold: if in_flight > 0 { Hold::Filling } else { Hold::Held },
+            pads: true,
+            hold: if in_flight > 0 {
+                Hold::Filling
+            } else {
+                Hold::Held
+            },
             ..c(true, in_flight, 1, false)
         };
         // Cost alone would take the emptiest; the fullest filling one wins.
@@ -294,6 +361,7 @@ mod tests {
         assert_eq!(pick(&cs, None), Some(2));
         // A connection quiet for the window answers at once: it comes first.
         let quiet = Candidate {
+            pads: true,
             hold: Hold::None,
             ..c(true, 0, 1, false)
         };
@@ -302,7 +370,7 @@ mod tests {
         // A full one is not packed further: the next fullest with room is.
         let cs = [held(10), held(4), held(0)];
         assert_eq!(pick(&cs, None), Some(1));
-        // Nor one that has done its share of work recently.
+        // Nor one whose estimated cost has reached half the soft limit.
         let mut busy = held(6);
         busy.work = hold::PACK_UNTIL;
         let cs = [busy, held(2), held(0)];
@@ -310,6 +378,37 @@ mod tests {
         // Nothing filling: the least loaded by cost, as without holds.
         let cs = [busy, held(0)];
         assert_eq!(pick(&cs, None), Some(1));
+    }
+
+    #[test]
+    fn packing_does_not_draw_requests_to_one_upstream() {
+        let on = |upstream, in_flight| Candidate {
+            upstream,
+            pads: true,
+            hold: if in_flight > 0 {
+                Hold::Filling
+            } else {
+                Hold::Held
+            },
+            ..c(true, in_flight, 1, false)
+        };
+        // Upstream 0 has 6 outstanding packed on one of its two
+        // connections; upstream 1 has 2: upstream 1 gets the next one, on
+        // its filling connection, though upstream 0 has an empty one.
+        let cs = [on(0, 6), on(0, 0), on(1, 0), on(1, 2)];
+        assert_eq!(pick(&cs, None), Some(3));
+        // Nor do more connections: 4 outstanding over four connections
+        // weigh as much as 4 on one.
+        let cs = [on(0, 4), on(0, 0), on(0, 0), on(0, 0), on(1, 3)];
+        assert_eq!(pick(&cs, None), Some(4));
+        // Even: the first upstream, its fullest connection with room.
+        let cs = [on(0, 2), on(0, 0), on(1, 2), on(1, 0)];
+        assert_eq!(pick(&cs, None), Some(0));
+        // Weight 3 carries three times the load.
+        let mut heavy = [on(0, 5), on(0, 0), on(1, 2), on(1, 0)];
+        heavy[0].weight = 3;
+        heavy[1].weight = 3;
+        assert_eq!(pick(&heavy, None), Some(0));
     }
 
     #[test]

@@ -140,6 +140,8 @@ impl PoolInner {
                     weight: u.entry.weight,
                     backup: u.entry.backup,
                     throttled: u.throttle.is_throttled(),
+                    upstream: s.upstream,
+                    pads: window > 0 && s.shared.pads(),
                     hold,
                     work,
                 }

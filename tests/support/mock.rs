@@ -627,25 +627,25 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, shared: Ar
     } else {
         drop(now_rx);
         tokio::spawn(async move {
-        loop {
-            let line = tokio::select! {
-                _ = writer_kill.cancelled() => break,
-                l = rx.recv() => match l { Some(l) => l, None => break },
-            };
-            let mut line = line;
-            if pad && line.len() < 1023 {
-                // Pad inside the JSON, before the closing bracket.
-                let last = line.pop().unwrap();
-                line.push_str(&" ".repeat(1023 - line.len() - 1));
-                line.push(last);
+            loop {
+                let line = tokio::select! {
+                    _ = writer_kill.cancelled() => break,
+                    l = rx.recv() => match l { Some(l) => l, None => break },
+                };
+                let mut line = line;
+                if pad && line.len() < 1023 {
+                    // Pad inside the JSON, before the closing bracket.
+                    let last = line.pop().unwrap();
+                    line.push_str(&" ".repeat(1023 - line.len() - 1));
+                    line.push(last);
+                }
+                line.push('\n');
+                if wr.write_all(line.as_bytes()).await.is_err() {
+                    break;
+                }
             }
-            line.push('\n');
-            if wr.write_all(line.as_bytes()).await.is_err() {
-                break;
-            }
-        }
-        let _ = wr.shutdown().await;
-    })
+            let _ = wr.shutdown().await;
+        })
     };
     let mut lines = BufReader::new(rd).lines();
     let mut identified = false;
@@ -703,7 +703,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, shared: Ar
         }
         .to_string();
         if method == "blockchain.scripthash.get_history" {
-            *shared.histories_by_conn.lock().unwrap().entry(id).or_insert(0) += 1;
+            *shared
+                .histories_by_conn
+                .lock()
+                .unwrap()
+                .entry(id)
+                .or_insert(0) += 1;
         }
         if shared.opts.reply_hold.is_some()
             && matches!(
