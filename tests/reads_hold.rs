@@ -82,3 +82,11 @@ async fn with_the_window_at_zero_reads_are_spread_by_load() {
     let packets = mock.packets();
     assert_eq!(packets.by_timer.load(Ordering::SeqCst), 2);
 }
+
+#[test]
+fn the_mock_pads_a_packet_before_its_last_bracket() {
+    let p = support::mock::hold::pad("{\"id\":1}\n{\"id\":2}\n");
+    assert_eq!(p.len(), 1024);
+    assert!(p.starts_with("{\"id\":1}\n{\"id\":2"));
+    assert!(p.ends_with("  }\n"));
+}

@@ -16,6 +16,7 @@
 //! (`MockOptions::reply_hold`).
 
 #[path = "mock_hold.rs"]
+#[allow(dead_code)]
 pub mod hold;
 #[path = "mock_levels.rs"]
 mod levels;
