@@ -353,3 +353,57 @@ async fn an_upstream_that_slows_alone_is_throttled_and_gets_less() {
     assert!(on_b > on_a, "A {on_a} B {on_b}");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_back_in_rotation_gets_its_share_of_the_connections() {
+    // Two equal upstreams, each serving 2 requests at a time per session.
+    let (a, _) = metering_mock(roomy(2)).await;
+    let (mut b, _) = metering_mock(roomy(2)).await;
+    let ups = [
+        upstream_toml(&a.url(), "max_connections = 8"),
+        upstream_toml(&b.url(), "max_connections = 8"),
+    ];
+    let server = start_proxy(&config(
+        &ups,
+        "health_interval_ms = 100\nupstream_reconnect_max_ms = 200",
+    ))
+    .await;
+    let pool = &server.coins["test"].router.pool;
+    wait_until(|| pool.status().iter().all(|u| u.ready_connections > 0)).await;
+    // B goes away and out of rotation: A alone takes all 8 wallets' load
+    // and grows to the cap, one connection per wallet.
+    b.stop();
+    wait_until(|| !pool.status()[1].healthy).await;
+    let addr = tcp_addr(&server, "test");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut wallets = Vec::new();
+    for k in 0..8 {
+        let stop = stop.clone();
+        wallets.push(tokio::spawn(async move {
+            let mut c = Client::connect(addr).await;
+            let mut round = 0;
+            while !stop.is_cancelled() {
+                let answers = pipeline(&mut c, k * 1_000_000 + round * 100, 64, 16).await;
+                assert_all_results(&answers);
+                round += 1;
+            }
+        }));
+    }
+    wait_until(|| a.connections() == 8).await;
+    // B comes back: its one connection queues while the cap is reached, so
+    // A's extra connections are retired, one at a time, until each has its
+    // half of the cap.
+    b.restart().await;
+    wait_until(|| pool.status()[1].healthy).await;
+    wait_until(|| b.connections() == 4 && a.connections() == 4).await;
+    stop.cancel();
+    for w in wallets {
+        w.await.unwrap();
+    }
+    assert!(
+        pool.status().iter().map(|u| u.connections).sum::<usize>() <= 8,
+        "{:?}",
+        pool.status()
+    );
+    server.shutdown().await;
+}

@@ -139,8 +139,7 @@ impl Watch {
             }
             if now.duration_since(self.quiet_since[i]) >= idle {
                 self.quiet_since[i] = now;
-                retire_one(
-                    pool,
+                pool.retire_one(
                     Some(i),
                     "requests have not queued for upstream_idle_close_secs",
                 );
@@ -148,25 +147,8 @@ impl Watch {
         }
         if let Some(clients) = pool.client_sessions() {
             if pool.active_slots() > clients {
-                retire_one(pool, None, "more upstream connections than client sessions");
+                pool.retire_one(None, "more upstream connections than client sessions");
             }
-        }
-    }
-}
-
-/// Retire the least busy extra connection (of `upstream`, or of any).
-fn retire_one(pool: &PoolInner, upstream: Option<usize>, why: &str) {
-    let victim = pool
-        .slots
-        .iter()
-        .filter(|s| s.elastic && s.shared.is_active())
-        .filter(|s| upstream.is_none_or(|u| s.upstream == u))
-        .min_by_key(|s| s.shared.in_flight());
-    if let Some(s) = victim {
-        if s.shared.active.swap(false, Ordering::AcqRel) {
-            tracing::debug!(coin = %pool.coin, upstream = %pool.upstreams[s.upstream].label, reason = why, "closing an extra connection");
-            // A slot that never connected has nothing to drain.
-            s.shared.wake.notify_one();
         }
     }
 }

@@ -14,7 +14,11 @@
 //! meters us). Never beyond `max_connections`, and never more upstream
 //! connections for the coin in total than it has client sessions (HAProxy
 //! would open one per client connection), except the ones always kept
-//! (`min_connections`, protocol connections). Shrinking is `monitor`'s.
+//! (`min_connections`, protocol connections). Within that cap each
+//! upstream in rotation has a share by weight (`share`): an upstream at
+//! its share does not grow, and one below it whose requests queue while
+//! the cap is reached has an extra connection of an upstream above its
+//! share retired to make room, one at a time. Shrinking is `monitor`'s.
 
 use super::conn::ConnShared;
 use super::connect::Dialer;
@@ -100,21 +104,6 @@ impl PoolInner {
     /// Slots kept open or opening.
     pub fn active_slots(&self) -> usize {
         self.slots.iter().filter(|s| s.shared.is_active()).count()
-    }
-
-    /// Whether one more connection stays within the client-session cap.
-    /// Retired connections still closing count: they are sessions the
-    /// upstream sees until they are gone.
-    fn may_open_another(&self) -> bool {
-        let Some(clients) = self.client_sessions() else {
-            return true;
-        };
-        let open = self
-            .slots
-            .iter()
-            .filter(|s| s.shared.is_active() || s.shared.is_ready())
-            .count();
-        open < clients
     }
 
     pub(super) fn candidates(&self) -> Vec<select::Candidate> {
@@ -210,9 +199,6 @@ impl PoolInner {
     /// dormant slot of it or, when it throttles us, of another upstream
     /// in rotation that does not (see the module doc).
     fn grow(&self, upstream: usize) {
-        if !self.may_open_another() {
-            return;
-        }
         let target = if self.upstreams[upstream].throttle.is_throttled() {
             let same_tier = self.upstreams[upstream].entry.backup;
             let other = self.upstreams.iter().position(|u| {
@@ -227,6 +213,15 @@ impl PoolInner {
         } else {
             upstream
         };
+        if let Some(clients) = self.client_sessions() {
+            if self.open_on(Some(target)) >= self.share(target, clients) {
+                return;
+            }
+            if self.open_on(None) >= clients {
+                self.make_room(clients);
+                return;
+            }
+        }
         let dormant = self
             .slots
             .iter()
@@ -234,6 +229,94 @@ impl PoolInner {
         if let Some(s) = dormant {
             if !s.shared.active.swap(true, Ordering::AcqRel) {
                 tracing::debug!(coin = %self.coin, upstream = %self.upstreams[target].label, "opening another connection: requests are queueing");
+                s.shared.wake.notify_one();
+            }
+        }
+    }
+
+    /// Connections the upstreams see from us (of `upstream`, or of all):
+    /// connected ones, retired ones still closing among them, and ones
+    /// opening to an upstream in rotation. The slots of an upstream out of
+    /// rotation that are not connected are no session of anyone's: they do
+    /// not keep the others from growing (when it comes back, the monitor
+    /// retires what is then over the cap).
+    fn open_on(&self, upstream: Option<usize>) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| upstream.is_none_or(|u| s.upstream == u))
+            .filter(|s| {
+                s.shared.is_ready()
+                    || (s.shared.is_active()
+                        && self.upstreams[s.upstream].healthy.load(Ordering::Acquire))
+            })
+            .count()
+    }
+
+    /// `upstream`'s share of the client-session cap: the cap split by
+    /// weight among the upstreams of its tier in rotation that do not
+    /// throttle us (itself always counted), rounded up. So one upstream
+    /// that grew first cannot hold the whole cap while another one's
+    /// requests queue: with two equal upstreams, half each, as HAProxy
+    /// balancing the same wallets would give them.
+    pub(super) fn share(&self, upstream: usize, clients: usize) -> usize {
+        let tier = self.upstreams[upstream].entry.backup;
+        let total: u64 = self
+            .upstreams
+            .iter()
+            .enumerate()
+            .filter(|(i, u)| {
+                *i == upstream
+                    || (u.entry.backup == tier
+                        && u.healthy.load(Ordering::Acquire)
+                        && !u.throttle.is_throttled())
+            })
+            .map(|(_, u)| u64::from(u.entry.weight.max(1)))
+            .sum();
+        let mine = u64::from(self.upstreams[upstream].entry.weight.max(1));
+        ((clients as u64 * mine).div_ceil(total) as usize).max(1)
+    }
+
+    /// The cap is reached while an upstream below its share needs another
+    /// connection: retire one extra connection of an upstream above its
+    /// share, so the next request that queues can open one. One at a time:
+    /// nothing is retired while a retired connection is still closing.
+    fn make_room(&self, clients: usize) {
+        let closing = self
+            .slots
+            .iter()
+            .any(|s| !s.shared.is_active() && s.shared.is_ready());
+        if closing {
+            return;
+        }
+        let over = (0..self.upstreams.len()).find(|&u| {
+            let active = self
+                .slots
+                .iter()
+                .filter(|s| s.upstream == u && s.shared.is_active())
+                .count();
+            active > self.share(u, clients)
+        });
+        if let Some(u) = over {
+            self.retire_one(
+                Some(u),
+                "another upstream needs its share of the connections",
+            );
+        }
+    }
+
+    /// Retire the least busy extra connection (of `upstream`, or of any):
+    /// it takes no new request and closes once its answers are in.
+    pub(super) fn retire_one(&self, upstream: Option<usize>, why: &str) {
+        let victim = self
+            .slots
+            .iter()
+            .filter(|s| s.elastic && s.shared.is_active())
+            .filter(|s| upstream.is_none_or(|u| s.upstream == u))
+            .min_by_key(|s| s.shared.in_flight());
+        if let Some(s) = victim {
+            if s.shared.active.swap(false, Ordering::AcqRel) {
+                tracing::debug!(coin = %self.coin, upstream = %self.upstreams[s.upstream].label, reason = why, "closing an extra connection");
+                // A slot that never connected has nothing to drain.
                 s.shared.wake.notify_one();
             }
         }
