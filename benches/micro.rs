@@ -6,7 +6,10 @@
 //!   an upstream answer read and given back its client id
 //!   (`parse_upstream_line`, `result_line`);
 //! - the cache: the policy of a request, a hit answered into a session
-//!   queue, a request the cache does not keep passing through;
+//!   queue, a request the cache does not keep passing through, and an
+//!   uncached scripthash read from the cache to its answer in the session
+//!   queue (key, flight, hook, landing: what every uncached read costs);
+//! - coalescing: a flight nobody joins, started and landed (most flights);
 //! - the session queue (`reply::queue`): four answers queued and taken by
 //!   the writer in one go, as a burst from one upstream read is.
 //!
@@ -17,6 +20,7 @@
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use electrum_lb::cache::{self, Cache};
+use electrum_lb::coalesce::Coalescer;
 use electrum_lb::codec::{Frame, LineReader};
 use electrum_lb::config::CacheConfig;
 use electrum_lb::jsonrpc::{self, ClientMessage, UpstreamMessage};
@@ -179,6 +183,47 @@ fn cache(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    g.bench_function("uncached_miss_landed", |b| {
+        let answer = history_answer(0);
+        let result =
+            &answer[answer.find('[').expect("a result")..answer.rfind(']').expect("]") + 1];
+        let result = RawValue::from_string(result.to_string()).expect("JSON");
+        b.iter_batched(
+            || Responder::client(&id, &out, "blockchain.scripthash.get_history"),
+            |responder| {
+                cache.serve(
+                    "blockchain.scripthash.get_history",
+                    &history_params,
+                    responder,
+                    |r| r.deliver(Ok(&result)),
+                );
+                black_box(lines.try_recv_all().pop_front().expect("an answer"));
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+fn coalesce(c: &mut Criterion) {
+    let flights = Coalescer::default();
+    let (out, mut lines) = reply::channel(1024, CancellationToken::new(), None);
+    let id = RawValue::from_string("42".into()).expect("JSON");
+    let key = format!("blockchain.scripthash.get_history[\"{SCRIPTHASH}\"]#0");
+    let result = RawValue::from_string("[]".into()).expect("JSON");
+    let mut g = c.benchmark_group("coalesce");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("join_and_land_alone", |b| {
+        b.iter_batched(
+            || Responder::client(&id, &out, "blockchain.scripthash.get_history"),
+            |responder| {
+                let flight = flights.join(black_box(&key), responder).expect("alone");
+                flight.land_borrowed(Ok(Ok(&result)));
+                black_box(lines.try_recv_all().pop_front().expect("an answer"));
+            },
+            BatchSize::SmallInput,
+        )
+    });
     g.finish();
 }
 
@@ -198,5 +243,5 @@ fn queue(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, framing, id_rewriting, cache, queue);
+criterion_group!(benches, framing, id_rewriting, cache, coalesce, queue);
 criterion_main!(benches);

@@ -10,32 +10,64 @@
 //! whoever gets a [`Flight`] from [`Coalescer::join`] sends the one request
 //! and lands its answer.
 //!
-//! Locks: one map mutex, held only to look up, insert or remove a flight,
-//! never across an await; each flight's waiter list has its own mutex, taken
-//! while the map lock is held (join) or after the flight left the map (land).
+//! Cost: this is on the path of every uncached read, and most flights are
+//! never joined. A flight is one allocation (its key, shared by the map and
+//! the [`Flight`] as an `Arc<str>`); the one who started it is kept in the
+//! [`Flight`] itself, and the list of those who joined stays empty, so
+//! unallocated, until someone does. The key is hashed once, when it joins
+//! (SipHash with the process's random keys, as a `HashMap` would: keys are
+//! client text); the map is indexed by that hash, so landing hashes
+//! nothing. Two keys with the same hash are told apart by their text: the
+//! later one flies alone (never joined), which is always correct.
+//!
+//! Locks: one mutex over the map, held only to look up, insert or remove a
+//! flight, never across an await nor while answers are delivered.
 
 use crate::jsonrpc::{ErrorCode, RpcError};
 use crate::reply::{Answer, HookReply, InternalReply, Responder};
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
-
-type Waiters = Arc<Mutex<Vec<Responder>>>;
-type Flights = Mutex<HashMap<Box<str>, Waiters>>;
 
 /// The requests of one coin that are on their way upstream, by key.
 #[derive(Default)]
 pub struct Coalescer {
-    flights: Arc<Flights>,
+    flights: Arc<Mutex<Flights>>,
+    /// Hashes keys (random keys per process, as `HashMap`'s own).
+    hasher: RandomState,
+}
+
+#[derive(Default)]
+struct Flights {
+    /// Flights that can be joined, by the hash of their key.
+    open: HashMap<u64, Open, Prehashed>,
+    /// Who joined flights detached by [`Coalescer::detach_all`], by flight
+    /// number, until they land.
+    detached: HashMap<u64, Vec<Responder>, Prehashed>,
+    /// Numbers flights (tells a detached flight from a newer one with the
+    /// same key).
+    next: u64,
+}
+
+/// An open flight in the map.
+struct Open {
+    key: Arc<str>,
+    number: u64,
+    /// Who joined (the one who started it is in its [`Flight`]).
+    joined: Vec<Responder>,
 }
 
 /// The one request sent upstream for a key. Its owner sends the request and
 /// calls [`Flight::land`] with the answer; dropped without landing, it fails
 /// every waiter (nobody is left waiting for an answer that never comes).
 pub struct Flight {
-    key: Box<str>,
-    waiters: Waiters,
-    flights: Arc<Flights>,
-    landed: bool,
+    key: Arc<str>,
+    hash: u64,
+    number: u64,
+    /// The one who started it; `None` once landed.
+    first: Option<Responder>,
+    flights: Arc<Mutex<Flights>>,
 }
 
 impl Coalescer {
@@ -43,18 +75,37 @@ impl Coalescer {
     /// start a flight for `key` (returned: the caller must send the request).
     #[must_use]
     pub fn join(&self, key: &str, responder: Responder) -> Option<Flight> {
+        self.join_hashed(self.hasher.hash_one(key), key, responder)
+    }
+
+    fn join_hashed(&self, hash: u64, key: &str, responder: Responder) -> Option<Flight> {
         let mut flights = lock(&self.flights);
-        if let Some(waiters) = flights.get(key) {
-            lock(waiters).push(responder);
-            return None;
-        }
-        let waiters = Arc::new(Mutex::new(vec![responder]));
-        flights.insert(key.into(), waiters.clone());
+        let number = flights.next;
+        flights.next += 1;
+        let key: Arc<str> = match flights.open.get_mut(&hash) {
+            Some(open) if *open.key == *key => {
+                open.joined.push(responder);
+                return None;
+            }
+            // Another key with the same hash: this one flies alone.
+            Some(_) => key.into(),
+            None => {
+                let key: Arc<str> = key.into();
+                let open = Open {
+                    key: key.clone(),
+                    number,
+                    joined: Vec::new(),
+                };
+                flights.open.insert(hash, open);
+                key
+            }
+        };
         Some(Flight {
-            key: key.into(),
-            waiters,
+            key,
+            hash,
+            number,
+            first: Some(responder),
             flights: self.flights.clone(),
-            landed: false,
         })
     }
 
@@ -62,12 +113,18 @@ impl Coalescer {
     /// their waiters and land as usual. Used after a reorg, so that nobody
     /// who has seen the new tip joins a request sent before it.
     pub fn detach_all(&self) {
-        lock(&self.flights).clear();
+        let mut flights = lock(&self.flights);
+        let Flights { open, detached, .. } = &mut *flights;
+        for (_, flight) in open.drain() {
+            if !flight.joined.is_empty() {
+                detached.insert(flight.number, flight.joined);
+            }
+        }
     }
 
     /// Keys in flight (for tests and metrics).
     pub fn in_flight(&self) -> usize {
-        lock(&self.flights).len()
+        lock(&self.flights).open.len()
     }
 }
 
@@ -87,8 +144,8 @@ impl Flight {
 
     /// [`Flight::land`] with the answer borrowed from where it arrived.
     pub fn land_borrowed(mut self, reply: HookReply<'_>) {
-        self.landed = true;
-        for responder in self.take() {
+        let (first, joined) = self.take();
+        for responder in first.into_iter().chain(joined) {
             match &reply {
                 Ok(outcome) => responder.deliver(*outcome),
                 Err(e) => responder.fail(e.clone()),
@@ -98,28 +155,52 @@ impl Flight {
 
     /// Leave the map (unless detached meanwhile) and take the waiters: after
     /// this nobody can join, so the list is final.
-    fn take(&mut self) -> Vec<Responder> {
-        {
-            let mut flights = lock(&self.flights);
-            if flights
-                .get(&self.key)
-                .is_some_and(|w| Arc::ptr_eq(w, &self.waiters))
-            {
-                flights.remove(&self.key);
-            }
+    fn take(&mut self) -> (Option<Responder>, Vec<Responder>) {
+        let first = self.first.take();
+        if first.is_none() {
+            return (None, Vec::new());
         }
-        std::mem::take(&mut *lock(&self.waiters))
+        let mut flights = lock(&self.flights);
+        let joined = match flights.open.get(&self.hash) {
+            Some(open) if open.number == self.number => {
+                flights.open.remove(&self.hash).map(|o| o.joined)
+            }
+            _ => flights.detached.remove(&self.number),
+        };
+        (first, joined.unwrap_or_default())
     }
 }
 
 impl Drop for Flight {
     fn drop(&mut self) {
-        if self.landed {
-            return;
-        }
-        for responder in self.take() {
+        let (first, joined) = self.take();
+        for responder in first.into_iter().chain(joined) {
             responder.fail(RpcError::new(ErrorCode::InternalError, "request dropped"));
         }
+    }
+}
+
+/// Keys of the flight maps are already hashes (of the request key, or
+/// flight numbers): they are used as they are.
+type Prehashed = BuildHasherDefault<AsIs>;
+
+#[derive(Default)]
+struct AsIs(u64);
+
+impl Hasher for AsIs {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed here; anything else still hashes.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 
@@ -197,5 +278,27 @@ mod tests {
         new.land(&Ok(Answer::Result(raw("2"))));
         assert_eq!(result_text(rx_a.blocking_recv().unwrap()), "1");
         assert_eq!(result_text(rx_b.blocking_recv().unwrap()), "2");
+    }
+
+    #[test]
+    fn keys_with_the_same_hash_fly_apart() {
+        let c = Coalescer::default();
+        let (a, rx_a) = internal();
+        let (b, rx_b) = internal();
+        let (d, rx_d) = internal();
+        let first = c.join_hashed(7, "k1", a).unwrap();
+        let other = c
+            .join_hashed(7, "k2", b)
+            .expect("another key is not joined");
+        assert!(c.join_hashed(7, "k1", d).is_none(), "the first is joined");
+        let raw = |s: &str| RawValue::from_string(s.into()).unwrap();
+        // The lone flight's landing leaves the first in place.
+        other.land(&Ok(Answer::Result(raw("2"))));
+        assert_eq!(c.in_flight(), 1);
+        first.land(&Ok(Answer::Result(raw("1"))));
+        assert_eq!(c.in_flight(), 0);
+        assert_eq!(result_text(rx_a.blocking_recv().unwrap()), "1");
+        assert_eq!(result_text(rx_b.blocking_recv().unwrap()), "2");
+        assert_eq!(result_text(rx_d.blocking_recv().unwrap()), "1");
     }
 }

@@ -48,6 +48,9 @@ pub const READS: [&str; 4] = [
 
 const GET_HISTORY: &str = "blockchain.scripthash.get_history";
 
+/// Room for `#` and a generation (`u64::MAX` has 20 digits) in a key.
+const GENERATION_ROOM: usize = 21;
+
 /// The events of `electrum_lb_read_answers_total` (see `metrics`).
 pub const EVENTS: [&str; 10] = [
     "hit",
@@ -173,7 +176,9 @@ impl Cache {
         fetch: impl FnOnce(Responder),
     ) {
         let answers = &self.answers;
-        let mut key = String::with_capacity(method.len() + params.len());
+        // One string for every key of this read: the store's is method and
+        // params, the flight's the same with `#generation` after it.
+        let mut key = String::with_capacity(method.len() + params.len() + GENERATION_ROOM);
         key.push_str(method);
         key.push_str(params);
         let generation = {
@@ -193,24 +198,29 @@ impl Cache {
                 }
             }
         };
-        self.join_read(sh, method, &key, generation, responder, fetch)
+        self.join_read(sh, method, key, generation, responder, fetch)
     }
 
+    /// Join the read in flight for `key` (the store's key) in `generation`,
+    /// or send it.
     fn join_read(
         self: &Arc<Self>,
         sh: &str,
         method: &str,
-        key: &str,
+        mut key: String,
         generation: u64,
         responder: Responder,
         fetch: impl FnOnce(Responder),
     ) {
         let answers = &self.answers;
-        let flight_key = format!("{generation}:{key}");
-        let Some(flight) = answers.flights.join(&flight_key, responder) else {
+        let stored = key.len();
+        key.push('#');
+        key.push_str(itoa(generation, &mut [0; 20]));
+        let Some(flight) = answers.flights.join(&key, responder) else {
             answers.counters.join.inc();
             return;
         };
+        let key = &key[..stored];
         // An identical read may have landed between the lookup and the
         // join (a flight keeps its answer before it leaves the map).
         if generation != 0 {
@@ -222,13 +232,13 @@ impl Cache {
             }
         }
         answers.counters.miss.inc();
-        let cache = self.clone();
-        let sh = sh.to_string();
-        let method = method.to_string();
-        let key = key.to_string();
+        // Generation 0 keeps nothing (see the module doc): nothing to carry.
+        let keep = (generation != 0).then(|| (self.clone(), Box::<str>::from(sh)));
+        let history = method == GET_HISTORY;
         fetch(Responder::Hook(Hook::new(move |reply: HookReply<'_>| {
-            if let (true, Ok(Ok(result))) = (generation != 0, &reply) {
-                cache.keep(&sh, &method, &key, result.get(), generation);
+            if let (Some((cache, sh)), Ok(Ok(result))) = (keep, &reply) {
+                let key = &flight.key()[..stored];
+                cache.keep(&sh, history, key, result.get(), generation);
             }
             flight.land_borrowed(reply);
         })));
@@ -242,7 +252,7 @@ impl Cache {
 
     /// Keep an answer to a read sent in `generation`, if that is still the
     /// scripthash's generation and it was settled (see the module doc).
-    fn keep(&self, sh: &str, method: &str, key: &str, result: &str, generation: u64) {
+    fn keep(&self, sh: &str, history: bool, key: &str, result: &str, generation: u64) {
         let Some(store) = &self.store else {
             return;
         };
@@ -253,7 +263,7 @@ impl Cache {
         if !script.settled || script.generation != generation {
             return;
         }
-        if method == GET_HISTORY && history_status(result).as_deref() != Some(&*script.status) {
+        if history && history_status(result).as_deref() != Some(&*script.status) {
             self.answers.counters.mismatch.inc();
             return;
         }
@@ -379,6 +389,20 @@ impl Cache {
     }
 }
 
+/// `n` in decimal, written into `buf` (`format!` would allocate).
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &str {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).expect("ASCII digits")
+}
+
 /// The status (JSON text: `null` or `"hex"`) of a `get_history` result,
 /// computed as wallets do; `None` when it is not a history.
 pub fn history_status(result: &str) -> Option<String> {
@@ -413,6 +437,13 @@ mod tests {
     const SH: &str = "ab";
 
     #[test]
+    fn itoa_writes_decimal() {
+        for n in [0, 7, 10, 1234567890, u64::MAX] {
+            assert_eq!(itoa(n, &mut [0; 20]), n.to_string());
+        }
+    }
+
+    #[test]
     fn history_status_is_the_wallets() {
         assert_eq!(history_status("[]").as_deref(), Some("null"));
         let h = r#"[{"tx_hash":"aa","height":5},{"tx_hash":"bb","height":0,"fee":1}]"#;
@@ -427,14 +458,14 @@ mod tests {
         let c = cache();
         let key = format!("{GET_HISTORY}[\"{SH}\"]");
         // Unknown scripthash: nothing kept.
-        c.keep(SH, GET_HISTORY, &key, "[]", 0);
+        c.keep(SH, true, &key, "[]", 0);
         assert!(c.is_empty());
         c.follow_status(SH, true, Some("null"));
         let g = lock(&c.answers.table).scripts[SH].generation;
         // A history whose status is not the subscribers' is refused.
-        c.keep(SH, GET_HISTORY, &key, r#"[{"tx_hash":"aa","height":1}]"#, g);
+        c.keep(SH, true, &key, r#"[{"tx_hash":"aa","height":1}]"#, g);
         assert!(c.kept(&key, g).is_none());
-        c.keep(SH, GET_HISTORY, &key, "[]", g);
+        c.keep(SH, true, &key, "[]", g);
         assert_eq!(c.kept(&key, g).as_deref(), Some("[]"));
         // Same view again: nothing changes.
         c.follow_status(SH, true, Some("null"));
@@ -443,12 +474,12 @@ mod tests {
         // not kept.
         c.follow_status(SH, true, Some("\"ff\""));
         assert!(c.get(&key).is_none());
-        c.keep(SH, GET_HISTORY, &key, "[]", g);
+        c.keep(SH, true, &key, "[]", g);
         assert!(c.get(&key).is_none());
         // Not settled (moving, held): nothing kept.
         c.follow_status(SH, false, Some("\"ff\""));
         let g2 = lock(&c.answers.table).scripts[SH].generation;
-        c.keep(SH, "blockchain.scripthash.get_balance", "k", "{}", g2);
+        c.keep(SH, false, "k", "{}", g2);
         assert!(c.get("k").is_none());
         assert_eq!(c.answers.counters.invalidate.get(), 1);
     }
@@ -459,7 +490,7 @@ mod tests {
         c.on_tip(100, "aa");
         c.follow_status(SH, true, Some("null"));
         let g = lock(&c.answers.table).scripts[SH].generation;
-        c.keep(SH, "blockchain.scripthash.get_balance", "k", "{}", g);
+        c.keep(SH, false, "k", "{}", g);
         assert!(c.kept("k", g).is_some());
         c.on_tip(100, "bb");
         assert!(c.get("k").is_none());

@@ -12,7 +12,7 @@ use super::failover::Holds;
 use super::headers::Headers;
 use super::members::SessionSubs;
 use super::outpoint::Outpoints;
-use super::read_subs::ReadSubs;
+use super::read_subs::{Notices, ReadSubs};
 use super::scripthash::Scripts;
 use super::{Command, Form, HubConfig, HubStats, Route, SessionId, Topic};
 use crate::jsonrpc::{self, ErrorCode, RpcError};
@@ -50,6 +50,9 @@ pub(super) struct Actor {
     pub parked: HashSet<String>,
     /// Subscriptions the hub holds because wallets read (see `read_subs`).
     pub read_subs: ReadSubs,
+    /// Reads told by the router, taken on `Command::Noticed` (see
+    /// `read_subs`).
+    pub notices: Arc<Notices>,
 }
 
 impl Actor {
@@ -59,6 +62,7 @@ impl Actor {
         self_tx: mpsc::UnboundedSender<Command>,
         affinity: Arc<DashMap<String, Route>>,
         stats: Arc<HubStats>,
+        notices: Arc<Notices>,
     ) -> Actor {
         let (limit, idle) = config
             .cache
@@ -78,6 +82,7 @@ impl Actor {
             holds: Holds::default(),
             parked: HashSet::new(),
             read_subs: ReadSubs::new(limit, idle),
+            notices,
         }
     }
 
@@ -169,7 +174,7 @@ impl Actor {
             } => self.on_subscribed(topic, conn, generation, reply),
             Command::Read { scripthash, job } => self.on_read(scripthash, job),
             Command::Outpoint(done) => self.on_outpoint_done(done),
-            Command::Noticed { scripthash } => self.on_noticed(scripthash),
+            Command::Noticed => self.on_notices(),
         }
     }
 

@@ -157,6 +157,8 @@ pub struct Hub {
     /// Whether reads of unsubscribed scripthashes are told to the hub
     /// (read-driven subscriptions are on).
     noticing: bool,
+    /// Where they are told (the actor takes them in batches).
+    notices: Arc<read_subs::Notices>,
 }
 
 /// Where a read about a subscribed scripthash goes.
@@ -205,11 +207,9 @@ enum Command {
     },
     /// An emulated outpoint's work came back (see `outpoint`).
     Outpoint(outpoint::Done),
-    /// A read of a scripthash (lowercase) nobody was told a status of
-    /// (see `read_subs`).
-    Noticed {
-        scripthash: String,
-    },
+    /// Reads of scripthashes nobody was told a status of are waiting in
+    /// the shared batch (see `read_subs`): one command per batch.
+    Noticed,
 }
 
 /// Hub settings.
@@ -246,8 +246,16 @@ impl Hub {
             affinity: Arc::new(DashMap::new()),
             stats: Arc::new(HubStats::default()),
             noticing,
+            notices: Arc::default(),
         };
-        let actor = Actor::new(config, pool, tx, hub.affinity.clone(), hub.stats.clone());
+        let actor = Actor::new(
+            config,
+            pool,
+            tx,
+            hub.affinity.clone(),
+            hub.stats.clone(),
+            hub.notices.clone(),
+        );
         tracker.spawn(actor.run(rx, events, shutdown.clone()));
         hub
     }
@@ -350,10 +358,10 @@ impl Hub {
     /// nobody was told a status of it: read again soon, the hub may
     /// subscribe to it itself (see `read_subs`).
     pub fn notice_read(&self, scripthash: &str) {
-        if self.noticing {
-            let _ = self.tx.send(Command::Noticed {
-                scripthash: scripthash.to_string(),
-            });
+        if self.noticing && self.notices.push(scripthash) && self.tx.send(Command::Noticed).is_err()
+        {
+            // Shutting down: nobody takes the batch.
+            self.notices.clear();
         }
     }
 

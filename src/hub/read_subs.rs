@@ -37,13 +37,20 @@
 //! the hub ignores what it notifies) unless a wallet subscribed to it
 //! meanwhile.
 //!
+//! Reads are told to the actor in batches ([`Notices`]): the router adds
+//! each scripthash to a shared buffer, and only the first of a batch sends
+//! a command, so a busy coin costs the actor one wake per batch rather
+//! than one channel message (and one string) per read.
+//!
 //! Owns: [`ReadSubs`] (the remembered reads, the read-driven entries in
-//! second-chance order, the idle sweep) and the actor's handlers for them.
+//! second-chance order, the idle sweep), [`Notices`] and the actor's
+//! handlers for them.
 
 use super::actor::Actor;
 use super::entry::Entry;
 use super::Topic;
 use std::collections::{HashSet, VecDeque};
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -68,6 +75,44 @@ pub(super) struct ReadSubs {
     refused_set: HashSet<String>,
     /// When the idle sweep runs next.
     next_sweep: Instant,
+    /// The batch of [`Notices`] being handled (kept for its capacity).
+    batch: String,
+}
+
+/// Reads of scripthashes nobody was told a status of, not yet handled by
+/// the actor: one line per read, in the order they were told. Shared by
+/// the [`super::Hub`] handles (which add) and the actor (which takes the
+/// whole batch when woken by `Command::Noticed`).
+#[derive(Default)]
+pub(super) struct Notices(Mutex<String>);
+
+impl Notices {
+    /// Add a read of `sh`; true when it starts a batch, and the actor must
+    /// be woken (later ones until it takes the batch ride along).
+    pub fn push(&self, sh: &str) -> bool {
+        // Scripthashes are hex: a line each.
+        debug_assert!(!sh.contains('\n'));
+        let mut batch = lock(&self.0);
+        let first = batch.is_empty();
+        batch.push_str(sh);
+        batch.push('\n');
+        first
+    }
+
+    /// Take the batch, leaving `spare` (empty) in its place.
+    fn take(&self, spare: &mut String) {
+        std::mem::swap(&mut *lock(&self.0), spare);
+    }
+
+    /// Drop the batch (nobody will take it: the actor is gone).
+    pub fn clear(&self) {
+        lock(&self.0).clear();
+    }
+}
+
+/// A poisoned lock only means a panic elsewhere; the text is intact.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ReadSubs {
@@ -81,6 +126,7 @@ impl ReadSubs {
             refused: VecDeque::new(),
             refused_set: HashSet::new(),
             next_sweep: Instant::now() + idle,
+            batch: String::new(),
         }
     }
 
@@ -130,22 +176,34 @@ impl ReadSubs {
 }
 
 impl Actor {
+    /// Handle the batch of reads told since the last one, in order.
+    pub(super) fn on_notices(&mut self) {
+        let mut batch = std::mem::take(&mut self.read_subs.batch);
+        self.notices.take(&mut batch);
+        for sh in batch.lines() {
+            self.on_noticed(sh);
+        }
+        batch.clear();
+        self.read_subs.batch = batch;
+    }
+
     /// A wallet read `sh`, and nobody was told a status of it.
-    pub(super) fn on_noticed(&mut self, sh: String) {
+    fn on_noticed(&mut self, sh: &str) {
         if self.read_subs.limit == 0
-            || self.scripts.entries.contains_key(&sh)
-            || self.read_subs.is_refused(&sh)
+            || self.scripts.entries.contains_key(sh)
+            || self.read_subs.is_refused(sh)
         {
             return;
         }
-        if !self.read_subs.admit(&sh) {
+        if !self.read_subs.admit(sh) {
             return;
         }
         if self.read_subs.len() >= self.read_subs.limit && !self.evict_read_sub(false) {
             // Its next read tries again (the marks looked at are cleared).
-            self.read_subs.remember(&sh);
+            self.read_subs.remember(sh);
             return;
         }
+        let sh = sh.to_string();
         let held = self.scripts.entries.len() + self.outpoints.entries.len();
         if held >= self.config.max_topics {
             // Wallets' subscriptions fill the coin: they come first.
@@ -260,6 +318,20 @@ mod tests {
         assert!(!r.admit("a"));
         assert!(r.admit("c"));
         assert!(r.seen.len() <= 2 && r.seen_set.len() == r.seen.len());
+    }
+
+    #[test]
+    fn notices_wake_once_per_batch() {
+        let n = Notices::default();
+        assert!(n.push("aa"), "the first of a batch wakes the actor");
+        assert!(!n.push("bb"));
+        assert!(!n.push("aa"));
+        let mut batch = String::new();
+        n.take(&mut batch);
+        assert_eq!(batch.lines().collect::<Vec<_>>(), ["aa", "bb", "aa"]);
+        assert!(n.push("cc"), "taken: the next one starts a batch");
+        n.clear();
+        assert!(n.push("dd"));
     }
 
     #[test]
