@@ -84,14 +84,24 @@ impl Pool {
 impl PoolInner {
     /// The candidates, with those that cannot answer `need` left out.
     pub(super) fn capable_candidates(&self, need: select::Need) -> Vec<select::Candidate> {
-        let mut candidates = self.candidates();
+        let mut candidates = Vec::with_capacity(self.slots.len());
+        self.capable_candidates_into(need, &mut candidates);
+        candidates
+    }
+
+    /// [`capable_candidates`](Self::capable_candidates) into a buffer.
+    pub(super) fn capable_candidates_into(
+        &self,
+        need: select::Need,
+        candidates: &mut Vec<select::Candidate>,
+    ) {
+        self.candidates_into(candidates);
         if !need.is_any() {
             for (c, s) in candidates.iter_mut().zip(&self.slots) {
-                if !select::capable(s.shared.level(), need) {
+                if c.ready && !select::capable(s.shared.level(), need) {
                     c.ready = false;
                 }
             }
         }
-        candidates
     }
 }

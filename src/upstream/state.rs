@@ -106,36 +106,53 @@ impl PoolInner {
         self.slots.iter().filter(|s| s.shared.is_active()).count()
     }
 
-    pub(super) fn candidates(&self) -> Vec<select::Candidate> {
+    /// One candidate per slot, in slot order, into `out` (cleared first).
+    /// A slot that cannot take a request (not connected, or retired) is
+    /// entered as not ready without reading the rest of its state.
+    pub(super) fn candidates_into(&self, out: &mut Vec<select::Candidate>) {
         let window = self.settings.reply_hold.as_millis() as u64;
         let mut now = None;
-        self.slots
-            .iter()
-            .map(|s| {
-                let u = &self.upstreams[s.upstream];
-                // The clock is read only when some upstream holds.
-                let (hold, work) = if window > 0 && s.shared.pads() {
-                    let t = *now.get_or_insert_with(hold::now_ms);
-                    (s.shared.hold_view(window).state(t), s.shared.work.at(t))
-                } else {
-                    (hold::Hold::None, 0)
-                };
-                select::Candidate {
-                    ready: s.shared.is_ready() && s.shared.is_active(),
-                    healthy: u.healthy.load(Ordering::Acquire),
-                    in_flight: s.shared.in_flight(),
-                    limit: s.shared.limit(),
-                    rtt_us: s.shared.rtt_us.load(Ordering::Relaxed),
-                    weight: u.entry.weight,
-                    backup: u.entry.backup,
-                    throttled: u.throttle.is_throttled(),
-                    upstream: s.upstream,
-                    pads: window > 0 && s.shared.pads(),
-                    hold,
-                    work,
-                }
-            })
-            .collect()
+        out.clear();
+        out.extend(self.slots.iter().map(|s| {
+            let u = &self.upstreams[s.upstream];
+            let idle = select::Candidate {
+                ready: false,
+                healthy: false,
+                in_flight: 0,
+                limit: 0,
+                rtt_us: 0,
+                weight: u.entry.weight,
+                backup: u.entry.backup,
+                throttled: false,
+                upstream: s.upstream,
+                pads: false,
+                hold: hold::Hold::None,
+                work: 0,
+            };
+            if !(s.shared.is_ready() && s.shared.is_active()) {
+                return idle;
+            }
+            // The clock is read only when some upstream holds.
+            let pads = window > 0 && s.shared.pads();
+            let (hold, work) = if pads {
+                let t = *now.get_or_insert_with(hold::now_ms);
+                (s.shared.hold_view(window).state(t), s.shared.work.at(t))
+            } else {
+                (hold::Hold::None, 0)
+            };
+            select::Candidate {
+                ready: true,
+                healthy: u.healthy.load(Ordering::Acquire),
+                in_flight: s.shared.in_flight(),
+                limit: s.shared.limit(),
+                rtt_us: s.shared.rtt_us.load(Ordering::Relaxed),
+                throttled: u.throttle.is_throttled(),
+                pads,
+                hold,
+                work,
+                ..idle
+            }
+        }));
     }
 
     pub(super) fn slot_of(&self, conn: ConnId) -> Option<usize> {
@@ -145,7 +162,20 @@ impl PoolInner {
     }
 
     pub(super) fn dispatch(&self, job: Job) {
-        match select::pick(&self.capable_candidates(job.need), job.last_conn) {
+        // Every request is dispatched: the candidates are gathered into a
+        // buffer kept per thread rather than a new one each time.
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<select::Candidate>> =
+                const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let chosen = SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut candidates) => {
+                self.capable_candidates_into(job.need, &mut candidates);
+                select::pick(&candidates, job.last_conn)
+            }
+            Err(_) => select::pick(&self.capable_candidates(job.need), job.last_conn),
+        });
+        match chosen {
             Some(index) => self.send_to(index, job),
             None if job.need.is_any() || !self.slots.iter().any(|s| s.shared.is_ready()) => {
                 job.responder.fail(RpcError::new(
