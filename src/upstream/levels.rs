@@ -3,14 +3,14 @@
 //! answer it at all.
 //!
 //! Owns: the capability view of the pool (`Pool::preferred_for`,
-//! `Pool::capability`, `Pool::conn_level`) and the candidates dispatch
-//! offers a job (`PoolInner::capable_candidates`: the separate filter of
-//! `select::capable` over `select::pick`'s input). Learning a connection's
+//! `Pool::capability`, `Pool::conn_level`); the filter of `select::capable`
+//! over what dispatch offers a job is `state`'s (`PoolInner::offer_into`).
+//! Learning a connection's
 //! level is `conn`'s; the protocol slot that asks for the highest level is
 //! built by `pool`.
 
 use super::pool::Pool;
-use super::state::{PoolInner, Slot};
+use super::state::{Offer, Slot};
 use super::{select, ConnId};
 
 /// See [`Pool::capability`].
@@ -29,20 +29,17 @@ impl Pool {
     /// would move their subscriptions (and cost the upstream new ones).
     pub fn preferred_for(&self, need: select::Need) -> Option<ConnId> {
         let inner = self.inner();
-        let candidates = inner.capable_candidates(need);
-        let mut chosen = select::pick(&candidates, None)?;
+        let mut offer = Offer::new();
+        inner.offer_into(need, &mut offer);
+        let mut chosen = offer.pick(None)?;
         let slot = &inner.slots[chosen];
         if slot.elastic {
             let upstream = slot.upstream;
-            let kept: Vec<select::Candidate> = candidates
-                .iter()
-                .zip(&inner.slots)
-                .map(|(c, s)| select::Candidate {
-                    ready: c.ready && s.upstream == upstream && !s.elastic,
-                    ..*c
-                })
-                .collect();
-            chosen = select::pick(&kept, None).unwrap_or(chosen);
+            for (c, &i) in offer.candidates.iter_mut().zip(&offer.slots) {
+                let s = &inner.slots[i];
+                c.ready = s.upstream == upstream && !s.elastic;
+            }
+            chosen = offer.pick(None).unwrap_or(chosen);
         }
         Some(inner.slots[chosen].shared.conn_id())
     }
@@ -78,30 +75,5 @@ impl Pool {
     pub fn conn_level(&self, conn: ConnId) -> Option<crate::protocol::Version> {
         let inner = self.inner();
         inner.slot_of(conn).map(|i| inner.slots[i].shared.level())
-    }
-}
-
-impl PoolInner {
-    /// The candidates, with those that cannot answer `need` left out.
-    pub(super) fn capable_candidates(&self, need: select::Need) -> Vec<select::Candidate> {
-        let mut candidates = Vec::with_capacity(self.slots.len());
-        self.capable_candidates_into(need, &mut candidates);
-        candidates
-    }
-
-    /// [`capable_candidates`](Self::capable_candidates) into a buffer.
-    pub(super) fn capable_candidates_into(
-        &self,
-        need: select::Need,
-        candidates: &mut Vec<select::Candidate>,
-    ) {
-        self.candidates_into(candidates);
-        if !need.is_any() {
-            for (c, s) in candidates.iter_mut().zip(&self.slots) {
-                if c.ready && !select::capable(s.shared.level(), need) {
-                    c.ready = false;
-                }
-            }
-        }
     }
 }

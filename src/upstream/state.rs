@@ -93,6 +93,27 @@ pub(super) struct PoolInner {
 /// The current generation of a pool; replaced whole on reload.
 pub(super) type Cell = ArcSwap<PoolInner>;
 
+/// What selection chooses among: the candidates, and the slot each one is.
+pub(super) struct Offer {
+    pub candidates: Vec<select::Candidate>,
+    pub slots: Vec<usize>,
+}
+
+impl Offer {
+    pub const fn new() -> Offer {
+        Offer {
+            candidates: Vec::new(),
+            slots: Vec::new(),
+        }
+    }
+
+    /// The slot selection picks, never `skip` (a slot index).
+    pub fn pick(&self, skip: Option<usize>) -> Option<usize> {
+        let skip = skip.and_then(|slot| self.slots.iter().position(|&s| s == slot));
+        select::pick(&self.candidates, skip).map(|i| self.slots[i])
+    }
+}
+
 impl PoolInner {
     /// Client sessions of the coin right now (`None`: not counted).
     pub fn client_sessions(&self) -> Option<usize> {
@@ -106,32 +127,23 @@ impl PoolInner {
         self.slots.iter().filter(|s| s.shared.is_active()).count()
     }
 
-    /// One candidate per slot, in slot order, into `out` (cleared first).
-    /// A slot that cannot take a request (not connected, or retired) is
-    /// entered as not ready without reading the rest of its state.
-    pub(super) fn candidates_into(&self, out: &mut Vec<select::Candidate>) {
+    /// The slots that can take a job of `need` now (connected, kept open,
+    /// at a level that answers it), as selection's candidates, into `out`.
+    /// The others are left out: most slots of a pool are dormant, and
+    /// every request is dispatched.
+    pub(super) fn offer_into(&self, need: select::Need, out: &mut Offer) {
         let window = self.settings.reply_hold.as_millis() as u64;
         let mut now = None;
-        out.clear();
-        out.extend(self.slots.iter().map(|s| {
-            let u = &self.upstreams[s.upstream];
-            let idle = select::Candidate {
-                ready: false,
-                healthy: false,
-                in_flight: 0,
-                limit: 0,
-                rtt_us: 0,
-                weight: u.entry.weight,
-                backup: u.entry.backup,
-                throttled: false,
-                upstream: s.upstream,
-                pads: false,
-                hold: hold::Hold::None,
-                work: 0,
-            };
+        out.candidates.clear();
+        out.slots.clear();
+        for (index, s) in self.slots.iter().enumerate() {
             if !(s.shared.is_ready() && s.shared.is_active()) {
-                return idle;
+                continue;
             }
+            if !need.is_any() && !select::capable(s.shared.level(), need) {
+                continue;
+            }
+            let u = &self.upstreams[s.upstream];
             // The clock is read only when some upstream holds.
             let pads = window > 0 && s.shared.pads();
             let (hold, work) = if pads {
@@ -140,19 +152,22 @@ impl PoolInner {
             } else {
                 (hold::Hold::None, 0)
             };
-            select::Candidate {
+            out.candidates.push(select::Candidate {
                 ready: true,
                 healthy: u.healthy.load(Ordering::Acquire),
                 in_flight: s.shared.in_flight(),
                 limit: s.shared.limit(),
                 rtt_us: s.shared.rtt_us.load(Ordering::Relaxed),
+                weight: u.entry.weight,
+                backup: u.entry.backup,
                 throttled: u.throttle.is_throttled(),
+                upstream: s.upstream,
                 pads,
                 hold,
                 work,
-                ..idle
-            }
-        }));
+            });
+            out.slots.push(index);
+        }
     }
 
     pub(super) fn slot_of(&self, conn: ConnId) -> Option<usize> {
@@ -165,15 +180,18 @@ impl PoolInner {
         // Every request is dispatched: the candidates are gathered into a
         // buffer kept per thread rather than a new one each time.
         thread_local! {
-            static SCRATCH: std::cell::RefCell<Vec<select::Candidate>> =
-                const { std::cell::RefCell::new(Vec::new()) };
+            static SCRATCH: std::cell::RefCell<Offer> = const { std::cell::RefCell::new(Offer::new()) };
         }
         let chosen = SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-            Ok(mut candidates) => {
-                self.capable_candidates_into(job.need, &mut candidates);
-                select::pick(&candidates, job.last_conn)
+            Ok(mut offer) => {
+                self.offer_into(job.need, &mut offer);
+                offer.pick(job.last_conn)
             }
-            Err(_) => select::pick(&self.capable_candidates(job.need), job.last_conn),
+            Err(_) => {
+                let mut offer = Offer::new();
+                self.offer_into(job.need, &mut offer);
+                offer.pick(job.last_conn)
+            }
         });
         match chosen {
             Some(index) => self.send_to(index, job),
