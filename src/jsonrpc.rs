@@ -367,19 +367,23 @@ pub fn request_prefix(method: &str, params: &str) -> Vec<u8> {
 /// Append a request prefix with its upstream id and the line end to `buf`.
 pub fn finish_request(buf: &mut Vec<u8>, prefix: &[u8], id: u64) {
     buf.extend_from_slice(prefix);
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut n = id;
+    buf.extend_from_slice(decimal(id, &mut [0; 20]).as_bytes());
+    buf.extend_from_slice(b"}\n");
+}
+
+/// `n` in decimal, written into `buf` (on hot paths, where `format!` would
+/// allocate).
+pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &str {
+    let mut at = buf.len();
     loop {
         at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
+        buf[at] = b'0' + (n % 10) as u8;
         n /= 10;
         if n == 0 {
             break;
         }
     }
-    buf.extend_from_slice(&digits[at..]);
-    buf.extend_from_slice(b"}\n");
+    std::str::from_utf8(&buf[at..]).expect("ASCII digits")
 }
 
 /// JSON string literal for `s`.
@@ -554,6 +558,13 @@ mod tests {
         assert!(matches!(&msgs[1], UpstreamMessage::Response { id: 2, .. }));
         let msgs = parse_upstream_line(br#"{"error":{"code":-32700},"id":null}"#).unwrap();
         assert!(matches!(msgs[0], UpstreamMessage::Unmatched));
+    }
+
+    #[test]
+    fn decimal_writes_every_u64() {
+        for n in [0, 7, 10, 1234567890, u64::MAX] {
+            assert_eq!(decimal(n, &mut [0; 20]), n.to_string());
+        }
     }
 
     #[test]

@@ -215,7 +215,7 @@ impl Cache {
         let answers = &self.answers;
         let stored = key.len();
         key.push('#');
-        key.push_str(itoa(generation, &mut [0; 20]));
+        key.push_str(crate::jsonrpc::decimal(generation, &mut [0; 20]));
         let Some(flight) = answers.flights.join(&key, responder) else {
             answers.counters.join.inc();
             return;
@@ -389,20 +389,6 @@ impl Cache {
     }
 }
 
-/// `n` in decimal, written into `buf` (`format!` would allocate).
-fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &str {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    std::str::from_utf8(&buf[i..]).expect("ASCII digits")
-}
-
 /// The status (JSON text: `null` or `"hex"`) of a `get_history` result,
 /// computed as wallets do; `None` when it is not a history.
 pub fn history_status(result: &str) -> Option<String> {
@@ -435,13 +421,6 @@ mod tests {
     }
 
     const SH: &str = "ab";
-
-    #[test]
-    fn itoa_writes_decimal() {
-        for n in [0, 7, 10, 1234567890, u64::MAX] {
-            assert_eq!(itoa(n, &mut [0; 20]), n.to_string());
-        }
-    }
 
     #[test]
     fn history_status_is_the_wallets() {
