@@ -146,7 +146,7 @@ impl Watch {
             }
         }
         if let Some(clients) = pool.client_sessions() {
-            if pool.active_slots() > clients {
+            if pool.kept_open() > clients {
                 pool.retire_one(None, "more upstream connections than client sessions");
             }
         }

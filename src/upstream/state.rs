@@ -122,9 +122,17 @@ impl PoolInner {
         Some(n.max(0) as usize)
     }
 
-    /// Slots kept open or opening.
-    pub fn active_slots(&self) -> usize {
-        self.slots.iter().filter(|s| s.shared.is_active()).count()
+    /// Connections counted against the client-session cap and kept (not
+    /// retired): what the monitor trims to the cap. Counted as `open_on`
+    /// counts them, so that a connection `grow` opened within the cap is
+    /// never over it for the monitor (a down upstream's unconnected slot
+    /// counted by one and not the other had them open and close one
+    /// connection at every check).
+    pub fn kept_open(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.shared.is_active() && self.counted(s))
+            .count()
     }
 
     /// The slots that can take a job of `need` now (connected, kept open,
@@ -182,16 +190,15 @@ impl PoolInner {
         thread_local! {
             static SCRATCH: std::cell::RefCell<Offer> = const { std::cell::RefCell::new(Offer::new()) };
         }
+        let pick = |offer: &mut Offer| {
+            self.offer_into(job.need, offer);
+            offer.pick(job.last_conn)
+        };
         let chosen = SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-            Ok(mut offer) => {
-                self.offer_into(job.need, &mut offer);
-                offer.pick(job.last_conn)
-            }
-            Err(_) => {
-                let mut offer = Offer::new();
-                self.offer_into(job.need, &mut offer);
-                offer.pick(job.last_conn)
-            }
+            Ok(mut offer) => pick(&mut offer),
+            // Not reentered today (nothing here dispatches); if it ever is,
+            // a buffer of its own.
+            Err(_) => pick(&mut Offer::new()),
         });
         match chosen {
             Some(index) => self.send_to(index, job),
@@ -291,13 +298,17 @@ impl PoolInner {
     fn open_on(&self, upstream: Option<usize>) -> usize {
         self.slots
             .iter()
-            .filter(|s| upstream.is_none_or(|u| s.upstream == u))
-            .filter(|s| {
-                s.shared.is_ready()
-                    || (s.shared.is_active()
-                        && self.upstreams[s.upstream].healthy.load(Ordering::Acquire))
-            })
+            .filter(|s| upstream.is_none_or(|u| s.upstream == u) && self.counted(s))
             .count()
+    }
+
+    /// Whether `slot` is a session some upstream sees (see `open_on`).
+    fn counted(&self, slot: &Slot) -> bool {
+        slot.shared.is_ready()
+            || (slot.shared.is_active()
+                && self.upstreams[slot.upstream]
+                    .healthy
+                    .load(Ordering::Acquire))
     }
 
     /// `upstream`'s share of the client-session cap: the cap split by
@@ -306,7 +317,7 @@ impl PoolInner {
     /// that grew first cannot hold the whole cap while another one's
     /// requests queue: with two equal upstreams, half each, as HAProxy
     /// balancing the same wallets would give them.
-    pub(super) fn share(&self, upstream: usize, clients: usize) -> usize {
+    fn share(&self, upstream: usize, clients: usize) -> usize {
         let tier = self.upstreams[upstream].entry.backup;
         let total: u64 = self
             .upstreams
