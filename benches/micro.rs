@@ -28,6 +28,7 @@ use electrum_lb::reply::{self, Answer, Responder};
 use serde_json::value::RawValue;
 use std::hint::black_box;
 use std::sync::Arc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 const SCRIPTHASH: &str = "8b01df4e368ea28f8dc0423bcf7a4923e3a12d307c875e47a0cfbf90b5c39161";
@@ -157,7 +158,7 @@ fn cache(c: &mut Criterion) {
     });
     g.bench_function("hit_into_session_queue", |b| {
         b.iter_batched(
-            || Responder::client(&id, &out, "blockchain.transaction.get"),
+            || Responder::client(&id, &out, "blockchain.transaction.get", Instant::now()),
             |responder| {
                 cache.serve("blockchain.transaction.get", &tx_params, responder, |_| {
                     panic!("a hit sends nothing")
@@ -169,7 +170,14 @@ fn cache(c: &mut Criterion) {
     });
     g.bench_function("pass_through_uncached", |b| {
         b.iter_batched(
-            || Responder::client(&id, &out, "blockchain.scripthash.get_history"),
+            || {
+                Responder::client(
+                    &id,
+                    &out,
+                    "blockchain.scripthash.get_history",
+                    Instant::now(),
+                )
+            },
             |responder| {
                 cache.serve(
                     "blockchain.scripthash.get_history",
@@ -189,7 +197,14 @@ fn cache(c: &mut Criterion) {
             &answer[answer.find('[').expect("a result")..answer.rfind(']').expect("]") + 1];
         let result = RawValue::from_string(result.to_string()).expect("JSON");
         b.iter_batched(
-            || Responder::client(&id, &out, "blockchain.scripthash.get_history"),
+            || {
+                Responder::client(
+                    &id,
+                    &out,
+                    "blockchain.scripthash.get_history",
+                    Instant::now(),
+                )
+            },
             |responder| {
                 cache.serve(
                     "blockchain.scripthash.get_history",
@@ -215,7 +230,14 @@ fn coalesce(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.bench_function("join_and_land_alone", |b| {
         b.iter_batched(
-            || Responder::client(&id, &out, "blockchain.scripthash.get_history"),
+            || {
+                Responder::client(
+                    &id,
+                    &out,
+                    "blockchain.scripthash.get_history",
+                    Instant::now(),
+                )
+            },
             |responder| {
                 let flight = flights.join(black_box(&key), responder).expect("alone");
                 flight.land_borrowed(Ok(Ok(&result)));

@@ -203,9 +203,15 @@ pub struct Meta {
 
 impl Meta {
     pub fn new(method: &str) -> Meta {
+        Meta::at(method, Instant::now())
+    }
+
+    /// A request read at `started` (the session reads the clock once per
+    /// line, for its idle deadline and this).
+    pub fn at(method: &str, started: Instant) -> Meta {
         Meta {
             method: crate::metrics::method_index(method),
-            started: Instant::now(),
+            started,
         }
     }
 }
@@ -251,13 +257,14 @@ impl std::fmt::Debug for Hook {
 }
 
 impl Responder {
-    /// A responder for a client request; counts it as pending on the session.
-    pub fn client(id: &RawValue, out: &Outbound, method: &str) -> Responder {
+    /// A responder for a client request read at `started`; counts it as
+    /// pending on the session.
+    pub fn client(id: &RawValue, out: &Outbound, method: &str, started: Instant) -> Responder {
         out.begin_request();
         Responder::Client {
             id: id.to_owned(),
             out: out.clone(),
-            meta: Meta::new(method),
+            meta: Meta::at(method, started),
         }
     }
 
@@ -458,7 +465,7 @@ mod tests {
     #[tokio::test]
     async fn client_reply_restores_id() {
         let (out, mut rx) = channel(4, CancellationToken::new(), None);
-        let r = Responder::client(&raw("\"abc\""), &out, "server.ping");
+        let r = Responder::client(&raw("\"abc\""), &out, "server.ping", Instant::now());
         assert_eq!(out.pending(), 1);
         r.deliver(Ok(&raw("[1,2]")));
         assert_eq!(

@@ -67,6 +67,9 @@ pub struct SessionState {
     /// The session's budgets and slots (see `limits`); asked before each
     /// request is routed.
     pub gate: SessionGate,
+    /// When the line being handled was read (the session reads the clock
+    /// once per line: its idle deadline and the request's start).
+    pub line_at: Instant,
 }
 
 impl SessionState {
@@ -78,6 +81,7 @@ impl SessionState {
             subs: HashSet::new(),
             close: false,
             gate: SessionGate::unlimited(),
+            line_at: Instant::now(),
         };
         st.count_level(true);
         st
@@ -118,7 +122,9 @@ impl Router {
         st.gate.received(line.len());
         match jsonrpc::parse_client_line(line) {
             Ok(ClientMessage::Single(Ok(req))) => {
-                let responder = req.id.map(|id| Responder::client(id, &st.out, &req.method));
+                let responder = req
+                    .id
+                    .map(|id| Responder::client(id, &st.out, &req.method, st.line_at));
                 self.handle_request(st, &req, responder);
             }
             Ok(ClientMessage::Single(Err(invalid))) => {
@@ -373,16 +379,20 @@ impl Router {
         affinity: Option<&str>,
         need: Need,
     ) {
-        if let Some(sh) = affinity {
-            // Nobody was told a status of it: a scripthash read again and
-            // again may be subscribed by the hub (see `hub::read_subs`).
-            if SCRIPTHASH_READS.contains(&method) && self.hub.route(sh).is_none() {
-                self.hub.notice_read(sh);
+        let fetch = |r| self.send(method, params, r, affinity, need);
+        match affinity {
+            Some(sh) if SCRIPTHASH_READS.contains(&method) => {
+                // Nobody was told a status of it: a scripthash read again
+                // and again may be subscribed by the hub (see
+                // `hub::read_subs`).
+                if self.hub.route(sh).is_none() {
+                    self.hub.notice_read(sh);
+                }
+                // The scripthash is parsed already: the cache is handed it.
+                self.cache.serve_read(sh, method, params, responder, fetch)
             }
+            _ => self.cache.serve(method, params, responder, fetch),
         }
-        self.cache.serve(method, params, responder, |r| {
-            self.send(method, params, r, affinity, need)
-        });
     }
 
     /// Send a request to the pool; a read of a subscribed scripthash goes

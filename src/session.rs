@@ -221,7 +221,8 @@ where
                 }
                 Ok(Ok(Frame::Line(line))) => {
                     metrics.bytes_in.inc_by(line.len() as u64 + 1);
-                    deadline = Instant::now() + limits.idle_timeout;
+                    st.line_at = Instant::now();
+                    deadline = st.line_at + limits.idle_timeout;
                     if first_line {
                         // The timer may be set later than the idle deadline
                         // (a longer first-line timeout): the only time the
@@ -330,14 +331,24 @@ async fn wait_for_room(out: &Outbound, max_in_flight: usize) {
 }
 
 /// Append `lines` to `buf`, each with its newline; a reply over the size
-/// limit becomes an error with the same id.
+/// limit becomes an error with the same id. Into an empty `buf` the first
+/// line is moved, not copied: it becomes the write buffer (a line is
+/// built with room to spare for its newline), which is all of it for a
+/// write of one answer.
 fn gather(lines: std::collections::VecDeque<Line>, buf: &mut Vec<u8>, limits: &ReplyLimits) {
-    buf.reserve(lines.iter().map(|l| l.len() + 1).sum());
+    let mut rest: usize = lines.iter().map(|l| l.len() + 1).sum();
     for m in lines {
-        if let Some(m) = limits.check(m) {
+        let Some(m) = limits.check(m) else {
+            continue;
+        };
+        if buf.is_empty() {
+            rest = rest.saturating_sub(m.len() + 1);
+            *buf = m;
+            buf.reserve(rest + 1);
+        } else {
             buf.extend_from_slice(&m);
-            buf.push(b'\n');
         }
+        buf.push(b'\n');
     }
 }
 
@@ -409,5 +420,34 @@ where
         // Stop the reader too (a write error means the client is gone).
         kill.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    #[test]
+    fn gather_moves_the_first_line_and_appends_the_rest() {
+        let limits = SessionGate::unlimited().reply_limits();
+        let first = jsonrpc::result_line("1", "\"a\"");
+        let first_ptr = first.as_ptr();
+        let mut buf = Vec::new();
+        gather(VecDeque::from([first]), &mut buf, &limits);
+        // The line itself became the buffer (its room covers the newline).
+        assert_eq!(buf.as_ptr(), first_ptr);
+        assert_eq!(buf, b"{\"jsonrpc\":\"2.0\",\"result\":\"a\",\"id\":1}\n");
+        // A later take appends; several lines keep their order.
+        let more = VecDeque::from([
+            jsonrpc::result_line("2", "[]"),
+            jsonrpc::result_line("3", "null"),
+        ]);
+        gather(more, &mut buf, &limits);
+        let text = String::from_utf8(buf).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[1].ends_with("\"id\":2}") && lines[2].ends_with("\"id\":3}"));
+        assert!(text.ends_with('\n'));
     }
 }

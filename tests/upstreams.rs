@@ -368,7 +368,10 @@ async fn backup_is_used_only_while_no_primary_is_healthy() {
     let (a, b) = twins().await;
     let backup = format!("{{ url = {}, backup = true }}", q(&b.url()));
     let server = start(&[q(&a.url()), backup], "").await;
+    // Both ready: while the primary's first connection is still being
+    // made (a loaded machine), no primary is healthy and the backup serves.
     wait_until(|| status(&server, 1).ready_connections == 1).await;
+    wait_until(|| status(&server, 0).ready_connections >= 1).await;
     let mut c = Client::connect(tcp_addr(&server, "test")).await;
     for i in 0..20 {
         c.call("blockchain.block.header", json!([i])).await;

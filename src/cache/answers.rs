@@ -166,8 +166,11 @@ pub fn read_of<'a>(method: &str, params: &'a str) -> Option<std::borrow::Cow<'a,
 
 impl Cache {
     /// A read of [`READS`] about `sh`: from memory, joined, or sent with
-    /// `fetch` (and its answer kept when the rules allow).
-    pub(super) fn serve_read(
+    /// `fetch` (and its answer kept when the rules allow). `sh` is what
+    /// [`read_of`] finds in `params`: the router, which has parsed it
+    /// already to route the read, passes it here instead of going through
+    /// [`Cache::serve`], which would parse it again.
+    pub(crate) fn serve_read(
         self: &Arc<Self>,
         sh: &str,
         method: &str,
@@ -175,6 +178,7 @@ impl Cache {
         responder: Responder,
         fetch: impl FnOnce(Responder),
     ) {
+        debug_assert_eq!(read_of(method, params).as_deref(), Some(sh));
         let answers = &self.answers;
         // One string for every key of this read: the store's is method and
         // params, the flight's the same with `#generation` after it.

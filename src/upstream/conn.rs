@@ -217,7 +217,7 @@ impl Actor<'_> {
                         self.ctx
                             .shared
                             .last_read_ms
-                            .store(super::hold::now_ms(), Ordering::Relaxed);
+                            .store(super::hold::ms_at(self.last_read), Ordering::Relaxed);
                         self.on_line(&line);
                         // Everything else that read brought in, without a
                         // trip through the select for each line.
@@ -275,7 +275,7 @@ impl Actor<'_> {
                             Instant::now() + self.ctx.ping_interval.max(Duration::from_secs(10)),
                         );
                         self.ctx.shared.in_flight.fetch_add(1, Ordering::Relaxed);
-                        self.enqueue(&mut buf, ping);
+                        self.enqueue(&mut buf, ping, Instant::now());
                         if let Err(e) = wr.write_all(&buf).await {
                             return format!("write: {e}");
                         }
@@ -288,17 +288,20 @@ impl Actor<'_> {
     }
 
     /// Enqueue what waits, then what is queued in the channel, up to the
-    /// in-flight limit.
+    /// in-flight limit. The clock is read once per call, and only when
+    /// something is sent.
     fn fill(&mut self, buf: &mut Vec<u8>, rx: &mut mpsc::Receiver<Job>) {
+        let mut now = None;
         while self.pending.len() < self.limiter.limit() {
-            if let Some(job) = self.waiting.pop_front() {
-                self.enqueue(buf, job);
-                continue;
-            }
-            match rx.try_recv() {
-                Ok(job) => self.enqueue(buf, job),
-                Err(_) => break,
-            }
+            let job = match self.waiting.pop_front() {
+                Some(job) => job,
+                None => match rx.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                },
+            };
+            let now = *now.get_or_insert_with(Instant::now);
+            self.enqueue(buf, job, now);
         }
     }
 
@@ -317,9 +320,9 @@ impl Actor<'_> {
         Ok(())
     }
 
-    /// Assign an id, append the request to the write buffer, remember it.
-    fn enqueue(&mut self, buf: &mut Vec<u8>, job: Job) {
-        let now = Instant::now();
+    /// Assign an id, append the request to the write buffer, remember it
+    /// as sent `now`.
+    fn enqueue(&mut self, buf: &mut Vec<u8>, job: Job, now: Instant) {
         if job.responder.is_abandoned() || job.deadline <= now {
             // Nobody waits for it, or it is already too late: do not spend
             // upstream work on it.
@@ -362,7 +365,8 @@ impl Actor<'_> {
                     let in_flight = self.pending.len();
                     if let Some(p) = self.pending.remove(&id) {
                         self.ctx.shared.release();
-                        let rtt = p.sent.elapsed();
+                        // Every line of one read arrived when it was read.
+                        let rtt = self.last_read.saturating_duration_since(p.sent);
                         if let Some(h) = self.ctx.latency {
                             h.observe(rtt.as_secs_f64());
                         }

@@ -67,9 +67,14 @@ pub enum Hold {
 /// Milliseconds since the first call (a process-wide epoch), on tokio's
 /// clock.
 pub fn now_ms() -> u64 {
+    ms_at(Instant::now())
+}
+
+/// [`now_ms`] for an instant already read.
+pub fn ms_at(at: Instant) -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     let epoch = *EPOCH.get_or_init(Instant::now);
-    Instant::now().saturating_duration_since(epoch).as_millis() as u64
+    at.saturating_duration_since(epoch).as_millis() as u64
 }
 
 /// Whether a reply line carries padding: spaces right before its closing
