@@ -170,14 +170,7 @@ fn cache(c: &mut Criterion) {
     });
     g.bench_function("pass_through_uncached", |b| {
         b.iter_batched(
-            || {
-                Responder::client(
-                    &id,
-                    &out,
-                    "blockchain.scripthash.get_history",
-                    Instant::now(),
-                )
-            },
+            || history_responder(&id, &out),
             |responder| {
                 cache.serve(
                     "blockchain.scripthash.get_history",
@@ -197,14 +190,7 @@ fn cache(c: &mut Criterion) {
             &answer[answer.find('[').expect("a result")..answer.rfind(']').expect("]") + 1];
         let result = RawValue::from_string(result.to_string()).expect("JSON");
         b.iter_batched(
-            || {
-                Responder::client(
-                    &id,
-                    &out,
-                    "blockchain.scripthash.get_history",
-                    Instant::now(),
-                )
-            },
+            || history_responder(&id, &out),
             |responder| {
                 cache.serve(
                     "blockchain.scripthash.get_history",
@@ -220,6 +206,11 @@ fn cache(c: &mut Criterion) {
     g.finish();
 }
 
+/// A client's responder for a history read, as a session makes one.
+fn history_responder(id: &RawValue, out: &reply::Outbound) -> Responder {
+    Responder::client(id, out, "blockchain.scripthash.get_history", Instant::now())
+}
+
 fn coalesce(c: &mut Criterion) {
     let flights = Coalescer::default();
     let (out, mut lines) = reply::channel(1024, CancellationToken::new(), None);
@@ -230,14 +221,7 @@ fn coalesce(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.bench_function("join_and_land_alone", |b| {
         b.iter_batched(
-            || {
-                Responder::client(
-                    &id,
-                    &out,
-                    "blockchain.scripthash.get_history",
-                    Instant::now(),
-                )
-            },
+            || history_responder(&id, &out),
             |responder| {
                 let flight = flights.join(black_box(&key), responder).expect("alone");
                 flight.land_borrowed(Ok(Ok(&result)));

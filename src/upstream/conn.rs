@@ -269,13 +269,14 @@ impl Actor<'_> {
                     }
                     if self.last_write.elapsed() >= self.ctx.ping_interval {
                         let (tx, _rx) = tokio::sync::oneshot::channel();
+                        let now = Instant::now();
                         let ping = Job::new(
                             jsonrpc::request_prefix("server.ping", "[]"),
                             Responder::Internal(tx),
-                            Instant::now() + self.ctx.ping_interval.max(Duration::from_secs(10)),
+                            now + self.ctx.ping_interval.max(Duration::from_secs(10)),
                         );
                         self.ctx.shared.in_flight.fetch_add(1, Ordering::Relaxed);
-                        self.enqueue(&mut buf, ping, Instant::now());
+                        self.enqueue(&mut buf, ping, now);
                         if let Err(e) = wr.write_all(&buf).await {
                             return format!("write: {e}");
                         }
