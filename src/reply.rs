@@ -202,10 +202,6 @@ pub struct Meta {
 }
 
 impl Meta {
-    pub fn new(method: &str) -> Meta {
-        Meta::at(method, Instant::now())
-    }
-
     /// A request read at `started` (the session reads the clock once per
     /// line, for its idle deadline and this).
     pub fn at(method: &str, started: Instant) -> Meta {
