@@ -132,7 +132,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
 
     /// Split one complete line off the buffer, if there is one.
     fn take_line(&mut self) -> Result<Option<BytesMut>, CodecError> {
-        let found = self.buf[self.scanned..].iter().position(|&b| b == b'\n');
+        let found = memchr::memchr(b'\n', &self.buf[self.scanned..]);
         match found {
             Some(offset) => {
                 let end = self.scanned + offset;

@@ -568,20 +568,44 @@ fn header_form(level: Level, params: &str) -> HeaderForm {
 /// `["<64 lowercase hex>", ...]` is read in place, without a JSON tree or
 /// a copy; anything else takes the general path.
 pub(crate) fn scripthash_arg(params: &str) -> Option<std::borrow::Cow<'_, str>> {
-    let fast = params
-        .trim_start()
-        .strip_prefix('[')
-        .and_then(|rest| rest.trim_start().strip_prefix('"'))
-        .and_then(|rest| rest.get(..65))
-        .and_then(|s| s.strip_suffix('"'))
-        .filter(|sh| sh.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
-    match fast {
+    match fast_scripthash(params) {
         Some(sh) => Some(sh.into()),
         None => first_string(params)
             .filter(|s| coin::is_scripthash(s))
             .map(|s| s.to_ascii_lowercase().into()),
     }
 }
+
+/// `["<64 lowercase hex>"` at the start of `params` (ASCII whitespace
+/// allowed around the bracket): the scripthash, borrowed.
+fn fast_scripthash(params: &str) -> Option<&str> {
+    let bytes = params.as_bytes();
+    let rest = bytes
+        .trim_ascii_start()
+        .strip_prefix(b"[")?
+        .trim_ascii_start();
+    let quoted = rest.get(..66)?;
+    if quoted[0] != b'"'
+        || quoted[65] != b'"'
+        || !quoted[1..65].iter().all(|&b| LOWER_HEX[b as usize])
+    {
+        return None;
+    }
+    // Every byte before it is ASCII: a character boundary.
+    let start = bytes.len() - rest.len() + 1;
+    params.get(start..start + 64)
+}
+
+/// Which bytes are lowercase hexadecimal digits.
+static LOWER_HEX: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = matches!(b as u8, b'0'..=b'9' | b'a'..=b'f');
+        b += 1;
+    }
+    t
+};
 
 /// The first positional parameter, when it is a string.
 pub(crate) fn first_string(params: &str) -> Option<String> {
@@ -636,6 +660,13 @@ mod tests {
     #[test]
     fn scripthash_args_fast_and_general() {
         let sh = "ab".repeat(32);
+        // The usual form is read in place.
+        for params in [format!("[\"{sh}\"]"), format!(" [ \"{sh}\" , 1]")] {
+            assert!(
+                matches!(scripthash_arg(&params), Some(std::borrow::Cow::Borrowed(s)) if s == sh),
+                "{params}"
+            );
+        }
         for params in [
             format!("[\"{sh}\"]"),
             format!(" [ \"{sh}\" , 1]"),
