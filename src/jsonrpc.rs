@@ -279,15 +279,65 @@ fn null_raw() -> &'static RawValue {
 
 /// Parse one line received from an upstream. Batches (which the proxy never
 /// sends) are split into their members.
-pub fn parse_upstream_line(line: &[u8]) -> Result<Vec<UpstreamMessage<'_>>, LineError> {
+pub fn parse_upstream_line(line: &[u8]) -> Result<UpstreamMessages<'_>, LineError> {
     let text = std::str::from_utf8(line).map_err(|_| LineError::Parse)?;
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
         let members: Vec<RawUpstream> = serde_json::from_str(text).map_err(|_| LineError::Parse)?;
-        Ok(members.into_iter().map(classify_upstream).collect())
+        Ok(UpstreamMessages::Batch(
+            members.into_iter().map(classify_upstream).collect(),
+        ))
     } else {
         let msg: RawUpstream = serde_json::from_str(text).map_err(|_| LineError::Parse)?;
-        Ok(vec![classify_upstream(msg)])
+        Ok(UpstreamMessages::One([classify_upstream(msg)]))
+    }
+}
+
+/// The messages of one upstream line: almost always one, which needs no
+/// allocation (this is every answer's path); a batch's members in a `Vec`.
+#[derive(Debug)]
+pub enum UpstreamMessages<'a> {
+    One([UpstreamMessage<'a>; 1]),
+    Batch(Vec<UpstreamMessage<'a>>),
+}
+
+impl<'a> std::ops::Deref for UpstreamMessages<'a> {
+    type Target = [UpstreamMessage<'a>];
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            UpstreamMessages::One(one) => one,
+            UpstreamMessages::Batch(all) => all,
+        }
+    }
+}
+
+impl<'a> IntoIterator for UpstreamMessages<'a> {
+    type Item = UpstreamMessage<'a>;
+    type IntoIter = UpstreamMessagesIter<'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        match self {
+            UpstreamMessages::One(one) => UpstreamMessagesIter::One(one.into_iter()),
+            UpstreamMessages::Batch(all) => UpstreamMessagesIter::Batch(all.into_iter()),
+        }
+    }
+}
+
+/// What iterating [`UpstreamMessages`] gives.
+pub enum UpstreamMessagesIter<'a> {
+    One(std::array::IntoIter<UpstreamMessage<'a>, 1>),
+    Batch(std::vec::IntoIter<UpstreamMessage<'a>>),
+}
+
+impl<'a> Iterator for UpstreamMessagesIter<'a> {
+    type Item = UpstreamMessage<'a>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            UpstreamMessagesIter::One(it) => it.next(),
+            UpstreamMessagesIter::Batch(it) => it.next(),
+        }
     }
 }
 
@@ -297,23 +347,35 @@ pub type Line = Vec<u8>;
 /// `{"jsonrpc":"2.0","result":R,"id":ID}`
 pub fn result_line(id: &str, result: &str) -> Line {
     let mut out = Vec::with_capacity(40 + id.len() + result.len());
+    push_result(&mut out, id, result);
+    out
+}
+
+/// [`result_line`], appended to `out`.
+pub fn push_result(out: &mut Vec<u8>, id: &str, result: &str) {
+    out.reserve(40 + id.len() + result.len());
     out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"result\":");
     out.extend_from_slice(result.as_bytes());
     out.extend_from_slice(b",\"id\":");
     out.extend_from_slice(id.as_bytes());
     out.push(b'}');
-    out
 }
 
 /// `{"jsonrpc":"2.0","error":E,"id":ID}` with an error object relayed verbatim.
 pub fn error_object_line(id: &str, error: &str) -> Line {
     let mut out = Vec::with_capacity(40 + id.len() + error.len());
+    push_error_object(&mut out, id, error);
+    out
+}
+
+/// [`error_object_line`], appended to `out`.
+pub fn push_error_object(out: &mut Vec<u8>, id: &str, error: &str) {
+    out.reserve(40 + id.len() + error.len());
     out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"error\":");
     out.extend_from_slice(error.as_bytes());
     out.extend_from_slice(b",\"id\":");
     out.extend_from_slice(id.as_bytes());
     out.push(b'}');
-    out
 }
 
 /// The JSON text of one of the proxy's own error objects.

@@ -10,10 +10,11 @@
 pub mod queue;
 
 use crate::jsonrpc::{self, Line, RpcError};
+use crate::limits::ReplyLimits;
 use crate::metrics::{CoinMetrics, Outcome};
+pub use queue::Taken;
 use queue::{Pushed, Queue};
 use serde_json::value::RawValue;
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{oneshot, Notify};
@@ -83,12 +84,12 @@ pub struct Inbox {
 impl Inbox {
     /// Every queued line, waiting for one; `None` once nothing more can
     /// come (every [`Outbound`] is gone, or the inbox was closed and is empty).
-    pub async fn recv_all(&mut self) -> Option<VecDeque<Line>> {
+    pub async fn recv_all(&mut self) -> Option<Taken> {
         std::future::poll_fn(|cx| self.inner.queue.poll_take(cx)).await
     }
 
     /// Every queued line, without waiting.
-    pub fn try_recv_all(&mut self) -> VecDeque<Line> {
+    pub fn try_recv_all(&mut self) -> Taken {
         self.inner.queue.take()
     }
 
@@ -106,14 +107,16 @@ impl Drop for Inbox {
 
 /// A session's outbound queue of at most `capacity` lines: the producing
 /// side (cloned into requests and subscriptions) and the writer's side.
-/// Answered requests are counted in `metrics`, when given.
+/// Replies over the size in `limits` are replaced as they are queued;
+/// answered requests are counted in `metrics`, when given.
 pub fn channel(
     capacity: usize,
     kill: CancellationToken,
+    limits: Option<ReplyLimits>,
     metrics: Option<Arc<CoinMetrics>>,
 ) -> (Outbound, Inbox) {
     let inner = Arc::new(OutboundInner {
-        queue: Queue::new(capacity),
+        queue: Queue::new(capacity, limits),
         room: Notify::new(),
         kill,
         pending: AtomicUsize::new(0),
@@ -144,7 +147,17 @@ impl Outbound {
     /// Queue a line for the client. A client whose queue is full is not
     /// reading: it is disconnected rather than buffered without limit.
     pub fn send(&self, line: Line) {
-        match self.inner.queue.push(line) {
+        self.sent(self.inner.queue.push(&line));
+    }
+
+    /// Queue the line `write` appends (formatted straight into the queue:
+    /// no allocation of its own), as [`Outbound::send`] does.
+    pub fn send_with(&self, write: impl FnOnce(&mut Vec<u8>)) {
+        self.sent(self.inner.queue.push_with(write));
+    }
+
+    fn sent(&self, pushed: Pushed) {
+        match pushed {
             Pushed::Queued | Pushed::Closed => {}
             Pushed::Full => {
                 tracing::debug!("client queue full: disconnecting a slow reader");
@@ -217,7 +230,7 @@ impl Meta {
 pub enum Responder {
     /// Straight to a client, under its original id.
     Client {
-        id: Box<RawValue>,
+        id: ClientId,
         out: Outbound,
         meta: Meta,
     },
@@ -258,7 +271,7 @@ impl Responder {
     pub fn client(id: &RawValue, out: &Outbound, method: &str, started: Instant) -> Responder {
         out.begin_request();
         Responder::Client {
-            id: id.to_owned(),
+            id: ClientId::new(id.get()),
             out: out.clone(),
             meta: Meta::at(method, started),
         }
@@ -269,7 +282,10 @@ impl Responder {
         match self {
             Responder::Client { id, out, meta } => {
                 out.record(&meta, outcome_kind(&outcome), None);
-                out.send(outcome_line(&id, outcome));
+                out.send_with(|buf| match outcome {
+                    Ok(result) => jsonrpc::push_result(buf, id.get(), result.get()),
+                    Err(error) => jsonrpc::push_error_object(buf, id.get(), error.get()),
+                });
                 out.end_request();
             }
             Responder::Slot { index, batch } => {
@@ -319,7 +335,7 @@ impl Responder {
         match self {
             Responder::Client { id, out, meta } => {
                 out.record(&meta, Outcome::Ok, None);
-                out.send(jsonrpc::result_line(id.get(), result));
+                out.send_with(|buf| jsonrpc::push_result(buf, id.get(), result));
                 out.end_request();
             }
             Responder::Slot { index, batch } => {
@@ -350,6 +366,41 @@ impl Responder {
             Responder::Slot { batch, .. } => batch.out.is_closed(),
             Responder::Internal(tx) => tx.is_closed(),
             Responder::Hook(_) => false,
+        }
+    }
+}
+
+/// A client request's id, as its JSON text. Kept inline when short (the
+/// usual number, or a short string), so that forwarding a request
+/// allocates nothing for it; a longer one is boxed.
+#[derive(Debug)]
+pub enum ClientId {
+    Inline { len: u8, text: [u8; ID_INLINE] },
+    Heap(Box<str>),
+}
+
+/// Longest id text kept inline.
+const ID_INLINE: usize = 22;
+
+impl ClientId {
+    pub fn new(text: &str) -> ClientId {
+        if text.len() > ID_INLINE {
+            return ClientId::Heap(text.into());
+        }
+        let mut inline = [0; ID_INLINE];
+        inline[..text.len()].copy_from_slice(text.as_bytes());
+        ClientId::Inline {
+            len: text.len() as u8,
+            text: inline,
+        }
+    }
+
+    pub fn get(&self) -> &str {
+        match self {
+            ClientId::Inline { len, text } => {
+                std::str::from_utf8(&text[..*len as usize]).expect("copied from a str")
+            }
+            ClientId::Heap(text) => text,
         }
     }
 }
@@ -458,39 +509,56 @@ mod tests {
         RawValue::from_string(s.to_string()).unwrap()
     }
 
+    #[test]
+    fn client_ids_short_and_long_keep_their_text() {
+        for text in [
+            "1",
+            "\"abc\"",
+            "null",
+            "\"exactly-20-chars-xx\"",
+            "\"a somewhat longer id than that\"",
+        ] {
+            assert_eq!(ClientId::new(text).get(), text);
+        }
+        assert!(matches!(ClientId::new("12345"), ClientId::Inline { .. }));
+        assert!(matches!(ClientId::new(&"9".repeat(23)), ClientId::Heap(_)));
+    }
+
     #[tokio::test]
     async fn client_reply_restores_id() {
-        let (out, mut rx) = channel(4, CancellationToken::new(), None);
+        let (out, mut rx) = channel(4, CancellationToken::new(), None, None);
         let r = Responder::client(&raw("\"abc\""), &out, "server.ping", Instant::now());
         assert_eq!(out.pending(), 1);
         r.deliver(Ok(&raw("[1,2]")));
+        let taken = rx.recv_all().await.unwrap();
+        assert_eq!(taken.lines, 1);
         assert_eq!(
-            rx.recv_all().await.unwrap(),
-            [br#"{"jsonrpc":"2.0","result":[1,2],"id":"abc"}"#.to_vec()]
+            taken.bytes,
+            b"{\"jsonrpc\":\"2.0\",\"result\":[1,2],\"id\":\"abc\"}\n"
         );
         assert_eq!(out.pending(), 0);
     }
 
     #[tokio::test]
     async fn batch_waits_for_every_slot_and_keeps_order() {
-        let (out, mut rx) = channel(4, CancellationToken::new(), None);
+        let (out, mut rx) = channel(4, CancellationToken::new(), None, None);
         let batch = Batch::new(vec![(raw("1"), "a"), (raw("2"), "b")], &out);
         batch.slot(1).deliver(Ok(&raw("\"b\"")));
-        assert!(rx.try_recv_all().is_empty());
+        assert_eq!(rx.try_recv_all().lines, 0);
         batch
             .slot(0)
             .fail(RpcError::new(crate::jsonrpc::ErrorCode::InternalError, "x"));
-        let line = String::from_utf8(rx.recv_all().await.unwrap().remove(0).unwrap()).unwrap();
+        let line = String::from_utf8(rx.recv_all().await.unwrap().bytes).unwrap();
         assert_eq!(
             line,
-            r#"[{"jsonrpc":"2.0","error":{"code":-32603,"message":"x"},"id":1},{"jsonrpc":"2.0","result":"b","id":2}]"#
+            "[{\"jsonrpc\":\"2.0\",\"error\":{\"code\":-32603,\"message\":\"x\"},\"id\":1},{\"jsonrpc\":\"2.0\",\"result\":\"b\",\"id\":2}]\n"
         );
         assert_eq!(out.pending(), 0);
     }
 
     #[tokio::test]
     async fn full_queue_disconnects() {
-        let (out, _rx) = channel(1, CancellationToken::new(), None);
+        let (out, _rx) = channel(1, CancellationToken::new(), None, None);
         out.send(b"1".to_vec());
         assert!(!out.kill_token().is_cancelled());
         out.send(b"2".to_vec());

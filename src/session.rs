@@ -29,7 +29,7 @@
 
 use crate::codec::{CodecError, Frame, LineReader};
 use crate::hub::SessionId;
-use crate::jsonrpc::{self, ErrorCode, Line, RpcError};
+use crate::jsonrpc::{self, ErrorCode, RpcError};
 use crate::limits::{Limit, ReplyLimits, SessionGate};
 use crate::reply::{self, Inbox, Outbound};
 use crate::router::{Router, SessionState};
@@ -118,7 +118,12 @@ where
     let (rd, wr) = tokio::io::split(stream);
     let kill = CancellationToken::new();
     let metrics = router.metrics.clone();
-    let (out, rx) = reply::channel(limits.queue, kill.clone(), Some(metrics.clone()));
+    let (out, rx) = reply::channel(
+        limits.queue,
+        kill.clone(),
+        Some(gate.reply_limits()),
+        Some(metrics.clone()),
+    );
     let writer = tokio::spawn(write_loop(
         wr,
         rx,
@@ -330,28 +335,6 @@ async fn wait_for_room(out: &Outbound, max_in_flight: usize) {
     }
 }
 
-/// Append `lines` to `buf`, each with its newline; a reply over the size
-/// limit becomes an error with the same id. Into an empty `buf` the first
-/// line is moved, not copied: it becomes the write buffer (a line is
-/// built with room to spare for its newline), which is all of it for a
-/// write of one answer.
-fn gather(lines: std::collections::VecDeque<Line>, buf: &mut Vec<u8>, limits: &ReplyLimits) {
-    let mut rest: usize = lines.iter().map(|l| l.len() + 1).sum();
-    for m in lines {
-        let Some(m) = limits.check(m) else {
-            continue;
-        };
-        if buf.is_empty() {
-            rest = rest.saturating_sub(m.len() + 1);
-            *buf = m;
-            buf.reserve(rest + 1);
-        } else {
-            buf.extend_from_slice(&m);
-        }
-        buf.push(b'\n');
-    }
-}
-
 /// What ends the writer: `kill` (the client is gone or misbehaved) and
 /// `hard` (the proxy stops now) at once, dropping what is queued; a
 /// drained session (`Outbound::finish`) once what is queued is written.
@@ -378,26 +361,26 @@ where
         let stopped = hard.cancelled();
         tokio::pin!(killed, stopped);
         loop {
-            let lines = tokio::select! {
+            let taken = tokio::select! {
                 biased;
                 _ = &mut killed => break,
                 _ = &mut stopped => break,
                 // `None` also once a drained session finished the queue
                 // (`Outbound::finish`) and what it held is written.
-            m = rx.recv_all() => match m {
+                m = rx.recv_all() => match m {
                     Some(m) => m,
                     None => break,
                 },
             };
-            // Allocated per write and freed after it: an idle session holds
-            // no write buffer.
-            let mut buf = Vec::new();
-            gather(lines, &mut buf, &limits);
+            // The queue's own buffer, lines formatted in place: written as
+            // it is, and freed after the write (an idle session holds no
+            // write buffer).
+            let mut buf = taken.bytes;
             if buf.len() < WRITE_BATCH {
                 // Answers come in bursts (one upstream read holds many): let
                 // the burst land so that it leaves in one write.
                 tokio::task::yield_now().await;
-                gather(rx.try_recv_all(), &mut buf, &limits);
+                buf.extend_from_slice(&rx.try_recv_all().bytes);
             }
             rx.made_room();
             // Flushed too: a transport may hold written bytes back until then
@@ -420,34 +403,5 @@ where
         // Stop the reader too (a write error means the client is gone).
         kill.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::VecDeque;
-
-    #[test]
-    fn gather_moves_the_first_line_and_appends_the_rest() {
-        let limits = SessionGate::unlimited().reply_limits();
-        let first = jsonrpc::result_line("1", "\"a\"");
-        let first_ptr = first.as_ptr();
-        let mut buf = Vec::new();
-        gather(VecDeque::from([first]), &mut buf, &limits);
-        // The line itself became the buffer (its room covers the newline).
-        assert_eq!(buf.as_ptr(), first_ptr);
-        assert_eq!(buf, b"{\"jsonrpc\":\"2.0\",\"result\":\"a\",\"id\":1}\n");
-        // A later take appends; several lines keep their order.
-        let more = VecDeque::from([
-            jsonrpc::result_line("2", "[]"),
-            jsonrpc::result_line("3", "null"),
-        ]);
-        gather(more, &mut buf, &limits);
-        let text = String::from_utf8(buf).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3);
-        assert!(lines[1].ends_with("\"id\":2}") && lines[2].ends_with("\"id\":3}"));
-        assert!(text.ends_with('\n'));
     }
 }

@@ -196,8 +196,8 @@ impl SessionGate {
         })
     }
 
-    /// What the session's writer needs: the reply size limit and where to
-    /// count the bytes it sends.
+    /// What the session's replies need: the size limit (its queue checks
+    /// it) and where to count the bytes written (its writer does).
     pub fn reply_limits(&self) -> ReplyLimits {
         ReplyLimits {
             max_bytes: self

@@ -1,5 +1,5 @@
-//! The writer's side of a session's limits: reply sizes, and the bytes sent
-//! that the next request pays for.
+//! The reply side of a session's limits: reply sizes (checked as a reply
+//! is queued), and the bytes sent that the next request pays for.
 
 use super::{CoinLimits, Limit};
 use crate::jsonrpc::{self, ErrorCode, Line, RpcError};
@@ -8,7 +8,7 @@ use serde_json::value::RawValue;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// The writer's side of a session's limits.
+/// The reply side of a session's limits.
 #[derive(Debug)]
 pub struct ReplyLimits {
     pub(super) max_bytes: usize,
@@ -17,12 +17,22 @@ pub struct ReplyLimits {
 }
 
 impl ReplyLimits {
-    /// The line to write instead of `line`: itself, an error (or a batch of
-    /// errors) with the same ids when it is too large, or nothing for a
-    /// notification too large to relay.
-    pub fn check(&self, line: Line) -> Option<Line> {
+    /// Replies over `max_bytes`, counted nowhere (unit tests).
+    #[cfg(test)]
+    pub fn capped(max_bytes: usize) -> ReplyLimits {
+        ReplyLimits {
+            max_bytes,
+            bytes: Arc::new(AtomicU64::new(0)),
+            coin: None,
+        }
+    }
+
+    /// What to write instead of `line` when it is too large: `None` when
+    /// it fits; else an error (or a batch of errors) with the same ids, or
+    /// nothing (`Some(None)`) for a notification too large to relay.
+    pub fn oversized(&self, line: &[u8]) -> Option<Option<Line>> {
         if line.len() <= self.max_bytes {
-            return Some(line);
+            return None;
         }
         if let Some(c) = &self.coin {
             c.refused(Limit::Response);
@@ -32,7 +42,7 @@ impl ReplyLimits {
             max = self.max_bytes,
             "reply too large: replaced by an error"
         );
-        oversized_reply(&line, self.max_bytes)
+        Some(oversized_reply(line, self.max_bytes))
     }
 
     /// Count bytes written to the client (charged at its next request).

@@ -1,24 +1,29 @@
-//! A session's bounded outbound queue: the lines [`Outbound`](super::Outbound)
-//! clones push and the session's writer takes, all at once.
+//! A session's bounded outbound queue: the replies [`Outbound`](super::Outbound)
+//! clones queue and the session's writer takes, all at once.
 //!
-//! Owns: the lines waiting for the writer, the bound, and the writer's
-//! wake-up. It replaces a `tokio::sync::mpsc` channel for one reason: an
-//! idle session must cost as little as possible, and a tokio channel keeps
-//! its first block of 32 slots (about 800 bytes) plus its own shared state
-//! for the session's whole life. Here an empty queue holds no allocation:
-//! the writer takes the whole `VecDeque` each time (one lock per batch,
-//! not one per line), leaving an empty one that allocates only when the
-//! next line arrives.
+//! Owns: the bytes waiting for the writer (each reply a line, newline
+//! included, ready to write), how many lines they are, the bound (in
+//! lines), the reply size limit, and the writer's wake-up. Replies are
+//! written straight into one byte buffer: an answer costs no allocation of
+//! its own (it is formatted in place by [`Queue::push_with`]), no list of
+//! lines, and no copy into a write buffer; the writer takes the buffer as
+//! it is and writes it. It replaces a `tokio::sync::mpsc` channel also
+//! because an idle session must cost as little as possible: an empty
+//! queue holds no allocation (the writer took the buffer, and frees it
+//! once written).
 //!
 //! The writer learns that nothing more can come when every producer is
 //! gone ([`Queue::sender_dropped`] took the count to zero) or when it
 //! closed the queue itself (a drained session): then an empty take returns
 //! `None`, as `mpsc::Receiver::recv` did.
 
-use crate::jsonrpc::Line;
-use std::collections::VecDeque;
+use crate::limits::ReplyLimits;
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
+
+/// What an empty queue allocates when a line comes: a few answers' worth.
+/// Held only until the writer has written it.
+const FIRST_ROOM: usize = 4096;
 
 /// What happened to a pushed line.
 #[derive(Debug, PartialEq, Eq)]
@@ -30,15 +35,27 @@ pub enum Pushed {
     Closed,
 }
 
+/// What the writer takes: lines, each with its newline.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Taken {
+    pub bytes: Vec<u8>,
+    pub lines: usize,
+}
+
 #[derive(Debug)]
 pub struct Queue {
     capacity: usize,
+    /// Replies larger than the limit are replaced as they are queued
+    /// (none in unit tests).
+    limits: Option<ReplyLimits>,
     state: Mutex<State>,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    lines: VecDeque<Line>,
+    bytes: Vec<u8>,
+    /// Lines in `bytes`.
+    lines: usize,
     /// The writer, when it waits for a line.
     waker: Option<Waker>,
     /// Producers (`Outbound` clones) alive.
@@ -48,10 +65,12 @@ struct State {
 }
 
 impl Queue {
-    /// An empty queue of at most `capacity` lines, with one producer.
-    pub fn new(capacity: usize) -> Queue {
+    /// An empty queue of at most `capacity` lines, with one producer;
+    /// replies over the size in `limits` are replaced by errors.
+    pub fn new(capacity: usize, limits: Option<ReplyLimits>) -> Queue {
         Queue {
             capacity: capacity.max(1),
+            limits,
             state: Mutex::new(State {
                 senders: 1,
                 ..State::default()
@@ -63,17 +82,42 @@ impl Queue {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queue a line and wake the writer if it waits.
-    pub fn push(&self, line: Line) -> Pushed {
+    /// Queue a line (without its newline) and wake the writer if it waits.
+    pub fn push(&self, line: &[u8]) -> Pushed {
+        self.push_with(|buf| buf.extend_from_slice(line))
+    }
+
+    /// Queue the line `write` appends to the buffer (without its newline),
+    /// formatted in place, and wake the writer if it waits. `write` runs
+    /// under the queue's lock: it must only format.
+    pub fn push_with(&self, write: impl FnOnce(&mut Vec<u8>)) -> Pushed {
         let waker = {
             let mut st = self.state();
             if st.closed {
                 return Pushed::Closed;
             }
-            if st.lines.len() >= self.capacity {
+            if st.lines >= self.capacity {
                 return Pushed::Full;
             }
-            st.lines.push_back(line);
+            let start = st.bytes.len();
+            if st.bytes.capacity() == 0 {
+                // Room for a burst of answers, so that the lines after
+                // the first do not grow it (each growth a copy).
+                st.bytes.reserve(FIRST_ROOM);
+            }
+            write(&mut st.bytes);
+            if let Some(limits) = &self.limits {
+                if let Some(instead) = limits.oversized(&st.bytes[start..]) {
+                    st.bytes.truncate(start);
+                    match instead {
+                        Some(line) => st.bytes.extend_from_slice(&line),
+                        // A notification too large to relay: nothing.
+                        None => return Pushed::Queued,
+                    }
+                }
+            }
+            st.bytes.push(b'\n');
+            st.lines += 1;
             st.waker.take()
         };
         if let Some(w) = waker {
@@ -84,7 +128,7 @@ impl Queue {
 
     /// Free slots (what `mpsc::Sender::capacity` told).
     pub fn free(&self) -> usize {
-        self.capacity.saturating_sub(self.state().lines.len())
+        self.capacity.saturating_sub(self.state().lines)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -125,10 +169,10 @@ impl Queue {
 
     /// Every queued line, or `None` once the queue is empty and nothing
     /// more can come (no producer left, or closed).
-    pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Option<VecDeque<Line>>> {
+    pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Option<Taken>> {
         let mut st = self.state();
-        if !st.lines.is_empty() {
-            return Poll::Ready(Some(std::mem::take(&mut st.lines)));
+        if st.lines > 0 {
+            return Poll::Ready(Some(take(&mut st)));
         }
         if st.senders == 0 || st.closed {
             return Poll::Ready(None);
@@ -140,8 +184,8 @@ impl Queue {
     }
 
     /// Every queued line, without waiting (empty when there is none).
-    pub fn take(&self) -> VecDeque<Line> {
-        std::mem::take(&mut self.state().lines)
+    pub fn take(&self) -> Taken {
+        take(&mut self.state())
     }
 
     /// The writer ended: later pushes are dropped.
@@ -149,7 +193,15 @@ impl Queue {
         let mut st = self.state();
         st.closed = true;
         st.waker = None;
-        st.lines = VecDeque::new();
+        st.bytes = Vec::new();
+        st.lines = 0;
+    }
+}
+
+fn take(st: &mut State) -> Taken {
+    Taken {
+        bytes: std::mem::take(&mut st.bytes),
+        lines: std::mem::take(&mut st.lines),
     }
 }
 
@@ -158,50 +210,82 @@ mod tests {
     use super::*;
     use std::future::poll_fn;
 
+    fn taken(text: &str, lines: usize) -> Taken {
+        Taken {
+            bytes: text.as_bytes().to_vec(),
+            lines,
+        }
+    }
+
     #[tokio::test]
     async fn lines_come_out_in_order_and_the_bound_holds() {
-        let q = Queue::new(2);
-        assert_eq!(q.push(b"a".to_vec()), Pushed::Queued);
-        assert_eq!(q.push(b"b".to_vec()), Pushed::Queued);
-        assert_eq!(q.push(b"c".to_vec()), Pushed::Full);
+        let q = Queue::new(2, None);
+        assert_eq!(q.push(b"a"), Pushed::Queued);
+        assert_eq!(q.push_with(|b| b.extend_from_slice(b"bc")), Pushed::Queued);
+        assert_eq!(q.push(b"c"), Pushed::Full);
         assert_eq!(q.free(), 0);
         let lines = poll_fn(|cx| q.poll_take(cx)).await.unwrap();
-        assert_eq!(lines, [b"a".to_vec(), b"b".to_vec()]);
+        assert_eq!(lines, taken("a\nbc\n", 2));
         assert_eq!(q.free(), 2);
-        assert!(q.take().is_empty());
+        assert_eq!(q.take(), Taken::default());
     }
 
     #[tokio::test]
     async fn the_writer_is_woken_by_a_line_and_ends_with_the_last_sender() {
-        let q = std::sync::Arc::new(Queue::new(4));
+        let q = std::sync::Arc::new(Queue::new(4, None));
         q.sender_added();
         let taker = {
             let q = q.clone();
             tokio::spawn(async move {
                 let mut got = Vec::new();
-                while let Some(lines) = poll_fn(|cx| q.poll_take(cx)).await {
-                    got.extend(lines);
+                while let Some(t) = poll_fn(|cx| q.poll_take(cx)).await {
+                    got.extend(t.bytes);
                 }
                 got
             })
         };
         tokio::task::yield_now().await;
-        q.push(b"x".to_vec());
+        q.push(b"x");
         q.sender_dropped();
-        q.push(b"y".to_vec());
+        q.push(b"y");
         q.sender_dropped();
-        assert_eq!(taker.await.unwrap(), [b"x".to_vec(), b"y".to_vec()]);
+        assert_eq!(taker.await.unwrap(), b"x\ny\n");
     }
 
     #[test]
     fn a_closed_queue_refuses_lines_but_gives_back_the_queued_ones() {
-        let q = Queue::new(4);
-        q.push(b"x".to_vec());
+        let q = Queue::new(4, None);
+        q.push(b"x");
         q.close();
-        assert_eq!(q.push(b"y".to_vec()), Pushed::Closed);
+        assert_eq!(q.push(b"y"), Pushed::Closed);
         assert!(q.is_closed());
-        assert_eq!(q.take(), [b"x".to_vec()]);
+        assert_eq!(q.take(), taken("x\n", 1));
         let mut cx = Context::from_waker(Waker::noop());
         assert_eq!(q.poll_take(&mut cx), Poll::Ready(None));
+    }
+
+    #[test]
+    fn a_reply_over_the_size_limit_is_replaced_where_it_was_queued() {
+        let limits = ReplyLimits::capped(60);
+        let q = Queue::new(8, Some(limits));
+        q.push(b"{\"id\":1,\"result\":\"small\"}");
+        let big = crate::jsonrpc::result_line("7", &format!("\"{}\"", "x".repeat(100)));
+        q.push_with(|b| b.extend_from_slice(&big));
+        // A notification that large is dropped: nobody waits for it.
+        let note = crate::jsonrpc::notification_line("m", &format!("[\"{}\"]", "y".repeat(100)));
+        q.push(&note);
+        q.push(b"{\"id\":2,\"result\":0}");
+        let t = q.take();
+        assert_eq!(t.lines, 3);
+        let text = String::from_utf8(t.bytes).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "{\"id\":1,\"result\":\"small\"}");
+        assert!(
+            lines[1].contains("\"error\"") && lines[1].ends_with("\"id\":7}"),
+            "{}",
+            lines[1]
+        );
+        assert_eq!(lines[2], "{\"id\":2,\"result\":0}");
+        assert!(text.ends_with('\n'));
     }
 }
