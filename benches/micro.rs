@@ -132,7 +132,7 @@ fn cache(c: &mut Criterion) {
             "blockchain.transaction.get",
             &tx_params,
             Responder::Internal(tx),
-            |r| r.deliver(Ok(&answer)),
+            |r| r.deliver(Ok((&*answer).into())),
         );
         assert!(matches!(rx.await, Ok(Ok(Answer::Result(_)))));
         while cache.is_empty() {
@@ -196,7 +196,7 @@ fn cache(c: &mut Criterion) {
                     "blockchain.scripthash.get_history",
                     &history_params,
                     responder,
-                    |r| r.deliver(Ok(&result)),
+                    |r| r.deliver(Ok((&*result).into())),
                 );
                 black_box(an_answer(lines.try_recv_all()));
             },
@@ -230,7 +230,7 @@ fn coalesce(c: &mut Criterion) {
             || history_responder(&id, &out),
             |responder| {
                 let flight = flights.join(black_box(&key), responder).expect("alone");
-                flight.land_borrowed(Ok(Ok(&result)));
+                flight.land_borrowed(Ok(Ok((&*result).into())));
                 black_box(an_answer(lines.try_recv_all()));
             },
             BatchSize::SmallInput,

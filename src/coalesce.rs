@@ -136,8 +136,8 @@ impl Flight {
     /// Give the answer to every waiter.
     pub fn land(self, reply: &InternalReply) {
         self.land_borrowed(match reply {
-            Ok(Answer::Result(raw)) => Ok(Ok(raw)),
-            Ok(Answer::Error(e)) => Ok(Err(e)),
+            Ok(Answer::Result(raw)) => Ok(Ok((&**raw).into())),
+            Ok(Answer::Error(e)) => Ok(Err((&**e).into())),
             Err(e) => Err(e.clone()),
         })
     }

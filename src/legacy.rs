@@ -285,7 +285,7 @@ where
             Ok(text) => responder.deliver_text(&text),
             Err(e) => responder.fail(e),
         },
-        Ok(Answer::Error(e)) => responder.deliver(Err(&e)),
+        Ok(Answer::Error(e)) => responder.deliver(Err((&*e).into())),
         Err(e) => responder.fail(e),
     }
 }

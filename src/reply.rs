@@ -9,7 +9,7 @@
 
 pub mod queue;
 
-use crate::jsonrpc::{self, Line, RpcError};
+use crate::jsonrpc::{self, Json, Line, RpcError};
 use crate::limits::ReplyLimits;
 use crate::metrics::{CoinMetrics, Outcome};
 pub use queue::Taken;
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 /// An upstream's answer, borrowed from the line it arrived on:
 /// `Ok(result)` or `Err(error object)`, both relayed verbatim.
-pub type UpstreamOutcome<'a> = Result<&'a RawValue, &'a RawValue>;
+pub type UpstreamOutcome<'a> = Result<Json<'a>, Json<'a>>;
 
 /// An owned upstream answer, for the proxy's own consumers (hub, translations).
 #[derive(Debug, Clone)]
@@ -297,11 +297,15 @@ impl Responder {
                 batch.fill(index, line);
             }
             Responder::Internal(tx) => {
+                let raw = |j: Json<'_>| RawValue::from_string(j.get().to_owned());
                 let answer = match outcome {
-                    Ok(r) => Answer::Result(r.to_owned()),
-                    Err(e) => Answer::Error(e.to_owned()),
+                    Ok(r) => raw(r).map(Answer::Result),
+                    Err(e) => raw(e).map(Answer::Error),
                 };
-                let _ = tx.send(Ok(answer));
+                let _ =
+                    tx.send(answer.map_err(|e| {
+                        RpcError::new(jsonrpc::ErrorCode::InternalError, e.to_string())
+                    }));
             }
             Responder::Hook(hook) => (hook.0)(Ok(outcome)),
         }
@@ -350,7 +354,7 @@ impl Responder {
                 let _ = tx.send(answer);
             }
             Responder::Hook(hook) => match RawValue::from_string(result.to_string()) {
-                Ok(raw) => (hook.0)(Ok(Ok(&raw))),
+                Ok(raw) => (hook.0)(Ok(Ok(Json::from(&*raw)))),
                 Err(e) => (hook.0)(Err(RpcError::new(
                     jsonrpc::ErrorCode::InternalError,
                     e.to_string(),
@@ -529,7 +533,7 @@ mod tests {
         let (out, mut rx) = channel(4, CancellationToken::new(), None, None);
         let r = Responder::client(&raw("\"abc\""), &out, "server.ping", Instant::now());
         assert_eq!(out.pending(), 1);
-        r.deliver(Ok(&raw("[1,2]")));
+        r.deliver(Ok((&*raw("[1,2]")).into()));
         let taken = rx.recv_all().await.unwrap();
         assert_eq!(taken.lines, 1);
         assert_eq!(
@@ -543,7 +547,7 @@ mod tests {
     async fn batch_waits_for_every_slot_and_keeps_order() {
         let (out, mut rx) = channel(4, CancellationToken::new(), None, None);
         let batch = Batch::new(vec![(raw("1"), "a"), (raw("2"), "b")], &out);
-        batch.slot(1).deliver(Ok(&raw("\"b\"")));
+        batch.slot(1).deliver(Ok((&*raw("\"b\"")).into()));
         assert_eq!(rx.try_recv_all().lines, 0);
         batch
             .slot(0)

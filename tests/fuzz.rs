@@ -9,7 +9,7 @@
 
 use electrum_lb::codec::{CodecError, Frame, LineReader};
 use electrum_lb::coin::{address_to_scripthash, AddressVersions};
-use electrum_lb::jsonrpc::{parse_client_line, parse_upstream_line};
+use electrum_lb::jsonrpc::{parse_client_line, parse_upstream_line, Json};
 use electrum_lb::limits::{oversized_reply, GroupKey};
 use electrum_lb::protocol::{negotiate, Level, Version};
 use electrum_lb::proxy_protocol::{self, v1_header, v2_header, Parsed};
@@ -195,6 +195,49 @@ proptest! {
         let _ = parse_upstream_line(&bytes);
         let _ = parse_upstream_line(text.as_bytes());
         let _ = parse_upstream_line(format!("[{text}]").as_bytes());
+    }
+
+    /// The fast check of upstream answers never passes what serde_json
+    /// refuses, and passes the compact JSON servers write.
+    #[test]
+    fn json_check_agrees_with_serde(bytes in wire_bytes(200), text in jsonish()) {
+        for t in [String::from_utf8_lossy(&bytes).into_owned(), text.clone()] {
+            if Json::checked(&t).is_some() {
+                prop_assert!(serde_json::from_str::<&serde_json::value::RawValue>(&t).is_ok(), "{t:?}");
+            }
+        }
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+            let compact = serde_json::to_string(&v).unwrap();
+            prop_assert!(Json::checked(&compact).is_some(), "{compact}");
+        }
+    }
+
+    /// An answer read by position (ElectrumX's and Fulcrum's member order)
+    /// reads as serde_json reads the same answer written otherwise.
+    #[test]
+    fn answers_read_by_position_read_as_serde_reads_them(
+        text in jsonish(),
+        bytes in wire_bytes(60),
+        id in any::<u64>(),
+    ) {
+        let junk = String::from_utf8_lossy(&bytes).into_owned();
+        for result in [text.as_str(), junk.as_str()] {
+            for (fast, slow) in [
+                (
+                    format!("{{\"jsonrpc\":\"2.0\",\"result\":{result},\"id\":{id}}}"),
+                    // The space sends it down serde_json's path.
+                    format!("{{ \"jsonrpc\":\"2.0\",\"result\":{result},\"id\":{id}}}"),
+                ),
+                (
+                    format!("{{\"id\":{id},\"jsonrpc\":\"2.0\",\"result\":{result}}}"),
+                    format!("{{ \"id\":{id},\"jsonrpc\":\"2.0\",\"result\":{result}}}"),
+                ),
+            ] {
+                let a = parse_upstream_line(fast.as_bytes()).map(|m| format!("{:?}", &*m));
+                let b = parse_upstream_line(slow.as_bytes()).map(|m| format!("{:?}", &*m));
+                prop_assert_eq!(a, b, "{}", fast);
+            }
+        }
     }
 
     #[test]

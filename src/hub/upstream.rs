@@ -122,7 +122,7 @@ impl Actor {
         let waiting = std::mem::take(&mut entry.waiting);
         for w in waiting {
             match relay {
-                Some(e) => w.responder.deliver(Err(e)),
+                Some(e) => w.responder.deliver(Err(e.into())),
                 None => w.responder.fail(err(&w.form)),
             }
             if let Some(subs) = self.sessions.get_mut(&w.session) {

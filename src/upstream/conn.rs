@@ -29,7 +29,7 @@ use super::limit::Limiter;
 use super::throttle::{self, Signal};
 use super::{Job, PoolEvent};
 use crate::codec::{Frame, LineReader};
-use crate::jsonrpc::{self, ErrorCode, RpcError, UpstreamMessage};
+use crate::jsonrpc::{self, ErrorCode, Json, RpcError, UpstreamMessage};
 use crate::reply::Responder;
 use serde_json::value::RawValue;
 use std::cmp::Reverse;
@@ -449,7 +449,7 @@ impl Actor<'_> {
     /// (selection now prefers upstreams that are not throttled) while the
     /// client's deadline allows; a broadcast, or one resent too often,
     /// gets the upstream's error.
-    fn on_busy(&mut self, signal: Signal, mut job: Job, error: &RawValue) {
+    fn on_busy(&mut self, signal: Signal, mut job: Job, error: Json<'_>) {
         self.limiter.on_busy();
         self.publish_limit();
         self.ctx

@@ -1,0 +1,309 @@
+//! A fast check that a text is exactly one JSON value.
+//!
+//! Every upstream answer is checked before it is relayed (a client never
+//! gets invalid JSON from the proxy). serde_json's check (deserializing a
+//! `RawValue`) was the largest single cost of relaying an answer. This one
+//! scans strings eight bytes at a time and builds nothing.
+//!
+//! It is sound, not complete: `true` means the text is one valid JSON value
+//! (RFC 8259; the text is already known to be UTF-8), with no whitespace
+//! around it. `false` means it is not, or that it is unusual enough (nested
+//! deeper than [`MAX_DEPTH`], an escaped surrogate) that the caller should
+//! let serde_json decide. `tests/fuzz.rs` checks it against serde_json.
+
+/// Containers nested deeper than this are left to serde_json.
+pub const MAX_DEPTH: usize = 64;
+
+/// Whether `text` is exactly one JSON value, without surrounding whitespace.
+pub fn is_one_value(text: &str) -> bool {
+    let b = text.as_bytes();
+    let mut at = 0;
+    value(b, &mut at, 0) && at == b.len()
+}
+
+fn skip_ws(b: &[u8], at: &mut usize) {
+    while let Some(c) = b.get(*at) {
+        if !matches!(c, b' ' | b'\t' | b'\n' | b'\r') {
+            break;
+        }
+        *at += 1;
+    }
+}
+
+/// One value starting at `*at` (no leading whitespace); `*at` ends after it.
+fn value(b: &[u8], at: &mut usize, depth: usize) -> bool {
+    match b.get(*at) {
+        Some(b'"') => string(b, at),
+        Some(b'{') => object(b, at, depth + 1),
+        Some(b'[') => array(b, at, depth + 1),
+        Some(b't') => literal(b, at, b"true"),
+        Some(b'f') => literal(b, at, b"false"),
+        Some(b'n') => literal(b, at, b"null"),
+        Some(b'-' | b'0'..=b'9') => number(b, at),
+        _ => false,
+    }
+}
+
+fn literal(b: &[u8], at: &mut usize, word: &[u8]) -> bool {
+    if b[*at..].starts_with(word) {
+        *at += word.len();
+        true
+    } else {
+        false
+    }
+}
+
+fn object(b: &[u8], at: &mut usize, depth: usize) -> bool {
+    if depth > MAX_DEPTH {
+        return false;
+    }
+    *at += 1;
+    skip_ws(b, at);
+    if b.get(*at) == Some(&b'}') {
+        *at += 1;
+        return true;
+    }
+    loop {
+        if b.get(*at) != Some(&b'"') || !string(b, at) {
+            return false;
+        }
+        skip_ws(b, at);
+        if b.get(*at) != Some(&b':') {
+            return false;
+        }
+        *at += 1;
+        skip_ws(b, at);
+        if !value(b, at, depth) {
+            return false;
+        }
+        skip_ws(b, at);
+        match b.get(*at) {
+            Some(b',') => {
+                *at += 1;
+                skip_ws(b, at);
+            }
+            Some(b'}') => {
+                *at += 1;
+                return true;
+            }
+            _ => return false,
+        }
+    }
+}
+
+fn array(b: &[u8], at: &mut usize, depth: usize) -> bool {
+    if depth > MAX_DEPTH {
+        return false;
+    }
+    *at += 1;
+    skip_ws(b, at);
+    if b.get(*at) == Some(&b']') {
+        *at += 1;
+        return true;
+    }
+    loop {
+        if !value(b, at, depth) {
+            return false;
+        }
+        skip_ws(b, at);
+        match b.get(*at) {
+            Some(b',') => {
+                *at += 1;
+                skip_ws(b, at);
+            }
+            Some(b']') => {
+                *at += 1;
+                return true;
+            }
+            _ => return false,
+        }
+    }
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// The bytes of `w` that need a look, `"`, `\\` or a control character,
+/// each marked by its high bit: a zero-byte test of `w ^ '"'` and of
+/// `w ^ '\\'`, and a below-0x20 test of `w`. Higher marks may be false
+/// (a borrow carries upward), the lowest one never is: no borrow comes
+/// from the bytes below it, which are all plain.
+fn look_marks(w: u64) -> u64 {
+    let quote = w ^ (ONES * u64::from(b'"'));
+    let backslash = w ^ (ONES * u64::from(b'\\'));
+    let zero_in_quote = quote.wrapping_sub(ONES) & !quote;
+    let zero_in_backslash = backslash.wrapping_sub(ONES) & !backslash;
+    // A byte >= 0x80 (part of a UTF-8 character) is never marked: `!w`.
+    let below_space = w.wrapping_sub(ONES * 0x20) & !w;
+    (zero_in_quote | zero_in_backslash | below_space) & HIGHS
+}
+
+/// A string starting at `*at` (its opening quote).
+fn string(b: &[u8], at: &mut usize) -> bool {
+    let mut i = *at + 1;
+    loop {
+        // Eight bytes at a time, to the first one that needs a look.
+        while let Some(chunk) = b.get(i..i + 8) {
+            let w = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+            let marks = look_marks(w);
+            if marks != 0 {
+                i += marks.trailing_zeros() as usize / 8;
+                break;
+            }
+            i += 8;
+        }
+        match b.get(i) {
+            None => return false,
+            Some(b'"') => {
+                *at = i + 1;
+                return true;
+            }
+            Some(b'\\') => {
+                i += 1;
+                match b.get(i) {
+                    Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => i += 1,
+                    Some(b'u') => {
+                        let Some(hex) = b.get(i + 1..i + 5) else {
+                            return false;
+                        };
+                        if !hex.iter().all(u8::is_ascii_hexdigit) {
+                            return false;
+                        }
+                        // Surrogates (paired or not): serde_json decides.
+                        if matches!(hex[0], b'd' | b'D')
+                            && matches!(hex[1], b'8'..=b'9' | b'a'..=b'f' | b'A'..=b'F')
+                        {
+                            return false;
+                        }
+                        i += 5;
+                    }
+                    _ => return false,
+                }
+            }
+            Some(&c) if c < 0x20 => return false,
+            Some(_) => i += 1,
+        }
+    }
+}
+
+/// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`
+fn number(b: &[u8], at: &mut usize) -> bool {
+    let mut i = *at;
+    if b.get(i) == Some(&b'-') {
+        i += 1;
+    }
+    match b.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => i = digits(b, i),
+        _ => return false,
+    }
+    if b.get(i) == Some(&b'.') {
+        let end = digits(b, i + 1);
+        if end == i + 1 {
+            return false;
+        }
+        i = end;
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        let end = digits(b, i);
+        if end == i {
+            return false;
+        }
+        i = end;
+    }
+    *at = i;
+    true
+}
+
+/// Where the run of digits starting at `i` ends.
+fn digits(b: &[u8], mut i: usize) -> usize {
+    while b.get(i).is_some_and(u8::is_ascii_digit) {
+        i += 1;
+    }
+    i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_values_pass() {
+        for text in [
+            "0",
+            "-0",
+            "12.5e+3",
+            "1E9",
+            "-0.001",
+            "true",
+            "false",
+            "null",
+            "\"\"",
+            "\"a\\\"b\\\\c\\/\\b\\f\\n\\r\\t\\u00e9 é 日本\"",
+            "[]",
+            "{}",
+            "[ 1 , \"x\" , { \"k\" : [ null ] } ]",
+            "{\"tx_hash\":\"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\",\"height\":7}",
+            "\"\u{7f}\"",
+        ] {
+            assert!(is_one_value(text), "{text}");
+            assert!(serde_json::from_str::<serde_json::Value>(text).is_ok(), "{text}");
+        }
+    }
+
+    #[test]
+    fn invalid_or_unusual_values_fail() {
+        for text in [
+            "",
+            " 1",
+            "1 ",
+            "01",
+            "1.",
+            ".5",
+            "1e",
+            "-",
+            "+1",
+            "tru",
+            "nul",
+            "\"abc",
+            "\"a\nb\"",
+            "\"\\x\"",
+            "\"\\u12g4\"",
+            "\"\\ud83d\\ude00\"",
+            "[1,]",
+            "[1 2]",
+            "{\"a\" 1}",
+            "{\"a\":1,}",
+            "{1:2}",
+            "[1]]",
+            "1,2",
+            "NaN",
+        ] {
+            assert!(!is_one_value(text), "{text:?}");
+        }
+        let deep = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        assert!(!is_one_value(&deep));
+        let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        assert!(is_one_value(&ok));
+    }
+
+    #[test]
+    fn control_characters_are_found_in_any_position_of_a_word() {
+        // The first mark of a word is exact, whatever follows it.
+        assert!(is_one_value(
+            "\"abc\\u00e9\\\"x\\\\yz\\n\u{1ff}\u{80}é日本\\/12345678\""
+        ));
+        for pos in 0..20 {
+            let mut s = "a".repeat(20);
+            s.replace_range(pos..pos + 1, "\u{1}");
+            assert!(!is_one_value(&format!("\"{s}\"")), "{pos}");
+            let mut q = "b".repeat(20);
+            q.replace_range(pos..pos + 1, "\"");
+            assert!(!is_one_value(&format!("\"{q}\"")), "{pos}");
+        }
+    }
+}
