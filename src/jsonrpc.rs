@@ -471,7 +471,7 @@ pub fn notification_line(method: &str, params: &str) -> Line {
 pub fn request_prefix(method: &str, params: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(48 + method.len() + params.len());
     out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":");
-    if method.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    if valid::needs_no_escape(method) {
         // Method names need no escaping: no JSON string built for them.
         out.push(b'"');
         out.extend_from_slice(method.as_bytes());

@@ -138,6 +138,22 @@ fn look_marks(w: u64) -> u64 {
     (zero_in_quote | zero_in_backslash | below_space) & HIGHS
 }
 
+/// Whether `text` can stand between quotes as it is: no `"`, `\\` or
+/// control character (eight bytes at a time).
+pub fn needs_no_escape(text: &str) -> bool {
+    let b = text.as_bytes();
+    let mut words = b.chunks_exact(8);
+    for chunk in &mut words {
+        if look_marks(u64::from_le_bytes(chunk.try_into().expect("eight bytes"))) != 0 {
+            return false;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .all(|&c| c >= 0x20 && c != b'"' && c != b'\\')
+}
+
 /// A string starting at `*at` (its opening quote).
 fn string(b: &[u8], at: &mut usize) -> bool {
     let mut i = *at + 1;
@@ -289,6 +305,21 @@ mod tests {
         assert!(!is_one_value(&deep));
         let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
         assert!(is_one_value(&ok));
+    }
+
+    #[test]
+    fn text_that_needs_no_escape() {
+        assert!(needs_no_escape("blockchain.scripthash.get_history"));
+        assert!(needs_no_escape("é日本 and more than eight bytes"));
+        assert!(needs_no_escape(""));
+        for bad in [
+            "a\"b",
+            "blockchain.scripthash\\x",
+            "blockchain.scripthash.get\u{1}",
+            "\n",
+        ] {
+            assert!(!needs_no_escape(bad), "{bad:?}");
+        }
     }
 
     #[test]

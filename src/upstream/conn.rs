@@ -33,7 +33,8 @@ use crate::jsonrpc::{self, ErrorCode, Json, RpcError, UpstreamMessage};
 use crate::reply::Responder;
 use serde_json::value::RawValue;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,6 +59,38 @@ pub use super::shared::{ConnShared, UpstreamInfo};
 pub struct Pending {
     pub job: Job,
     pub sent: Instant,
+}
+
+impl Pending {
+    /// Written jobs by their id: inserted and removed once per request, so
+    /// a hash map (a B-tree shifted its large values on every insert and
+    /// removal), keyed by the connection's own ids, which no client
+    /// chooses: no keyed hasher needed.
+    fn map() -> HashMap<u64, Pending, BuildHasherDefault<IdHasher>> {
+        HashMap::default()
+    }
+}
+
+/// Hashes the connection's own sequential ids: a multiply spreads them
+/// over the whole word (the table looks at its top bits too).
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed here; anything else still hashes.
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 /// What a connection needs from its supervisor.
@@ -108,7 +141,7 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
     let mut actor = Actor {
         ctx: &ctx,
         next_id: 3,
-        pending: BTreeMap::new(),
+        pending: Pending::map(),
         deadlines: BinaryHeap::new(),
         last_read: Instant::now(),
         last_write: Instant::now(),
@@ -157,10 +190,11 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
     let reason = actor.run(&mut reader, &mut wr, rx).await;
     ctx.shared.ready.store(false, Ordering::Release);
     let _ = ctx.events.send(PoolEvent::Down { conn });
-    let unanswered = std::mem::take(&mut actor.pending)
-        .into_values()
-        .map(|p| p.job)
-        .collect();
+    // Oldest first, as they were written.
+    let mut unanswered: Vec<(u64, Pending)> =
+        std::mem::take(&mut actor.pending).into_iter().collect();
+    unanswered.sort_unstable_by_key(|(id, _)| *id);
+    let unanswered = unanswered.into_iter().map(|(_, p)| p.job).collect();
     Ended {
         closed_by_upstream: reason == CLOSED,
         reason,
@@ -173,7 +207,7 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
 struct Actor<'a> {
     ctx: &'a ConnCtx<'a>,
     next_id: u64,
-    pending: BTreeMap<u64, Pending>,
+    pending: HashMap<u64, Pending, BuildHasherDefault<IdHasher>>,
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     last_read: Instant,
     last_write: Instant,
@@ -491,10 +525,8 @@ impl Actor<'_> {
                 ));
             }
         }
-        if let Some(oldest) = self.pending.values().next() {
-            if now.duration_since(oldest.sent) >= self.ctx.stall_after
-                && self.last_read < oldest.sent
-            {
+        if let Some(oldest) = self.pending.values().map(|p| p.sent).min() {
+            if now.duration_since(oldest) >= self.ctx.stall_after && self.last_read < oldest {
                 return Some(format!(
                     "stalled: nothing received for {:.1}s with requests outstanding",
                     self.last_read.elapsed().as_secs_f64()
