@@ -158,7 +158,7 @@ fn cache(c: &mut Criterion) {
     });
     g.bench_function("hit_into_session_queue", |b| {
         b.iter_batched(
-            || Responder::client(&id, &out, "blockchain.transaction.get", Instant::now()),
+            || Responder::client(id.get(), &out, "blockchain.transaction.get", Instant::now()),
             |responder| {
                 cache.serve("blockchain.transaction.get", &tx_params, responder, |_| {
                     panic!("a hit sends nothing")
@@ -214,7 +214,12 @@ fn an_answer(taken: reply::Taken) -> Vec<u8> {
 
 /// A client's responder for a history read, as a session makes one.
 fn history_responder(id: &RawValue, out: &reply::Outbound) -> Responder {
-    Responder::client(id, out, "blockchain.scripthash.get_history", Instant::now())
+    Responder::client(
+        id.get(),
+        out,
+        "blockchain.scripthash.get_history",
+        Instant::now(),
+    )
 }
 
 fn coalesce(c: &mut Criterion) {

@@ -81,16 +81,16 @@ impl std::fmt::Display for RpcError {
 pub struct Request<'a> {
     /// `None` when the member is absent: a client notification, never answered.
     /// A present `null` is an id like any other.
-    pub id: Option<&'a RawValue>,
+    pub id: Option<Json<'a>>,
     pub method: Cow<'a, str>,
     /// `None` when absent or `null`; callers treat that as `[]`.
-    pub params: Option<&'a RawValue>,
+    pub params: Option<Json<'a>>,
 }
 
 impl Request<'_> {
     /// The params as raw JSON text, `[]` when absent.
     pub fn params_str(&self) -> &str {
-        self.params.map(RawValue::get).unwrap_or("[]")
+        self.params.map_or("[]", |p| p.get())
     }
 }
 
@@ -106,7 +106,7 @@ pub enum ClientMessage<'a> {
 #[derive(Debug)]
 pub struct Invalid<'a> {
     /// The id, when one could be read, so the error can be matched.
-    pub id: Option<&'a RawValue>,
+    pub id: Option<Json<'a>>,
     pub error: RpcError,
 }
 
@@ -134,8 +134,46 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
     <&RawValue>::deserialize(d).map(Some)
 }
 
-fn first_byte(raw: &RawValue) -> u8 {
-    raw.get().bytes().next().unwrap_or(b' ')
+fn first_byte(text: &str) -> u8 {
+    text.bytes().next().unwrap_or(b' ')
+}
+
+/// The members of a request object that matter, as found.
+#[derive(Default)]
+struct Fields<'a> {
+    id: Option<Json<'a>>,
+    method: Option<Json<'a>>,
+    params: Option<Json<'a>>,
+}
+
+impl<'a> From<RawRequest<'a>> for Fields<'a> {
+    fn from(req: RawRequest<'a>) -> Fields<'a> {
+        Fields {
+            id: req.id.map(Json::from),
+            method: req.method.map(Json::from),
+            params: req.params.map(Json::from),
+        }
+    }
+}
+
+/// A request object read member by member with [`valid::each_member`]
+/// (any member order, any whitespace; other members are skipped, as
+/// serde_json skips them), without serde_json's pass over it. `None` for
+/// anything it does not read (a key with an escape, a member twice, text
+/// that is not exactly one object), which serde_json then reads.
+fn fast_fields(text: &str) -> Option<Fields<'_>> {
+    let mut fields = Fields::default();
+    let complete = valid::each_member(text, |key, value| {
+        let slot = match key {
+            "id" => &mut fields.id,
+            "method" => &mut fields.method,
+            "params" => &mut fields.params,
+            _ => return true,
+        };
+        // A member twice: serde_json refuses the object.
+        slot.replace(Json(value)).is_none()
+    });
+    complete.then_some(fields)
 }
 
 fn classify_request(raw: &RawValue) -> Result<Request<'_>, Invalid<'_>> {
@@ -143,39 +181,49 @@ fn classify_request(raw: &RawValue) -> Result<Request<'_>, Invalid<'_>> {
         id,
         error: RpcError::new(ErrorCode::InvalidRequest, msg),
     };
-    if first_byte(raw) != b'{' {
+    if first_byte(raw.get()) != b'{' {
         return Err(invalid(None, "request must be a JSON object"));
+    }
+    if let Some(fields) = fast_fields(raw.get()) {
+        return classify_fields(fields);
     }
     let req: RawRequest = match serde_json::from_str(raw.get()) {
         Ok(r) => r,
         Err(_) => return Err(invalid(None, "malformed request object")),
     };
-    classify_fields(req)
+    classify_fields(req.into())
 }
 
 /// Check the members of a request object.
-fn classify_fields(req: RawRequest<'_>) -> Result<Request<'_>, Invalid<'_>> {
+fn classify_fields(req: Fields<'_>) -> Result<Request<'_>, Invalid<'_>> {
     let invalid = |id, msg: &str| Invalid {
         id,
         error: RpcError::new(ErrorCode::InvalidRequest, msg),
     };
     let id = match req.id {
-        Some(id) if matches!(first_byte(id), b'{' | b'[' | b't' | b'f') => {
+        Some(id) if matches!(first_byte(id.get()), b'{' | b'[' | b't' | b'f') => {
             return Err(invalid(None, "id must be a string, a number or null"));
         }
         other => other,
     };
-    let method = match req.method {
-        Some(m) if first_byte(m) == b'"' => match serde_json::from_str::<Cow<str>>(m.get()) {
-            Ok(s) => s,
-            Err(_) => return Err(invalid(id, "method must be a string")),
+    // A `null` method is a missing one (as serde_json reads an `Option`).
+    let method = match req.method.filter(|m| m.get() != "null") {
+        Some(m) if first_byte(m.get()) == b'"' => match m.get() {
+            // A checked string without escapes is its own text.
+            text if memchr::memchr(b'\\', text.as_bytes()).is_none() => {
+                Cow::Borrowed(&text[1..text.len() - 1])
+            }
+            text => match serde_json::from_str::<Cow<str>>(text) {
+                Ok(s) => s,
+                Err(_) => return Err(invalid(id, "method must be a string")),
+            },
         },
         Some(_) => return Err(invalid(id, "method must be a string")),
         None => return Err(invalid(id, "missing method")),
     };
     let params = match req.params {
         Some(p) if p.get() == "null" => None,
-        Some(p) if matches!(first_byte(p), b'[' | b'{') => Some(p),
+        Some(p) if matches!(first_byte(p.get()), b'[' | b'{') => Some(p),
         Some(_) => {
             return Err(Invalid {
                 id,
@@ -195,13 +243,16 @@ pub fn parse_client_line(line: &[u8]) -> Result<ClientMessage<'_>, LineError> {
     let text = std::str::from_utf8(line).map_err(|_| LineError::Parse)?;
     // The common case, one well-formed request object, in one pass; the
     // rest (and every error) is classified below.
+    if let Some(fields) = fast_fields(text) {
+        return Ok(ClientMessage::Single(classify_fields(fields)));
+    }
     if text.trim_start().starts_with('{') {
         if let Ok(req) = serde_json::from_str::<RawRequest>(text) {
-            return Ok(ClientMessage::Single(classify_fields(req)));
+            return Ok(ClientMessage::Single(classify_fields(req.into())));
         }
     }
     let raw: &RawValue = serde_json::from_str(text).map_err(|_| LineError::Parse)?;
-    match first_byte(raw) {
+    match first_byte(raw.get()) {
         b'{' => Ok(ClientMessage::Single(classify_request(raw))),
         b'[' => {
             let members: Vec<&RawValue> =

@@ -268,10 +268,10 @@ impl std::fmt::Debug for Hook {
 impl Responder {
     /// A responder for a client request read at `started`; counts it as
     /// pending on the session.
-    pub fn client(id: &RawValue, out: &Outbound, method: &str, started: Instant) -> Responder {
+    pub fn client(id: &str, out: &Outbound, method: &str, started: Instant) -> Responder {
         out.begin_request();
         Responder::Client {
-            id: ClientId::new(id.get()),
+            id: ClientId::new(id),
             out: out.clone(),
             meta: Meta::at(method, started),
         }
@@ -293,7 +293,7 @@ impl Responder {
                 batch
                     .out
                     .record(&batch.meta(index), outcome_kind(&outcome), None);
-                let line = outcome_line(&id, outcome);
+                let line = outcome_line(id, outcome);
                 batch.fill(index, line);
             }
             Responder::Internal(tx) => {
@@ -377,7 +377,7 @@ impl Responder {
 /// A client request's id, as its JSON text. Kept inline when short (the
 /// usual number, or a short string), so that forwarding a request
 /// allocates nothing for it; a longer one is boxed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum ClientId {
     Inline { len: u8, text: [u8; ID_INLINE] },
     Heap(Box<str>),
@@ -416,7 +416,7 @@ fn outcome_kind(outcome: &UpstreamOutcome<'_>) -> Outcome {
     }
 }
 
-fn outcome_line(id: &RawValue, outcome: UpstreamOutcome<'_>) -> Line {
+fn outcome_line(id: &ClientId, outcome: UpstreamOutcome<'_>) -> Line {
     match outcome {
         Ok(result) => jsonrpc::result_line(id.get(), result.get()),
         Err(error) => jsonrpc::error_object_line(id.get(), error.get()),
@@ -427,7 +427,7 @@ fn outcome_line(id: &RawValue, outcome: UpstreamOutcome<'_>) -> Line {
 /// answer, written as one array line once the last slot is filled.
 #[derive(Debug)]
 pub struct Batch {
-    ids: Vec<Box<RawValue>>,
+    ids: Vec<ClientId>,
     /// Method of each answered member, for metrics.
     methods: Vec<u8>,
     started: Instant,
@@ -444,7 +444,7 @@ struct BatchState {
 impl Batch {
     /// A batch whose answered members have these ids and methods, in
     /// request order.
-    pub fn new(members: Vec<(Box<RawValue>, &str)>, out: &Outbound) -> Arc<Batch> {
+    pub fn new(members: Vec<(ClientId, &str)>, out: &Outbound) -> Arc<Batch> {
         out.begin_request();
         let n = members.len();
         let methods = members
@@ -464,8 +464,8 @@ impl Batch {
         })
     }
 
-    fn id(&self, index: usize) -> Box<RawValue> {
-        self.ids[index].clone()
+    fn id(&self, index: usize) -> &ClientId {
+        &self.ids[index]
     }
 
     fn meta(&self, index: usize) -> Meta {
@@ -531,7 +531,7 @@ mod tests {
     #[tokio::test]
     async fn client_reply_restores_id() {
         let (out, mut rx) = channel(4, CancellationToken::new(), None, None);
-        let r = Responder::client(&raw("\"abc\""), &out, "server.ping", Instant::now());
+        let r = Responder::client("\"abc\"", &out, "server.ping", Instant::now());
         assert_eq!(out.pending(), 1);
         r.deliver(Ok((&*raw("[1,2]")).into()));
         let taken = rx.recv_all().await.unwrap();
@@ -546,7 +546,10 @@ mod tests {
     #[tokio::test]
     async fn batch_waits_for_every_slot_and_keeps_order() {
         let (out, mut rx) = channel(4, CancellationToken::new(), None, None);
-        let batch = Batch::new(vec![(raw("1"), "a"), (raw("2"), "b")], &out);
+        let batch = Batch::new(
+            vec![(ClientId::new("1"), "a"), (ClientId::new("2"), "b")],
+            &out,
+        );
         batch.slot(1).deliver(Ok((&*raw("\"b\"")).into()));
         assert_eq!(rx.try_recv_all().lines, 0);
         batch

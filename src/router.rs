@@ -18,7 +18,7 @@ use crate::jsonrpc::{self, ClientMessage, ErrorCode, LineError, Request, RpcErro
 use crate::legacy;
 use crate::limits::{Limit, SessionGate};
 use crate::protocol::{Level, Version};
-use crate::reply::{Batch, Hook, HookReply, Outbound, Responder};
+use crate::reply::{Batch, ClientId, Hook, HookReply, Outbound, Responder};
 use crate::upstream::{Job, Need, Pool};
 use serde_json::Value;
 use std::collections::HashSet;
@@ -124,7 +124,7 @@ impl Router {
             Ok(ClientMessage::Single(Ok(req))) => {
                 let responder = req
                     .id
-                    .map(|id| Responder::client(id, &st.out, &req.method, st.line_at));
+                    .map(|id| Responder::client(id.get(), &st.out, &req.method, st.line_at));
                 self.handle_request(st, &req, responder);
             }
             Ok(ClientMessage::Single(Err(invalid))) => {
@@ -165,12 +165,14 @@ impl Router {
             return;
         }
         // Members without an id are notifications: run, never answered.
-        let null_id = || serde_json::value::RawValue::from_string("null".into()).expect("valid");
         let ids: Vec<_> = members
             .iter()
             .filter_map(|m| match m {
-                Ok(r) => r.id.map(|i| (i.to_owned(), r.method.as_ref())),
-                Err(inv) => Some((inv.id.map(|i| i.to_owned()).unwrap_or_else(null_id), "")),
+                Ok(r) => r.id.map(|i| (ClientId::new(i.get()), r.method.as_ref())),
+                Err(inv) => Some((
+                    ClientId::new(inv.id.map_or(jsonrpc::NULL_ID, |i| i.get())),
+                    "",
+                )),
             })
             .collect();
         let batch = if ids.is_empty() {

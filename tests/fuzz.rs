@@ -212,6 +212,24 @@ proptest! {
         }
     }
 
+    /// A request object read member by member reads as serde_json reads
+    /// it (a leading space sends the same line down serde_json's path).
+    #[test]
+    fn requests_read_by_member_read_as_serde_reads_them(text in jsonish(), bytes in wire_bytes(80)) {
+        let junk = String::from_utf8_lossy(&bytes).into_owned();
+        for line in [
+            text.clone(),
+            format!("{{\"id\":7,\"method\":\"server.ping\",\"params\":{text}}}"),
+            format!("{{\"method\":{text}, \"id\" : \"x\"}}"),
+            format!("{{\"id\":1,\"method\":\"m\",\"params\":[{junk}]}}"),
+            format!("{{{junk}}}"),
+        ] {
+            let fast = parse_client_line(line.as_bytes()).map(|m| format!("{m:?}"));
+            let slow = parse_client_line(format!(" {line}").as_bytes()).map(|m| format!("{m:?}"));
+            prop_assert_eq!(fast, slow, "{}", line);
+        }
+    }
+
     /// An answer read by position (ElectrumX's and Fulcrum's member order)
     /// reads as serde_json reads the same answer written otherwise.
     #[test]

@@ -138,6 +138,71 @@ fn look_marks(w: u64) -> u64 {
     (zero_in_quote | zero_in_backslash | below_space) & HIGHS
 }
 
+/// Call `member(key, value)` for each member of the object `text` is
+/// (starting with `{` at once; whitespace allowed between tokens and at
+/// the end), in order, with keys as written between their quotes and
+/// values checked as [`is_one_value`] checks. `false` when `text` is not
+/// such an object, when a key has an escape (its text is not its name),
+/// or when `member` says `false`: the caller then asks serde_json.
+pub fn each_member<'a>(text: &'a str, mut member: impl FnMut(&'a str, &'a str) -> bool) -> bool {
+    let b = text.as_bytes();
+    if b.first() != Some(&b'{') {
+        return false;
+    }
+    let mut at = 1;
+    skip_ws(b, &mut at);
+    if b.get(at) == Some(&b'}') {
+        at += 1;
+    } else {
+        loop {
+            if b.get(at) != Some(&b'"') {
+                return false;
+            }
+            let key_start = at + 1;
+            if !string(b, &mut at) {
+                return false;
+            }
+            // Every bound is next to an ASCII byte: a character boundary.
+            let Some(key) = text.get(key_start..at - 1) else {
+                return false;
+            };
+            if memchr::memchr(b'\\', key.as_bytes()).is_some() {
+                return false;
+            }
+            skip_ws(b, &mut at);
+            if b.get(at) != Some(&b':') {
+                return false;
+            }
+            at += 1;
+            skip_ws(b, &mut at);
+            let value_start = at;
+            if !value(b, &mut at, 1) {
+                return false;
+            }
+            let Some(value) = text.get(value_start..at) else {
+                return false;
+            };
+            if !member(key, value) {
+                return false;
+            }
+            skip_ws(b, &mut at);
+            match b.get(at) {
+                Some(b',') => {
+                    at += 1;
+                    skip_ws(b, &mut at);
+                }
+                Some(b'}') => {
+                    at += 1;
+                    break;
+                }
+                _ => return false,
+            }
+        }
+    }
+    skip_ws(b, &mut at);
+    at == b.len()
+}
+
 /// Whether `text` can stand between quotes as it is: no `"`, `\\` or
 /// control character (eight bytes at a time).
 pub fn needs_no_escape(text: &str) -> bool {
@@ -305,6 +370,40 @@ mod tests {
         assert!(!is_one_value(&deep));
         let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
         assert!(is_one_value(&ok));
+    }
+
+    #[test]
+    fn members_in_order_with_their_text() {
+        let mut seen = Vec::new();
+        assert!(each_member(
+            "{\"id\": 1, \"method\":\"m\" ,\"params\":[\"a\",{\"b\":null}]} ",
+            |k, v| {
+                seen.push((k, v));
+                true
+            }
+        ));
+        assert_eq!(
+            seen,
+            [
+                ("id", "1"),
+                ("method", "\"m\""),
+                ("params", "[\"a\",{\"b\":null}]")
+            ]
+        );
+        assert!(each_member("{}", |_, _| false));
+        for bad in [
+            " {}",
+            "{\"a\":1,}",
+            "{\"a\" 1}",
+            "{\"a\":1} x",
+            "{\"\\u0069d\":1}",
+            "{\"a\":01}",
+            "[1]",
+            "{\"a\":1",
+        ] {
+            assert!(!each_member(bad, |_, _| true), "{bad}");
+        }
+        assert!(!each_member("{\"a\":1,\"b\":2}", |k, _| k != "b"));
     }
 
     #[test]
