@@ -210,7 +210,7 @@ fn classify_fields(req: Fields<'_>) -> Result<Request<'_>, Invalid<'_>> {
     let method = match req.method.filter(|m| m.get() != "null") {
         Some(m) if first_byte(m.get()) == b'"' => match m.get() {
             // A checked string without escapes is its own text.
-            text if memchr::memchr(b'\\', text.as_bytes()).is_none() => {
+            text if valid::needs_no_escape(&text[1..text.len() - 1]) => {
                 Cow::Borrowed(&text[1..text.len() - 1])
             }
             text => match serde_json::from_str::<Cow<str>>(text) {

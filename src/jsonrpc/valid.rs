@@ -166,7 +166,7 @@ pub fn each_member<'a>(text: &'a str, mut member: impl FnMut(&'a str, &'a str) -
             let Some(key) = text.get(key_start..at - 1) else {
                 return false;
             };
-            if memchr::memchr(b'\\', key.as_bytes()).is_some() {
+            if !needs_no_escape(key) {
                 return false;
             }
             skip_ws(b, &mut at);
