@@ -261,5 +261,29 @@ fn queue(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, framing, id_rewriting, cache, coalesce, queue);
+/// The check every upstream result passes before a client sees it: the
+/// proxy's own (`jsonrpc/valid.rs`) against serde_json's, on a history.
+fn json_check(c: &mut Criterion) {
+    let answer = history_answer(7);
+    let result = &answer[answer.find('[').expect("a result")..answer.rfind(']').expect("]") + 1];
+    let mut g = c.benchmark_group("json_check");
+    g.throughput(Throughput::Bytes(result.len() as u64));
+    g.bench_function("history_result", |b| {
+        b.iter(|| black_box(jsonrpc::Json::checked(black_box(result))).expect("valid"))
+    });
+    g.bench_function("history_result_serde_json", |b| {
+        b.iter(|| black_box(serde_json::from_str::<&RawValue>(black_box(result))).expect("valid"))
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    framing,
+    id_rewriting,
+    cache,
+    coalesce,
+    queue,
+    json_check
+);
 criterion_main!(benches);
