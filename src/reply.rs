@@ -146,8 +146,8 @@ impl Outbound {
 
     /// Queue a line for the client. A client whose queue is full is not
     /// reading: it is disconnected rather than buffered without limit.
-    pub fn send(&self, line: Line) {
-        self.sent(self.inner.queue.push(&line));
+    pub fn send(&self, line: &[u8]) {
+        self.sent(self.inner.queue.push(line));
     }
 
     /// Queue the line `write` appends (formatted straight into the queue:
@@ -316,7 +316,7 @@ impl Responder {
         match self {
             Responder::Client { id, out, meta } => {
                 out.record(&meta, Outcome::ProxyError, Some(&err));
-                out.send(jsonrpc::error_line(id.get(), &err));
+                out.send(&jsonrpc::error_line(id.get(), &err));
                 out.end_request();
             }
             Responder::Slot { index, batch } => {
@@ -499,7 +499,7 @@ impl Batch {
         };
         if let Some(slots) = done {
             self.out
-                .send(jsonrpc::batch_line(slots.into_iter().flatten()));
+                .send(&jsonrpc::batch_line(slots.into_iter().flatten()));
             self.out.end_request();
         }
     }
@@ -566,9 +566,9 @@ mod tests {
     #[tokio::test]
     async fn full_queue_disconnects() {
         let (out, _rx) = channel(1, CancellationToken::new(), None, None);
-        out.send(b"1".to_vec());
+        out.send(b"1");
         assert!(!out.kill_token().is_cancelled());
-        out.send(b"2".to_vec());
+        out.send(b"2");
         assert!(out.kill_token().is_cancelled());
     }
 }

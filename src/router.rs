@@ -151,7 +151,7 @@ impl Router {
     ) {
         if members.len() > self.max_batch {
             st.gate.refused(Limit::Batch);
-            st.out.send(jsonrpc::error_line(
+            st.out.send(&jsonrpc::error_line(
                 jsonrpc::NULL_ID,
                 &RpcError::new(
                     ErrorCode::InvalidRequest,
@@ -541,7 +541,7 @@ fn send_error(st: &SessionState, id: &str, err: &RpcError) {
     if let Some(m) = st.out.metrics() {
         m.error(err.code);
     }
-    st.out.send(jsonrpc::error_line(id, err));
+    st.out.send(&jsonrpc::error_line(id, err));
 }
 
 /// The header shape a session gets from `blockchain.headers.subscribe`.

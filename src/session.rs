@@ -244,7 +244,7 @@ where
                 Ok(Err(CodecError::TooLong { max })) => {
                     metrics.limit_hit();
                     st.gate.hit(Limit::Line);
-                    st.out.send(jsonrpc::error_line(
+                    st.out.send(&jsonrpc::error_line(
                         jsonrpc::NULL_ID,
                         &RpcError::new(
                             ErrorCode::InvalidRequest,

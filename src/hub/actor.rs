@@ -220,7 +220,7 @@ impl Actor {
                     .entry(form)
                     .or_insert_with(|| topic.notification(form, &value));
                 if let Some(line) = line {
-                    sub.out.send(line.clone());
+                    sub.out.send(line);
                     sent += 1;
                 }
             }

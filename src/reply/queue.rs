@@ -21,8 +21,9 @@ use crate::limits::ReplyLimits;
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 
-/// What an empty queue allocates when a line comes: a few answers' worth.
-/// Held only until the writer has written it.
+/// What an empty queue allocates when an answer comes: a few answers'
+/// worth, so that the lines of a burst after the first do not grow it
+/// (each growth a copy). Held only until the writer has written it.
 const FIRST_ROOM: usize = 4096;
 
 /// What happened to a pushed line.
@@ -83,14 +84,21 @@ impl Queue {
     }
 
     /// Queue a line (without its newline) and wake the writer if it waits.
+    /// Into an empty queue it takes only its own room: a notification
+    /// fanned out to many idle sessions costs each its size, no more.
     pub fn push(&self, line: &[u8]) -> Pushed {
-        self.push_with(|buf| buf.extend_from_slice(line))
+        self.push_in(line.len() + 1, |buf| buf.extend_from_slice(line))
     }
 
     /// Queue the line `write` appends to the buffer (without its newline),
     /// formatted in place, and wake the writer if it waits. `write` runs
     /// under the queue's lock: it must only format.
     pub fn push_with(&self, write: impl FnOnce(&mut Vec<u8>)) -> Pushed {
+        self.push_in(FIRST_ROOM, write)
+    }
+
+    /// [`Queue::push_with`], taking `first_room` bytes if the queue is empty.
+    fn push_in(&self, first_room: usize, write: impl FnOnce(&mut Vec<u8>)) -> Pushed {
         let waker = {
             let mut st = self.state();
             if st.closed {
@@ -101,9 +109,7 @@ impl Queue {
             }
             let start = st.bytes.len();
             if st.bytes.capacity() == 0 {
-                // Room for a burst of answers, so that the lines after
-                // the first do not grow it (each growth a copy).
-                st.bytes.reserve(FIRST_ROOM);
+                st.bytes.reserve(first_room);
             }
             write(&mut st.bytes);
             if let Some(limits) = &self.limits {
@@ -228,6 +234,15 @@ mod tests {
         assert_eq!(lines, taken("a\nbc\n", 2));
         assert_eq!(q.free(), 2);
         assert_eq!(q.take(), Taken::default());
+    }
+
+    #[test]
+    fn a_notification_takes_its_own_room_an_answer_room_for_a_burst() {
+        let q = Queue::new(4, None);
+        q.push(b"{\"method\":\"x\"}");
+        assert!(q.take().bytes.capacity() < 64);
+        q.push_with(|b| b.extend_from_slice(b"{\"result\":1}"));
+        assert!(q.take().bytes.capacity() >= FIRST_ROOM);
     }
 
     #[tokio::test]
