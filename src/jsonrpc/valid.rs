@@ -11,6 +11,8 @@
 //! deeper than [`MAX_DEPTH`], an escaped surrogate) that the caller should
 //! let serde_json decide. `tests/fuzz.rs` checks it against serde_json.
 
+use std::ops::Range;
+
 /// Containers nested deeper than this are left to serde_json.
 pub const MAX_DEPTH: usize = 64;
 
@@ -54,6 +56,19 @@ fn literal(b: &[u8], at: &mut usize, word: &[u8]) -> bool {
 }
 
 fn object(b: &[u8], at: &mut usize, depth: usize) -> bool {
+    members(b, at, depth, |_, _| true)
+}
+
+/// The members of the object whose `{` is at `*at`, each handed to
+/// `member` as the ranges of its key (between the quotes) and its value;
+/// `*at` ends after the `}`. `false` when it is not an object or `member`
+/// says `false`.
+fn members(
+    b: &[u8],
+    at: &mut usize,
+    depth: usize,
+    mut member: impl FnMut(Range<usize>, Range<usize>) -> bool,
+) -> bool {
     if depth > MAX_DEPTH {
         return false;
     }
@@ -64,29 +79,28 @@ fn object(b: &[u8], at: &mut usize, depth: usize) -> bool {
         return true;
     }
     loop {
-        if b.get(*at) != Some(&b'"') || !string(b, at) {
+        if b.get(*at) != Some(&b'"') {
             return false;
         }
+        let key_start = *at + 1;
+        if !string(b, at) {
+            return false;
+        }
+        let key = key_start..*at - 1;
         skip_ws(b, at);
         if b.get(*at) != Some(&b':') {
             return false;
         }
         *at += 1;
         skip_ws(b, at);
-        if !value(b, at, depth) {
+        let value_start = *at;
+        if !value(b, at, depth) || !member(key, value_start..*at) {
             return false;
         }
-        skip_ws(b, at);
-        match b.get(*at) {
-            Some(b',') => {
-                *at += 1;
-                skip_ws(b, at);
-            }
-            Some(b'}') => {
-                *at += 1;
-                return true;
-            }
-            _ => return false,
+        match separator(b, at, b'}') {
+            Some(true) => return true,
+            Some(false) => {}
+            None => return false,
         }
     }
 }
@@ -105,18 +119,29 @@ fn array(b: &[u8], at: &mut usize, depth: usize) -> bool {
         if !value(b, at, depth) {
             return false;
         }
-        skip_ws(b, at);
-        match b.get(*at) {
-            Some(b',') => {
-                *at += 1;
-                skip_ws(b, at);
-            }
-            Some(b']') => {
-                *at += 1;
-                return true;
-            }
-            _ => return false,
+        match separator(b, at, b']') {
+            Some(true) => return true,
+            Some(false) => {}
+            None => return false,
         }
+    }
+}
+
+/// After a member or an element: `,` and what follows it (`Some(false)`:
+/// another comes), the closing `close` (`Some(true)`), or neither (`None`).
+fn separator(b: &[u8], at: &mut usize, close: u8) -> Option<bool> {
+    skip_ws(b, at);
+    match b.get(*at) {
+        Some(b',') => {
+            *at += 1;
+            skip_ws(b, at);
+            Some(false)
+        }
+        Some(&c) if c == close => {
+            *at += 1;
+            Some(true)
+        }
+        _ => None,
     }
 }
 
@@ -149,58 +174,16 @@ pub fn each_member<'a>(text: &'a str, mut member: impl FnMut(&'a str, &'a str) -
     if b.first() != Some(&b'{') {
         return false;
     }
-    let mut at = 1;
-    skip_ws(b, &mut at);
-    if b.get(at) == Some(&b'}') {
-        at += 1;
-    } else {
-        loop {
-            if b.get(at) != Some(&b'"') {
-                return false;
-            }
-            let key_start = at + 1;
-            if !string(b, &mut at) {
-                return false;
-            }
-            // Every bound is next to an ASCII byte: a character boundary.
-            let Some(key) = text.get(key_start..at - 1) else {
-                return false;
-            };
-            if !needs_no_escape(key) {
-                return false;
-            }
-            skip_ws(b, &mut at);
-            if b.get(at) != Some(&b':') {
-                return false;
-            }
-            at += 1;
-            skip_ws(b, &mut at);
-            let value_start = at;
-            if !value(b, &mut at, 1) {
-                return false;
-            }
-            let Some(value) = text.get(value_start..at) else {
-                return false;
-            };
-            if !member(key, value) {
-                return false;
-            }
-            skip_ws(b, &mut at);
-            match b.get(at) {
-                Some(b',') => {
-                    at += 1;
-                    skip_ws(b, &mut at);
-                }
-                Some(b'}') => {
-                    at += 1;
-                    break;
-                }
-                _ => return false,
-            }
+    let mut at = 0;
+    let complete = members(b, &mut at, 1, |key, value| {
+        // Every bound is next to an ASCII byte: a character boundary.
+        match (text.get(key), text.get(value)) {
+            (Some(key), Some(value)) => needs_no_escape(key) && member(key, value),
+            _ => false,
         }
-    }
+    });
     skip_ws(b, &mut at);
-    at == b.len()
+    complete && at == b.len()
 }
 
 /// Whether `text` can stand between quotes as it is: no `"`, `\\` or
