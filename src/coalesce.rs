@@ -16,8 +16,8 @@
 //! [`Flight`] itself, and the list of those who joined stays empty, so
 //! unallocated, until someone does. The key is hashed once, when it joins
 //! (SipHash with the process's random keys, as a `HashMap` would: keys are
-//! client text); the map is indexed by that hash, so landing hashes
-//! nothing. Two keys with the same hash are told apart by their text: the
+//! client text); the map is indexed by that hash (see `u64_keys`), so
+//! landing does not hash the text again. Two keys with the same hash are told apart by their text: the
 //! later one flies alone (never joined), which is always correct.
 //!
 //! Locks: one mutex over the map, held only to look up, insert or remove a
@@ -25,9 +25,10 @@
 
 use crate::jsonrpc::{ErrorCode, RpcError};
 use crate::reply::{Answer, HookReply, InternalReply, Responder};
+use crate::u64_keys::U64Keys;
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 
 /// The requests of one coin that are on their way upstream, by key.
@@ -41,10 +42,10 @@ pub struct Coalescer {
 #[derive(Default)]
 struct Flights {
     /// Flights that can be joined, by the hash of their key.
-    open: HashMap<u64, Open, Prehashed>,
+    open: HashMap<u64, Open, U64Keys>,
     /// Who joined flights detached by [`Coalescer::detach_all`], by flight
     /// number, until they land.
-    detached: HashMap<u64, Vec<Responder>, Prehashed>,
+    detached: HashMap<u64, Vec<Responder>, U64Keys>,
     /// Numbers flights (tells a detached flight from a newer one with the
     /// same key).
     next: u64,
@@ -177,30 +178,6 @@ impl Drop for Flight {
         for responder in first.into_iter().chain(joined) {
             responder.fail(RpcError::new(ErrorCode::InternalError, "request dropped"));
         }
-    }
-}
-
-/// Keys of the flight maps are already hashes (of the request key, or
-/// flight numbers): they are used as they are.
-type Prehashed = BuildHasherDefault<AsIs>;
-
-#[derive(Default)]
-struct AsIs(u64);
-
-impl Hasher for AsIs {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only u64 keys are hashed here; anything else still hashes.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
     }
 }
 

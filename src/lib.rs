@@ -76,6 +76,7 @@ pub mod session;
 pub mod status;
 pub mod tls;
 pub mod tx;
+pub mod u64_keys;
 pub mod upstream;
 pub mod ws;
 

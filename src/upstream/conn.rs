@@ -31,10 +31,10 @@ use super::{Job, PoolEvent};
 use crate::codec::{Frame, LineReader};
 use crate::jsonrpc::{self, ErrorCode, Json, RpcError, UpstreamMessage};
 use crate::reply::Responder;
+use crate::u64_keys::U64Keys;
 use serde_json::value::RawValue;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,32 +64,9 @@ pub struct Pending {
 impl Pending {
     /// Written jobs by their id: inserted and removed once per request, so
     /// a hash map (a B-tree shifted its large values on every insert and
-    /// removal), keyed by the connection's own ids, which no client
-    /// chooses: no keyed hasher needed.
-    fn map() -> HashMap<u64, Pending, BuildHasherDefault<IdHasher>> {
+    /// removal), keyed by the connection's own ids.
+    fn map() -> HashMap<u64, Pending, U64Keys> {
         HashMap::default()
-    }
-}
-
-/// Hashes the connection's own sequential ids: a multiply spreads them
-/// over the whole word (the table looks at its top bits too).
-#[derive(Default)]
-pub struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only u64 keys are hashed here; anything else still hashes.
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
 
@@ -207,7 +184,7 @@ pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx
 struct Actor<'a> {
     ctx: &'a ConnCtx<'a>,
     next_id: u64,
-    pending: HashMap<u64, Pending, BuildHasherDefault<IdHasher>>,
+    pending: HashMap<u64, Pending, U64Keys>,
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     last_read: Instant,
     last_write: Instant,
