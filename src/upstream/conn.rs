@@ -45,6 +45,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Longest line accepted from an upstream (big histories and header chunks).
 const UPSTREAM_MAX_LINE: usize = 64 * 1024 * 1024;
+/// What one read of an upstream connection takes at most (its buffer is
+/// kept: connections are few, and one read carries many answers).
+const UPSTREAM_READ: usize = 64 * 1024;
 /// How often deadlines are checked.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
 /// Jobs a connection holds beyond its in-flight limit, besides its
@@ -114,7 +117,7 @@ pub struct Ended {
 /// Serve one established connection until it fails or shutdown.
 pub async fn serve(stream: BoxStream, rx: &mut mpsc::Receiver<Job>, ctx: ConnCtx<'_>) -> Ended {
     let (rd, mut wr) = tokio::io::split(stream);
-    let mut reader = LineReader::new(rd, UPSTREAM_MAX_LINE);
+    let mut reader = LineReader::keeping(rd, UPSTREAM_MAX_LINE, UPSTREAM_READ);
     let mut actor = Actor {
         ctx: &ctx,
         next_id: 3,
@@ -229,12 +232,12 @@ impl Actor<'_> {
                             .shared
                             .last_read_ms
                             .store(super::hold::ms_at(self.last_read), Ordering::Relaxed);
-                        self.on_line(&line);
+                        self.on_line(line);
                         // Everything else that read brought in, without a
                         // trip through the select for each line.
                         loop {
                             match reader.next_buffered() {
-                                Ok(Some(line)) => self.on_line(&line),
+                                Ok(Some(line)) => self.on_line(line),
                                 Ok(None) => break,
                                 Err(e) => return e.to_string(),
                             }

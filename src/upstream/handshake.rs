@@ -86,10 +86,10 @@ where
             Frame::Line(l) => l,
             Frame::Eof => return Err("closed during handshake".into()),
         };
-        if super::hold::padded(&line) {
+        if super::hold::padded(line) {
             ctx.shared.pads.store(true, Ordering::Relaxed);
         }
-        let msgs = jsonrpc::parse_upstream_line(&line)
+        let msgs = jsonrpc::parse_upstream_line(line)
             .map_err(|_| "invalid JSON in handshake".to_string())?;
         for msg in msgs {
             match msg {
