@@ -116,7 +116,10 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
-    let kill = CancellationToken::new();
+    // The hard stop cancels `kill` too: the reader and the writer wait on
+    // one token fewer at every wake-up (the hard stop is told apart by
+    // asking it when `kill` fires).
+    let kill = stops.hard.child_token();
     let metrics = router.metrics.clone();
     let (out, rx) = reply::channel(
         limits.queue,
@@ -127,10 +130,7 @@ where
     let writer = tokio::spawn(write_loop(
         wr,
         rx,
-        WriterEnds {
-            kill: kill.clone(),
-            hard: stops.hard.clone(),
-        },
+        kill.clone(),
         router.metrics.bytes_out.clone(),
         gate.reply_limits(),
     ));
@@ -143,7 +143,6 @@ where
         // Set up once, not per line: each of these registers itself with a
         // timer wheel or a waiter list when first polled.
         let drain = stops.drain.cancelled();
-        let hard = stops.hard.cancelled();
         let killed = kill.cancelled();
         let mut draining = false;
         // The idle timer is re-armed lazily: a line only moves `deadline` later;
@@ -151,7 +150,14 @@ where
         // again. The timer must never be later than the deadline.
         let mut deadline = Instant::now() + limits.first_line_timeout;
         let idle = tokio::time::sleep_until(deadline);
-        tokio::pin!(drain, hard, killed, idle);
+        tokio::pin!(drain, killed, idle);
+        let killed_why = || {
+            if stops.hard.is_cancelled() {
+                End::Shutdown
+            } else {
+                End::Disconnected
+            }
+        };
 
         let end = loop {
             if !has_room(&st.out, max_in_flight) {
@@ -163,8 +169,7 @@ where
                         draining = true;
                         continue;
                     }
-                    _ = &mut hard => break End::Shutdown,
-                    _ = &mut killed => break End::Disconnected,
+                    _ = &mut killed => break killed_why(),
                     // Boxed, as every wait off the common path: inline, each
                     // would make every session's task larger (see README
                     // "Performance", idle sessions).
@@ -197,8 +202,7 @@ where
                         draining = true;
                         continue;
                     }
-                    _ = &mut hard => break End::Shutdown,
-                    _ = &mut killed => break End::Disconnected,
+                    _ = &mut killed => break killed_why(),
                     // An answer left: the session may owe nothing now (the
                     // writer's wake-up can come just before the request stops
                     // counting as pending, hence the timeout).
@@ -235,7 +239,7 @@ where
                         idle.as_mut().reset(deadline);
                         first_line = false;
                     }
-                    router.handle_line(&mut st, &line);
+                    router.handle_line(&mut st, line);
                     if st.close {
                         break End::Refused;
                     }
@@ -335,36 +339,29 @@ async fn wait_for_room(out: &Outbound, max_in_flight: usize) {
     }
 }
 
-/// What ends the writer: `kill` (the client is gone or misbehaved) and
-/// `hard` (the proxy stops now) at once, dropping what is queued; a
-/// drained session (`Outbound::finish`) once what is queued is written.
-struct WriterEnds {
-    kill: CancellationToken,
-    hard: CancellationToken,
-}
-
-/// The writer (not an `async fn`, for the reason given at [`run`]).
+/// The writer (not an `async fn`, for the reason given at [`run`]). What
+/// ends it: `kill` (the client is gone or misbehaved, or the hard stop,
+/// whose child it is) at once, dropping what is queued; a drained session
+/// (`Outbound::finish`) once what is queued is written.
+#[allow(clippy::manual_async_fn)] // see `run`: the future holds less
 fn write_loop<W>(
     mut wr: W,
     mut rx: Inbox,
-    ends: WriterEnds,
+    kill: CancellationToken,
     bytes_out: prometheus::IntCounter,
     limits: ReplyLimits,
 ) -> impl std::future::Future<Output = ()> + Send
 where
     W: AsyncWrite + Unpin + Send,
 {
-    let WriterEnds { kill, hard } = ends;
     async move {
         // Registered once for the whole session, not once per write.
         let killed = kill.cancelled();
-        let stopped = hard.cancelled();
-        tokio::pin!(killed, stopped);
+        tokio::pin!(killed);
         loop {
             let taken = tokio::select! {
                 biased;
                 _ = &mut killed => break,
-                _ = &mut stopped => break,
                 // `None` also once a drained session finished the queue
                 // (`Outbound::finish`) and what it held is written.
                 m = rx.recv_all() => match m {
@@ -392,7 +389,6 @@ where
                     wr.flush().await
                 } => r,
                 _ = &mut killed => break,
-                _ = &mut stopped => break,
             };
             if written.is_err() {
                 break;
