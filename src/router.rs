@@ -384,12 +384,6 @@ impl Router {
         let fetch = |r| self.send(method, params, r, affinity, need);
         match affinity {
             Some(sh) if SCRIPTHASH_READS.contains(&method) => {
-                // Nobody was told a status of it: a scripthash read again
-                // and again may be subscribed by the hub (see
-                // `hub::read_subs`).
-                if self.hub.route(sh).is_none() {
-                    self.hub.notice_read(sh);
-                }
                 // The scripthash is parsed already: the cache is handed it.
                 self.cache.serve_read(sh, method, params, responder, fetch)
             }
@@ -412,7 +406,19 @@ impl Router {
     ) {
         let deadline = Instant::now() + self.request_timeout;
         let prefix = jsonrpc::request_prefix(method, params);
-        let Some((sh, route)) = affinity.and_then(|sh| Some((sh, self.hub.route(sh)?))) else {
+        let route = affinity.map(|sh| (sh, self.hub.route(sh)));
+        let Some((sh, Some(route))) = route else {
+            if let Some((sh, None)) = route {
+                if SCRIPTHASH_READS.contains(&method) {
+                    // Nobody was told a status of it: a scripthash read
+                    // again and again may be subscribed by the hub (see
+                    // `hub::read_subs`). Told here, where the read goes
+                    // upstream, so that one lookup of its route serves
+                    // both (a read the cache or an identical read in
+                    // flight answers is not told).
+                    self.hub.notice_read(sh);
+                }
+            }
             let job = new_job(prefix, responder, deadline, method, need);
             return self.pool.dispatch(job);
         };
