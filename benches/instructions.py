@@ -17,7 +17,13 @@ Usage (after `cargo bench --bench proxy --no-run`, which builds both
 binaries; needs valgrind):
 
     python3 benches/instructions.py [--answers N] [--sessions N] [--depth N]
-        [--binary PATH] [--top N]
+        [--binary PATH] [--top N] [--syscalls]
+
+`--syscalls` runs the binary without valgrind and counts its system
+calls per answer instead (`perf stat` on the `raw_syscalls` and
+`syscalls` tracepoints): the kernel's side, which callgrind does not
+see. The count follows timing (batching), so compare builds in one
+sitting.
 
 `--top N` also prints the N functions with the most instructions
 (inclusive of what they call, from `callgrind_annotate`). Two builds are
@@ -140,6 +146,7 @@ def main():
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/electrum-lb"))
     ap.add_argument("--top", type=int, default=0)
+    ap.add_argument("--syscalls", action="store_true")
     args = ap.parse_args()
 
     # The mock chain's scripthashes (benches/proxy/chain.rs), the uncached
@@ -159,12 +166,14 @@ def main():
     out = os.path.join(work, "callgrind.out")
     log_path = os.path.join(work, "electrum-lb.log")
     log = open(log_path, "w")
+    under = [] if args.syscalls else [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={out}",
+    ]
     proxy = subprocess.Popen(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            "--instr-atstart=no",
-            f"--callgrind-out-file={out}",
+        under + [
             args.binary,
             "--config",
             config,
@@ -178,6 +187,8 @@ def main():
         wait_for(r"(upstream connection up)(?s:.*)upstream connection up", log_path, proxy, 120)
         # Warm up (pool connections, caches of the allocator), not counted.
         drive(addr, args.sessions, args.depth, 2000, scripthashes)
+        if args.syscalls:
+            return count_syscalls(proxy, addr, args, scripthashes)
         callgrind_control("--instr=on", str(proxy.pid))
         started = time.time()
         errors = drive(addr, args.sessions, args.depth, args.answers, scripthashes)
@@ -215,6 +226,39 @@ def main():
         for row in rows[: args.top]:
             print(row[:200])
     print(f"(callgrind output: {chosen})")
+
+
+SYSCALLS = ["recvfrom", "sendto", "read", "write", "epoll_wait", "futex"]
+
+
+def count_syscalls(proxy, addr, args, scripthashes):
+    """Drive the load with `perf stat` attached; print system calls per
+    answer, all and the ones the proxy's data path makes."""
+    events = ["raw_syscalls:sys_enter"] + [f"syscalls:sys_enter_{n}" for n in SYSCALLS]
+    csv = tempfile.mktemp(prefix="syscalls-")
+    perf = subprocess.Popen(
+        ["perf", "stat", "-x,", "-o", csv, "-e", ",".join(events), "-p", str(proxy.pid)]
+    )
+    time.sleep(0.5)
+    started = time.time()
+    errors = drive(addr, args.sessions, args.depth, args.answers, scripthashes)
+    took = time.time() - started
+    perf.send_signal(2)
+    perf.wait(timeout=30)
+    counts = {}
+    with open(csv) as f:
+        for line in f:
+            parts = line.strip().split(",")
+            if len(parts) > 2 and parts[0].isdigit():
+                counts[parts[2].split(":")[-1].replace("sys_enter_", "")] = int(parts[0])
+    if errors:
+        print(f"warning: {errors} error replies", file=sys.stderr)
+    per = ", ".join(f"{n} {counts.get(n, 0) / args.answers:.3f}" for n in SYSCALLS)
+    print(
+        f"{args.answers} answers ({args.sessions} sessions x {args.depth} in flight) "
+        f"in {took:.1f} s: {counts.get('sys_enter', 0) / args.answers:.3f} system calls "
+        f"per answer ({per})"
+    )
 
 
 if __name__ == "__main__":
