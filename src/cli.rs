@@ -20,6 +20,12 @@ pub struct Cli {
     /// else one per CPU).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// One single-threaded runtime per worker thread (`--threads`, or one
+    /// per CPU) instead of one multi-threaded runtime: connections are
+    /// dealt out to them in turn, and each sends its requests to upstream
+    /// connections of its own thread (README "Performance").
+    #[arg(long)]
+    pub per_core: bool,
     /// In-place upgrade: once this process's upstreams are ready, take the
     /// listening sockets over from the instance serving `[server]
     /// handoff_socket`, which then drains and exits. Binds afresh when no
@@ -36,9 +42,10 @@ impl Cli {
     /// How many threads the runtime gets: `--threads`, or the automatic
     /// choice for `cpus`.
     pub fn runtime_threads(&self, cpus: usize) -> usize {
-        match self.threads {
-            0 => auto_threads(cpus),
-            n => n,
+        match (self.threads, self.per_core) {
+            (0, true) => cpus,
+            (0, false) => auto_threads(cpus),
+            (n, _) => n,
         }
     }
 }
@@ -72,6 +79,8 @@ mod tests {
         assert_eq!(auto_threads(1), 1);
         assert_eq!(auto_threads(2), 1);
         assert_eq!(auto_threads(4), 4);
+        let per_core = Cli::parse_from(["electrum-lb", "--per-core"]);
+        assert_eq!(per_core.runtime_threads(2), 2);
         let explicit = Cli::parse_from(["electrum-lb", "--threads", "3"]);
         assert_eq!(explicit.runtime_threads(2), 3);
         let auto = Cli::parse_from(["electrum-lb"]);

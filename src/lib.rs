@@ -57,6 +57,7 @@ pub mod coalesce;
 pub mod codec;
 pub mod coin;
 pub mod config;
+pub mod cores;
 pub mod drain;
 pub mod handoff;
 pub mod header;

@@ -123,7 +123,12 @@ impl Listener {
                 stops: stops.clone(),
                 tracker: tracker.clone(),
             };
-            tracker.spawn(conn.run().instrument(span));
+            // `--per-core`: each connection to the next runtime in turn
+            // (its session stays there); otherwise this one.
+            crate::cores::spawn_on(
+                crate::cores::next(),
+                tracker.track_future(conn.run().instrument(span)),
+            );
         }
     }
 }

@@ -34,7 +34,8 @@ fn main() -> ExitCode {
     init_logging(args.log_format);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = args.runtime_threads(cpus);
-    let mut builder = if threads == 1 {
+    let per_core = args.per_core && threads > 1;
+    let mut builder = if threads == 1 || per_core {
         tokio::runtime::Builder::new_current_thread()
     } else {
         let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -48,7 +49,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(config = %args.config.display(), threads, coins = ?config.coins.keys().collect::<Vec<_>>(), "starting");
+    // `--per-core`: the other runtimes, each on a thread of its own until
+    // the main one has stopped serving (see `electrum_lb::cores`).
+    let cores = if per_core {
+        match PerCore::start(threads, runtime.handle().clone()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("electrum-lb: cannot start the runtimes: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    tracing::info!(config = %args.config.display(), threads, per_core, coins = ?config.coins.keys().collect::<Vec<_>>(), "starting");
     tracing::debug!(?config, "effective configuration");
     let listen = if args.takeover {
         electrum_lb::Listen::Takeover {
@@ -57,12 +71,59 @@ fn main() -> ExitCode {
     } else {
         electrum_lb::Listen::Fresh
     };
-    match runtime.block_on(serve(config, &args.config, listen)) {
+    let served = runtime.block_on(serve(config, &args.config, listen));
+    if let Some(cores) = cores {
+        cores.stop();
+    }
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("electrum-lb: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The runtimes of `--per-core` beyond the main thread's.
+struct PerCore {
+    stop: tokio_util::sync::CancellationToken,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl PerCore {
+    /// Build `count - 1` single-threaded runtimes, each driven by a thread
+    /// of its own, and install them with `main` (the first) in
+    /// `electrum_lb::cores`.
+    fn start(count: usize, main: tokio::runtime::Handle) -> std::io::Result<PerCore> {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut handles = vec![main];
+        let mut threads = Vec::new();
+        for core in 1..count {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(runtime.handle().clone());
+            let stop = stop.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("electrum-lb-{core}"))
+                    .spawn(move || {
+                        electrum_lb::cores::enter(core);
+                        runtime.block_on(stop.cancelled());
+                    })?,
+            );
+        }
+        electrum_lb::cores::install(handles);
+        Ok(PerCore { stop, threads })
+    }
+
+    /// Stop the other runtimes (every session has ended by now) and wait
+    /// for their threads.
+    fn stop(self) {
+        self.stop.cancel();
+        for t in self.threads {
+            let _ = t.join();
         }
     }
 }

@@ -329,10 +329,19 @@ async fn reload_swaps_certificate_and_upstreams_without_dropping_sessions() {
 
 /// Start the real binary on `config`; returns the child and its stderr lines.
 fn spawn_binary(config: &Path) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    spawn_binary_with(config, &[])
+}
+
+/// [`spawn_binary`] with more arguments.
+fn spawn_binary_with(
+    config: &Path,
+    args: &[&str],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_electrum-lb"))
         .arg("--config")
         .arg(config)
+        .args(args)
         .env("RUST_LOG", "info")
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -449,4 +458,90 @@ async fn sighup_reloads_the_certificate_and_a_broken_config_changes_nothing() {
     old.call("blockchain.block.header", json!([2])).await;
 
     drop(child);
+}
+
+/// `--per-core`: two single-threaded runtimes. Connections are dealt out to
+/// them in turn, each runtime holds an upstream connection of its own, and
+/// a session's reads go to its runtime's connection: eight sessions of ten
+/// reads each put exactly forty on each of the two connections (one
+/// runtime would send all eighty to its one connection). SIGTERM stops
+/// both runtimes cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_runtimes_serve_their_sessions_from_their_own_connections() {
+    let dir = tempdir();
+    let mock = Mock::start().await;
+    let path = dir.join("electrum-lb.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nshutdown_grace_secs = 1\n[coins.test]\nlisten = [\"tcp://127.0.0.1:0\"]\nupstreams = [\"{}\"]\n",
+            mock.url()
+        ),
+    )
+    .unwrap();
+    let (child, logs) = spawn_binary_with(&path, &["--per-core", "--threads", "2"]);
+    let mut child = KillOnDrop(child);
+    // Listening, and both runtimes' upstream connections ready (a read
+    // finds its runtime's connection ready, or goes to another).
+    let mut listen = None;
+    let mut per_core = false;
+    let mut up = 0;
+    while listen.is_none() || !per_core || up < 2 {
+        let line = logs.recv_timeout(WAIT).expect("log lines");
+        if line.contains("listen=tcp://") {
+            listen = Some(line.clone());
+        }
+        per_core |= line.contains("per_core=true");
+        up += usize::from(line.contains("upstream connection up"));
+    }
+    let addr: SocketAddr = listen
+        .unwrap()
+        .rsplit("tcp://")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let comm = |task: std::fs::DirEntry| std::fs::read_to_string(task.path().join("comm")).ok();
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", child.0.id()))
+        .unwrap()
+        .filter_map(|t| t.ok().and_then(comm))
+        .collect();
+    assert!(
+        threads.iter().any(|t| t.trim() == "electrum-lb-1"),
+        "the second runtime's thread: {threads:?}"
+    );
+
+    let before = mock.histories_by_connection();
+    for s in 0..8usize {
+        let mut c = Client::connect(addr).await;
+        for k in 0..10usize {
+            // Each scripthash read once: nothing is cached or subscribed.
+            let v = c
+                .call(
+                    "blockchain.scripthash.get_history",
+                    json!([scripthash(5000 + s * 10 + k)]),
+                )
+                .await;
+            assert!(v.is_array(), "{v}");
+        }
+    }
+    let after = mock.histories_by_connection();
+    let mut served: Vec<u64> = after
+        .iter()
+        .enumerate()
+        .map(|(i, n)| n - before.get(i).copied().unwrap_or(0))
+        .filter(|n| *n > 0)
+        .collect();
+    served.sort();
+    assert_eq!(served, vec![40, 40], "reads per upstream connection");
+
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
 }

@@ -153,7 +153,7 @@ impl Pool {
                 journal: inner.journal.clone(),
                 shutdown: inner.stop.clone(),
             };
-            self.base.tracker.spawn(sup.run());
+            crate::cores::spawn_on(slot.core, self.base.tracker.track_future(sup.run()));
         }
         self.base.tracker.spawn(monitor::run(
             inner.clone(),
@@ -318,9 +318,16 @@ fn build(
             health: Mutex::new(Health::default()),
             throttle: throttle.clone(),
         });
-        let min = entry.min_connections.max(1);
+        // `--per-core`: at least one connection per runtime, so that each
+        // has one of its own (see `cores`).
+        let slots_max = entry.max_connections.max(1);
+        let min = entry
+            .min_connections
+            .max(1)
+            .max(crate::cores::count())
+            .min(slots_max);
         let first = slots.len();
-        for n in 0..entry.max_connections.max(1) {
+        for n in 0..slots_max {
             let (tx, rx) = mpsc::channel(QUEUE_PER_CONNECTION);
             let shared = Arc::new(ConnShared::new(entry.max_in_flight, throttle.clone()));
             shared.active.store(n < min, Ordering::Release);
@@ -331,6 +338,7 @@ fn build(
                 dialer: dialer.clone(),
                 top: false,
                 elastic: n >= min,
+                core: crate::cores::of_slot(n),
             });
             rxs.push((rx, n >= min));
         }
@@ -350,6 +358,7 @@ fn build(
                 dialer: dialer.clone(),
                 top: true,
                 elastic: false,
+                core: 0,
             });
             rxs.push((rx, false));
         }

@@ -70,6 +70,8 @@ pub(super) struct Slot {
     pub top: bool,
     /// Beyond `min_connections`: opened on demand, closed when not needed.
     pub elastic: bool,
+    /// The runtime its supervisor and connection run on (`cores`).
+    pub core: usize,
 }
 
 pub(super) struct PoolInner {
@@ -140,12 +142,28 @@ impl PoolInner {
     /// The others are left out: most slots of a pool are dormant, and
     /// every request is dispatched.
     pub(super) fn offer_into(&self, need: select::Need, out: &mut Offer) {
+        // `--per-core`: the connections of the caller's runtime, when one
+        // of them can take it (see `cores`); else all.
+        if crate::cores::count() > 1 {
+            self.offer_on(need, Some(crate::cores::current()), out);
+            if !out.candidates.is_empty() {
+                return;
+            }
+        }
+        self.offer_on(need, None, out);
+    }
+
+    /// [`PoolInner::offer_into`] among the slots of runtime `core` (or all).
+    fn offer_on(&self, need: select::Need, core: Option<usize>, out: &mut Offer) {
         let window = self.settings.reply_hold.as_millis() as u64;
         let mut now = None;
         out.candidates.clear();
         out.slots.clear();
         for (index, s) in self.slots.iter().enumerate() {
             if !(s.shared.is_ready() && s.shared.is_active()) {
+                continue;
+            }
+            if core.is_some_and(|c| c != s.core) {
                 continue;
             }
             if !need.is_any() && !select::capable(s.shared.level(), need) {
@@ -277,10 +295,15 @@ impl PoolInner {
                 return;
             }
         }
+        // One of the caller's runtime first (`--per-core`, see `cores`).
+        let here = crate::cores::current();
+        let dormant = |s: &&Slot| s.upstream == target && s.elastic && !s.shared.is_active();
         let dormant = self
             .slots
             .iter()
-            .find(|s| s.upstream == target && s.elastic && !s.shared.is_active());
+            .filter(dormant)
+            .find(|s| s.core == here)
+            .or_else(|| self.slots.iter().find(dormant));
         if let Some(s) = dormant {
             if !s.shared.active.swap(true, Ordering::AcqRel) {
                 tracing::debug!(coin = %self.coin, upstream = %self.upstreams[target].label, "opening another connection: requests are queueing");
