@@ -89,6 +89,14 @@ use workload::*;
 pub(crate) const MOCK_ENV: &str = "PROXY_BENCH_MOCK";
 pub(crate) const THREADS_ENV: &str = "PROXY_BENCH_THREADS";
 
+/// `--threads N` from [`THREADS_ENV`], if set.
+pub(crate) fn threads_from_env() -> Vec<String> {
+    match std::env::var(THREADS_ENV) {
+        Ok(n) => vec!["--threads".to_string(), n],
+        Err(_) => Vec::new(),
+    }
+}
+
 /// Client connections of the throughput runs, and requests in flight on each.
 pub(crate) const CONNECTIONS: usize = 64;
 pub(crate) const DEPTH: usize = 4;
@@ -127,6 +135,9 @@ pub(crate) enum Path {
     /// electrum-lb with `--threads 2` (the multi-threaded runtime that
     /// was the default on 2 CPUs; the default is now one thread there).
     Lb1,
+    /// electrum-lb with `--per-core` (two single-threaded runtimes here,
+    /// each with upstream connections of its own).
+    LbPerCore,
     /// electrum-lb, its `ws://` listener (idle memory only).
     LbWs,
     /// electrum-lb and HAProxy terminating TLS (idle memory, handshakes).
@@ -141,6 +152,7 @@ impl Path {
             Path::Haproxy => "haproxy",
             Path::Lb => "electrum-lb",
             Path::Lb1 => "lb -t2",
+            Path::LbPerCore => "lb per-core",
             Path::LbWs => "lb ws",
             Path::LbTls => "lb tls",
             Path::HaproxyTls => "haproxy tls",
@@ -170,12 +182,13 @@ impl Bench {
                 let addrs = p.addrs.clone();
                 (Some(p), addrs)
             }
-            Path::Lb | Path::Lb1 | Path::LbWs | Path::LbTls => {
-                let threads = match path {
-                    Path::Lb1 => Some("2".to_string()),
-                    _ => std::env::var(THREADS_ENV).ok(),
+            Path::Lb | Path::Lb1 | Path::LbPerCore | Path::LbWs | Path::LbTls => {
+                let args = match path {
+                    Path::Lb1 => vec!["--threads".to_string(), "2".to_string()],
+                    Path::LbPerCore => vec!["--per-core".to_string()],
+                    _ => threads_from_env(),
                 };
-                let p = start_electrum_lb(&self.upstreams, &self.dir, threads);
+                let p = start_electrum_lb(&self.upstreams, &self.dir, args);
                 let addrs = p.addrs.clone();
                 (Some(p), addrs)
             }
@@ -237,6 +250,7 @@ pub(crate) async fn bench(opts: Options) {
     }
     paths.push(Path::Lb);
     paths.push(Path::Lb1);
+    paths.push(Path::LbPerCore);
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
         "electrum-lb end-to-end benchmark: {UPSTREAMS} mock upstreams (one thread for both), {cpus} CPUs shared by every process"

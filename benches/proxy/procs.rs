@@ -70,7 +70,7 @@ impl Drop for Proc {
 pub(crate) fn start_electrum_lb(
     upstreams: &[SocketAddr],
     dir: &std::path::Path,
-    threads: Option<String>,
+    args: Vec<String>,
 ) -> Proc {
     let urls: Vec<String> = upstreams.iter().map(|a| format!("\"tcp://{a}\"")).collect();
     let (crt, key) = crate::edge::cert_paths();
@@ -82,21 +82,19 @@ pub(crate) fn start_electrum_lb(
     );
     let path = dir.join("electrum-lb.toml");
     std::fs::write(&path, text).expect("write electrum-lb.toml");
-    launch_electrum_lb(&path, upstreams.len(), threads)
+    launch_electrum_lb(&path, upstreams.len(), args)
 }
 
 /// Start the release binary with the config at `path` and wait until it
-/// listens (TCP and `ws://`) and `upstreams` upstreams are connected.
+/// listens (TCP and `ws://`) and `upstreams` upstreams are connected;
+/// `args` are the runtime's options (`--threads`, `--per-core`).
 pub(crate) fn launch_electrum_lb(
     path: &std::path::Path,
     upstreams: usize,
-    threads: Option<String>,
+    args: Vec<String>,
 ) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_electrum-lb"));
-    cmd.arg("--config").arg(path);
-    if let Some(threads) = threads {
-        cmd.arg("--threads").arg(threads);
-    }
+    cmd.arg("--config").arg(path).args(args);
     let mut child = cmd
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())

@@ -243,8 +243,7 @@ async fn start_front(front: Front, upstreams: &[SocketAddr], dir: &std::path::Pa
             );
             let path = dir.join("electrum-lb-real.toml");
             std::fs::write(&path, text).expect("write electrum-lb-real.toml");
-            let threads = std::env::var(THREADS_ENV).ok();
-            launch_electrum_lb(&path, upstreams.len(), threads)
+            launch_electrum_lb(&path, upstreams.len(), crate::threads_from_env())
         }
     }
 }
