@@ -9,11 +9,12 @@
 //! - each accepted connection (its PROXY header, TLS handshake, session
 //!   reader and writer) goes to the next runtime in turn ([`next`]);
 //! - each upstream connection slot belongs to one runtime ([`of_slot`]):
-//!   its supervisor and connection task run there, and a session sends its
-//!   requests to connections of its own runtime when one is ready
-//!   (`upstream::state`), so the common path (read a request, write it
-//!   upstream, read the answer, write it to the client) stays on one
-//!   thread with no cross-thread wake-up.
+//!   its supervisor and connection task run there. Selection still picks
+//!   the upstream (health, tier, throttling, cost); the request then goes
+//!   to that upstream's connection on the session's own runtime when it is
+//!   ready and has room (`upstream::state`), so the common path (read a
+//!   request, write it upstream, read the answer, write it to the client)
+//!   stays on one thread with no cross-thread wake-up.
 //!
 //! What crosses threads: subscriptions and notifications (the hub),
 //! reads of a subscribed scripthash (its subscription's connection), and

@@ -28,8 +28,10 @@
 //! Processes: this one is the load generator; two mock upstreams run in a
 //! child process (this binary re-executed with `PROXY_BENCH_MOCK` set);
 //! electrum-lb is the release binary as an operator runs it (its default
-//! runtime, one worker per CPU, and logging; `PROXY_BENCH_THREADS=N` passes
-//! `--threads N`), and again with `--threads 1` (row `lb -t1`); HAProxy is the system's `haproxy` in TCP mode with its
+//! runtime and logging; `PROXY_BENCH_THREADS=N` passes `--threads N`,
+//! `PROXY_BENCH_THREADS=per-core` passes `--per-core`), and again with
+//! `--threads 2` (row `lb -t2`) and `--per-core` (row `lb per-core`);
+//! HAProxy is the system's `haproxy` in TCP mode with its
 //! defaults (skipped with a note when it is not installed). Each run starts
 //! a fresh proxy process. Every figure of one run comes from processes
 //! sharing the same cores, so compare ratios, not absolutes.
@@ -89,9 +91,10 @@ use workload::*;
 pub(crate) const MOCK_ENV: &str = "PROXY_BENCH_MOCK";
 pub(crate) const THREADS_ENV: &str = "PROXY_BENCH_THREADS";
 
-/// `--threads N` from [`THREADS_ENV`], if set.
+/// `--threads N` from [`THREADS_ENV`], if set (`per-core`: `--per-core`).
 pub(crate) fn threads_from_env() -> Vec<String> {
     match std::env::var(THREADS_ENV) {
+        Ok(n) if n == "per-core" => vec!["--per-core".to_string()],
         Ok(n) => vec!["--threads".to_string(), n],
         Err(_) => Vec::new(),
     }

@@ -142,28 +142,12 @@ impl PoolInner {
     /// The others are left out: most slots of a pool are dormant, and
     /// every request is dispatched.
     pub(super) fn offer_into(&self, need: select::Need, out: &mut Offer) {
-        // `--per-core`: the connections of the caller's runtime, when one
-        // of them can take it (see `cores`); else all.
-        if crate::cores::count() > 1 {
-            self.offer_on(need, Some(crate::cores::current()), out);
-            if !out.candidates.is_empty() {
-                return;
-            }
-        }
-        self.offer_on(need, None, out);
-    }
-
-    /// [`PoolInner::offer_into`] among the slots of runtime `core` (or all).
-    fn offer_on(&self, need: select::Need, core: Option<usize>, out: &mut Offer) {
         let window = self.settings.reply_hold.as_millis() as u64;
         let mut now = None;
         out.candidates.clear();
         out.slots.clear();
         for (index, s) in self.slots.iter().enumerate() {
             if !(s.shared.is_ready() && s.shared.is_active()) {
-                continue;
-            }
-            if core.is_some_and(|c| c != s.core) {
                 continue;
             }
             if !need.is_any() && !select::capable(s.shared.level(), need) {
@@ -219,7 +203,10 @@ impl PoolInner {
             Err(_) => pick(&mut Offer::new()),
         });
         match chosen {
-            Some(index) => self.send_to(index, job),
+            Some(index) => {
+                let index = self.on_this_core(index, job.need, job.last_conn);
+                self.send_to(index, job)
+            }
             None if job.need.is_any() || !self.slots.iter().any(|s| s.shared.is_ready()) => {
                 job.responder.fail(RpcError::new(
                     ErrorCode::UpstreamUnavailable,
@@ -237,6 +224,37 @@ impl PoolInner {
                 ))
             }
         }
+    }
+
+    /// `--per-core` (see `cores`): selection chose slot `index`; a ready
+    /// connection of the same upstream on the caller's runtime with room
+    /// takes the job instead, so that it stays on this thread. Selection
+    /// still decides the upstream (health, tier, throttling, cost); only
+    /// the connection within it changes.
+    fn on_this_core(&self, index: usize, need: select::Need, skip: Option<usize>) -> usize {
+        if crate::cores::count() == 1 {
+            return index;
+        }
+        let here = crate::cores::current();
+        let chosen = &self.slots[index];
+        // Where the upstream pads, selection packs requests on chosen
+        // connections on purpose (see `hold`): left as chosen.
+        if chosen.core == here || chosen.shared.pads() {
+            return index;
+        }
+        self.slots
+            .iter()
+            .enumerate()
+            .position(|(i, s)| {
+                s.core == here
+                    && s.upstream == chosen.upstream
+                    && Some(i) != skip
+                    && s.shared.is_ready()
+                    && s.shared.is_active()
+                    && (need.is_any() || select::capable(s.shared.level(), need))
+                    && s.shared.in_flight() < s.shared.limit()
+            })
+            .unwrap_or(index)
     }
 
     pub(super) fn send_to(&self, index: usize, mut job: Job) {
