@@ -155,10 +155,12 @@ async fn settle<S: AsyncReadExt + AsyncWriteExt + Unpin>(s: &mut S) {
     }
 }
 
-/// `n` idle TLS sessions (full handshakes), from spread addresses.
+/// `n` idle TLS sessions (full handshakes), from spread addresses
+/// (`first` on, see [`connect_from`]).
 pub(crate) async fn open_idle_tls_sessions(
     addr: SocketAddr,
     n: usize,
+    first: usize,
 ) -> Vec<TlsStream<TcpStream>> {
     let gate = Arc::new(Semaphore::new(64));
     let tls = connector(false);
@@ -167,7 +169,7 @@ pub(crate) async fn open_idle_tls_sessions(
         let (gate, tls) = (gate.clone(), tls.clone());
         tasks.spawn(async move {
             let _permit = gate.acquire_owned().await.expect("open");
-            let tcp = connect_from(i, addr).await;
+            let tcp = connect_from(first + i, addr).await;
             let mut s = tls
                 .connect("localhost".try_into().expect("name"), tcp)
                 .await
@@ -183,15 +185,19 @@ pub(crate) async fn open_idle_tls_sessions(
     sessions
 }
 
-/// `n` idle TCP sessions, from spread addresses.
-pub(crate) async fn open_idle_tcp_sessions(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+/// `n` idle TCP sessions, from spread addresses (`first` on).
+pub(crate) async fn open_idle_tcp_sessions(
+    addr: SocketAddr,
+    n: usize,
+    first: usize,
+) -> Vec<TcpStream> {
     let gate = Arc::new(Semaphore::new(256));
     let mut tasks = JoinSet::new();
     for i in 0..n {
         let gate = gate.clone();
         tasks.spawn(async move {
             let _permit = gate.acquire_owned().await.expect("open");
-            let mut s = connect_from(i, addr).await;
+            let mut s = connect_from(first + i, addr).await;
             settle(&mut s).await;
             s
         });

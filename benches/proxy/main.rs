@@ -51,8 +51,12 @@
 //! Also measured: p50 at light load (16 connections, one request in flight
 //! each) and the resident memory of electrum-lb (and HAProxy) holding idle
 //! sessions that sent `server.version` and `blockchain.headers.subscribe`;
-//! for electrum-lb over TCP and over WebSocket (row `lb ws`, a fresh
-//! process, `ws://` sessions from tokio-tungstenite's client).
+//! for electrum-lb over TCP, TLS and WebSocket (row `lb ws`, a fresh
+//! process, `ws://` sessions from tokio-tungstenite's client). The idle
+//! clients run in children of this binary (`PROXY_BENCH_IDLE` set), and a
+//! count above what one process's open files limit holds is spread over
+//! several proxy processes (`idle.rs`): `--sessions 100000` holds 100,000
+//! on a machine whose hard limit is 20,000 per process.
 //!
 //! Columns: answers per second in the measured window; the same against
 //! HAProxy's in that workload; latency percentiles from send to answer;
@@ -63,6 +67,7 @@
 
 mod chain;
 mod edge;
+mod idle;
 mod load;
 mod mock;
 mod options;
@@ -117,6 +122,9 @@ pub(crate) fn main() {
     raise_open_files_limit();
     if std::env::var(MOCK_ENV).is_ok() {
         return mock_main();
+    }
+    if let Ok(spec) = std::env::var(idle::CLIENTS_ENV) {
+        return idle::clients_main(&spec);
     }
     if real::requested() {
         return real::real_main();
@@ -331,7 +339,7 @@ pub(crate) async fn bench(opts: Options) {
             light.push((p, best.expect("one round")));
         }
         if opts.wants("idle") {
-            memory = idle_memory(&bench, opts.sessions).await;
+            memory = idle::idle_memory(&bench, opts.sessions).await;
         }
         edge_rows = edge::rows(&bench, &opts, &paths).await;
     }
@@ -342,65 +350,10 @@ pub(crate) async fn bench(opts: Options) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// RSS of electrum-lb (and HAProxy) with `n` idle sessions: (path, sessions,
-/// idle RSS KiB, RSS with the sessions KiB), or why it was skipped. HAProxy
-/// holds two descriptors per session: it gets as many as the limit allows.
-pub(crate) async fn idle_memory(
-    bench: &Bench,
-    n: usize,
-) -> Result<Vec<(Path, usize, u64, u64)>, String> {
-    if n == 0 {
-        return Err("skipped (--sessions 0)".into());
-    }
-    // The bench raised its soft limit to the hard one; a process can hold
-    // no more sessions than that (electrum-lb: one descriptor each).
-    let limit = open_files_limit();
-    if (n as u64) + 256 > limit {
-        let fits = (limit as usize).saturating_sub(256);
-        println!(
-            "idle sessions: {n} asked, {fits} fit the open files limit of {limit} (hard limit; raising it needs CAP_SYS_RESOURCE)"
-        );
-    }
-    let n = n.min((limit as usize).saturating_sub(256));
-    let mut out = Vec::new();
-    let mut paths = vec![Path::Lb, Path::LbTls, Path::LbWs];
-    if bench.haproxy {
-        paths.push(Path::Haproxy);
-        paths.push(Path::HaproxyTls);
-    }
-    for p in paths {
-        let (front, targets) = bench.front(p).await;
-        let front = front.expect("a separate process");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let idle = rss_kib(front.pid()).unwrap_or(0);
-        let count = match p {
-            Path::Haproxy | Path::HaproxyTls => n.min((limit as usize).saturating_sub(256) / 2),
-            _ => n,
-        };
-        let sessions: Box<dyn std::any::Any + Send> = match p {
-            Path::LbWs => Box::new(
-                ws::open_idle_ws_sessions(front.ws.expect("a ws:// listener"), count).await,
-            ),
-            Path::LbTls => Box::new(
-                edge::open_idle_tls_sessions(front.ssl.expect("an ssl:// listener"), count).await,
-            ),
-            Path::HaproxyTls => Box::new(edge::open_idle_tls_sessions(targets[0], count).await),
-            _ => Box::new(edge::open_idle_tcp_sessions(targets[0], count).await),
-        };
-        // Let allocations settle before reading.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let loaded = rss_kib(front.pid()).unwrap_or(0);
-        out.push((p, count, idle, loaded));
-        drop(sessions);
-        drop(front);
-    }
-    Ok(out)
-}
-
 pub(crate) fn print_table(
     results: &[(Model, Workload, Path, Run)],
     light: &[(Path, Run)],
-    memory: &Result<Vec<(Path, usize, u64, u64)>, String>,
+    memory: &Result<Vec<idle::Held>, String>,
     opts: &Options,
 ) {
     let find = |m: Model, w: Workload, p: Path| {
@@ -466,22 +419,26 @@ pub(crate) fn print_table(
     }
     match memory {
         Ok(rows) => {
-            for (p, count, idle, loaded) in rows {
-                let per = (*loaded as f64 - *idle as f64) * 1024.0 / *count as f64;
+            for h in rows {
+                let over = if h.processes > 1 {
+                    format!(", {} processes", h.processes)
+                } else {
+                    String::new()
+                };
                 println!(
-                    "| idle      | {:<9} | {:<11} | {:>8} | {:>10} | {:>8} | {:>8} | {:>6} | {:>16} | {:>19} | RSS {:.1} MiB ({:.1} idle, {:.1} KiB/session) |",
+                    "| idle      | {:<9} | {:<11} | {:>8} | {:>10} | {:>8} | {:>8} | {:>6} | {:>16} | {:>19} | RSS {:.1} MiB ({:.1} idle{over}, {:.1} KiB/session) |",
                     first.name(),
-                    p.name(),
-                    count,
+                    h.path.name(),
+                    h.sessions,
                     "sessions",
                     "",
                     "",
                     "",
                     "",
                     "",
-                    *loaded as f64 / 1024.0,
-                    *idle as f64 / 1024.0,
-                    per / 1024.0
+                    h.loaded_kib as f64 / 1024.0,
+                    h.idle_kib as f64 / 1024.0,
+                    h.per_session_kib()
                 );
             }
         }
@@ -544,12 +501,12 @@ pub(crate) fn print_table(
         _ => println!("target light-load p50 within 50 us of HAProxy: not measured in this run"),
     }
     if let Ok(rows) = memory {
-        if let Some((_, _, _, loaded)) = rows.iter().find(|(p, _, _, _)| *p == Path::Lb) {
+        if let Some(h) = rows.iter().find(|h| h.path == Path::Lb && h.processes == 1) {
             println!(
                 "target {} idle sessions under 100 MiB: {:.1} MiB, {}",
-                opts.sessions,
-                *loaded as f64 / 1024.0,
-                verdict(*loaded < 100 * 1024)
+                h.sessions,
+                h.loaded_kib as f64 / 1024.0,
+                verdict(h.loaded_kib < 100 * 1024)
             );
         }
     }

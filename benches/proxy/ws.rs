@@ -1,6 +1,7 @@
 //! The WebSocket side of the benchmark: idle browser sessions, and how
 //! their memory compares with TCP sessions'.
 
+use crate::idle::Held;
 use crate::Path;
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
@@ -14,10 +15,12 @@ use tokio_tungstenite::WebSocketStream;
 
 /// `n` WebSocket sessions that sent `server.version` and
 /// `blockchain.headers.subscribe` (as the TCP idle sessions do), each in
-/// its own message, and got both answers.
+/// its own message, and got both answers; from spread addresses (`first`
+/// on, see [`crate::edge::connect_from`]).
 pub(crate) async fn open_idle_ws_sessions(
     addr: SocketAddr,
     n: usize,
+    first: usize,
 ) -> Vec<WebSocketStream<TcpStream>> {
     let gate = Arc::new(Semaphore::new(256));
     let mut tasks = JoinSet::new();
@@ -25,7 +28,7 @@ pub(crate) async fn open_idle_ws_sessions(
         let gate = gate.clone();
         tasks.spawn(async move {
             let _permit = gate.acquire_owned().await.expect("open");
-            let tcp = crate::edge::connect_from(i, addr).await;
+            let tcp = crate::edge::connect_from(first + i, addr).await;
             // The client's buffers are this process's, not the proxy's:
             // kept small so that 10,000 of them fit easily.
             let config = WebSocketConfig::default().read_buffer_size(4096);
@@ -62,11 +65,11 @@ pub(crate) async fn open_idle_ws_sessions(
 
 /// One line: an idle WebSocket session's memory against a TCP session's,
 /// both measured in this run.
-pub(crate) fn print_idle_ratio(rows: &[(Path, usize, u64, u64)]) {
+pub(crate) fn print_idle_ratio(rows: &[Held]) {
     let per_session = |path: Path| {
         rows.iter()
-            .find(|(p, ..)| *p == path)
-            .map(|(_, count, idle, loaded)| (*loaded as f64 - *idle as f64) / *count as f64)
+            .find(|h| h.path == path)
+            .map(Held::per_session_kib)
     };
     if let (Some(tcp), Some(ws)) = (per_session(Path::Lb), per_session(Path::LbWs)) {
         println!(
