@@ -431,7 +431,10 @@ pub(crate) async fn rows(bench: &Bench, opts: &Options, paths: &[Path]) -> Vec<S
                 for &p in &tls_paths {
                     let (front, targets) = bench.front(p).await;
                     let front = front.expect("a proxy process");
-                    let addr = front.ssl.unwrap_or(targets[0]);
+                    let addr = match p {
+                        Path::HaproxyTls => targets[0],
+                        _ => front.ssl.expect("electrum-lb's ssl:// listener"),
+                    };
                     let h =
                         handshakes(addr, front.pid(), resume, HANDSHAKE_CLIENTS, HANDSHAKE_SECS)
                             .await;

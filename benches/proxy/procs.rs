@@ -124,9 +124,16 @@ pub(crate) fn launch_electrum_lb(
     let mut metrics = None;
     let mut up = std::collections::HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(20);
-    // Listeners are logged before any upstream connection is up, so an
-    // `ssl://` listener in the config is known by then.
-    while listen.is_none() || ws.is_none() || metrics.is_none() || up.len() < upstreams {
+    // An `ssl://` listener is waited for too when the config has one: with
+    // `--per-core` the upstream connections may be up before it is logged
+    // (a TLS client sent to the plain listener instead reads JSON).
+    let wants_ssl = std::fs::read_to_string(path).is_ok_and(|t| t.contains("\"ssl://"));
+    while listen.is_none()
+        || ws.is_none()
+        || (wants_ssl && ssl.is_none())
+        || metrics.is_none()
+        || up.len() < upstreams
+    {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = rx
             .recv_timeout(left)
