@@ -103,7 +103,11 @@ impl Listener {
             };
             let _ = stream.set_nodelay(true);
             // `peer` is the real client, known after any PROXY header.
-            let span = tracing::info_span!(
+            // At `debug`, where the session's own lines are: an enabled span
+            // lives as long as the session, and the subscriber keeps its
+            // fields formatted, about 0.4 KiB per idle session at `info`
+            // for lines that all log at `debug`.
+            let span = tracing::debug_span!(
                 "session",
                 coin = %self.coin,
                 peer = tracing::field::Empty,
