@@ -74,16 +74,9 @@ enum Session {
 
 impl Session {
     /// The `i`th session connects from the `i`th address of 127.0.0.0/8
-    /// (127.0.0.2 on): 20,000 sessions from one address would run short
-    /// of ephemeral ports.
+    /// (see [`crate::spread::connect_from`]).
     async fn connect(proxy: SocketAddr, transport: Transport, i: usize) -> Session {
-        let n = i as u32 + 2;
-        let ip = std::net::Ipv4Addr::new(127, (n >> 16) as u8, (n >> 8) as u8, n as u8);
-        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-        socket
-            .bind(SocketAddr::new(ip.into(), 0))
-            .expect("bind a client address");
-        let stream = socket.connect(proxy).await.expect("connect");
+        let stream = crate::spread::connect_from(i, proxy).await;
         stream.set_nodelay(true).expect("nodelay");
         match transport {
             Transport::Tcp | Transport::Bare => Session::Tcp(BufReader::new(stream)),

@@ -50,8 +50,11 @@ mod mock;
 
 mod children;
 mod clients;
+#[path = "../support/spread.rs"]
+mod spread;
 
 use clients::{monotonic_ns, Transport, CLIENTS_ENV};
+use spread::{open_files_limit, raise_open_files_limit, shares};
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -93,44 +96,12 @@ fn main() {
         transports.push(Transport::Bare);
     }
     let limit = open_files_limit();
-    println!(
-        "fanout: open files limit {} per process",
-        limit.map_or("unknown".to_string(), |l| l.to_string())
-    );
+    println!("fanout: open files limit {limit} per process");
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime")
         .block_on(bench(sizes, transports, limit));
-}
-
-/// Raise the soft limit on open files to the hard one (children inherit it).
-fn raise_open_files_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a stack value.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
-/// The soft limit on open files, from /proc (Linux).
-fn open_files_limit() -> Option<usize> {
-    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
-}
-
-/// `n` parts, as even as can be, that add up to `total`.
-fn shares(total: usize, n: usize) -> Vec<usize> {
-    (0..n)
-        .map(|i| total / n + usize::from(i < total % n))
-        .collect()
 }
 
 /// A child process of this binary, spoken to in lines on its stdin and
@@ -206,20 +177,19 @@ struct Set {
     medians: Vec<Duration>,
 }
 
-async fn bench(sizes: Vec<usize>, transports: Vec<Transport>, limit: Option<usize>) {
+async fn bench(sizes: Vec<usize>, transports: Vec<Transport>, limit: usize) {
     let upstream = mock::Mock::start().await;
     let mut proxies: Vec<Proxy> = Vec::new();
     for (run, n) in sizes.into_iter().enumerate() {
-        let each = limit.map_or(n, |l| l.saturating_sub(SPARE_FILES));
+        let each = limit.saturating_sub(SPARE_FILES);
         if each == 0 {
-            println!("fanout N={n}: skipped: an open files limit of {limit:?} holds no sessions");
+            println!("fanout N={n}: skipped: an open files limit of {limit} holds no sessions");
             continue;
         }
         let k = n.div_ceil(each);
         if k > 1 {
             println!(
-                "fanout N={n}: spread over {k} proxy processes ({k} bare writers, {k} clients' processes), at most {each} sessions each under the open files limit of {} per process (hard; raising it needs CAP_SYS_RESOURCE)",
-                limit.unwrap_or(0)
+                "fanout N={n}: spread over {k} proxy processes ({k} bare writers, {k} clients' processes), at most {each} sessions each under the open files limit of {limit} per process (hard; raising it needs CAP_SYS_RESOURCE)"
             );
         }
         while proxies.len() < k {
@@ -238,7 +208,7 @@ async fn bench(sizes: Vec<usize>, transports: Vec<Transport>, limit: Option<usiz
         // when each proxy process holds both sets (a slow moment of a
         // shared machine then hits both alike); else one after the other.
         let proxied = transports.iter().filter(|t| **t != Transport::Bare).count();
-        let fit_at_once = limit.is_none_or(|l| proxied * parts[0] + SPARE_FILES <= l);
+        let fit_at_once = proxied * parts[0] + SPARE_FILES <= limit;
         let groups: Vec<Vec<Transport>> = if fit_at_once {
             vec![transports.clone()]
         } else {

@@ -8,12 +8,12 @@
 //! runtime, rustls tickets).
 
 use super::*;
+use crate::spread::{connect_from, open_files_limit};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use std::sync::Mutex;
 use std::time::Instant;
-use tokio::net::TcpSocket;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
@@ -129,18 +129,6 @@ pub(crate) fn connector(resume: bool) -> TlsConnector {
     TlsConnector::from(Arc::new(config))
 }
 
-/// A TCP connection from the `i`th address of 127.0.0.0/8 (127.0.0.2 on),
-/// so that many sessions do not share one address's ephemeral ports.
-pub(crate) async fn connect_from(i: usize, addr: SocketAddr) -> TcpStream {
-    let n = i as u32 + 2;
-    let ip = std::net::Ipv4Addr::new(127, (n >> 16) as u8, (n >> 8) as u8, n as u8);
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(SocketAddr::new(ip.into(), 0))
-        .expect("bind a client address");
-    socket.connect(addr).await.expect("connect")
-}
-
 const IDLE_REQUESTS: &[u8] = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"server.version\",\"params\":[\"bench\",\"1.4\"]}\n{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"blockchain.headers.subscribe\",\"params\":[]}\n";
 
 /// Send the two requests of an idle wallet and read both answers.
@@ -156,7 +144,7 @@ async fn settle<S: AsyncReadExt + AsyncWriteExt + Unpin>(s: &mut S) {
 }
 
 /// `n` idle TLS sessions (full handshakes), from spread addresses
-/// (`first` on, see [`connect_from`]).
+/// (`first` on, see [`crate::spread::connect_from`]).
 pub(crate) async fn open_idle_tls_sessions(
     addr: SocketAddr,
     n: usize,

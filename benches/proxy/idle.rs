@@ -13,7 +13,8 @@
 //! of the proxy processes' summed RSS over their summed RSS before the
 //! sessions came.
 
-use crate::procs::{open_files_limit, rss_kib, Proc};
+use crate::procs::{rss_kib, Proc};
+use crate::spread::{open_files_limit, shares};
 use crate::{edge, ws, Bench, Path};
 use std::io::{BufRead, Read};
 use std::net::SocketAddr;
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 /// Set in a child that holds idle sessions: `KIND ADDR COUNT FIRST`, where
 /// KIND is `tcp`, `tls` or `ws` and FIRST the index of its first client
-/// address (see [`edge::connect_from`]).
+/// address (see [`crate::spread::connect_from`]).
 pub(crate) const CLIENTS_ENV: &str = "PROXY_BENCH_IDLE";
 
 /// Descriptors a process keeps for other things than sessions.
@@ -54,13 +55,6 @@ fn per_process(path: Path, limit: usize) -> usize {
     }
 }
 
-/// `n` parts, as even as can be, that add up to `total`.
-fn shares(total: usize, n: usize) -> Vec<usize> {
-    (0..n)
-        .map(|i| total / n + usize::from(i < total % n))
-        .collect()
-}
-
 /// RSS of electrum-lb (over TCP, TLS and WebSocket) and of HAProxy (TCP
 /// and TLS) with `n` idle sessions each, or why it was skipped. A path that
 /// fails is said so and left out; the others are still measured.
@@ -68,17 +62,17 @@ pub(crate) async fn idle_memory(bench: &Bench, n: usize) -> Result<Vec<Held>, St
     if n == 0 {
         return Err("skipped (--sessions 0)".into());
     }
-    let limit = open_files_limit() as usize;
+    let limit = open_files_limit();
     let mut paths = vec![Path::Lb, Path::LbTls, Path::LbWs];
     if bench.haproxy {
         paths.push(Path::Haproxy);
         paths.push(Path::HaproxyTls);
     }
+    // HAProxy opens a connection to an upstream for every session, and
+    // both mock upstreams live in one process under the same limit.
+    let upstream_holds = per_process(Path::Lb, limit);
     let mut out = Vec::new();
     for path in paths {
-        // HAProxy opens a connection to an upstream for every session, and
-        // both mock upstreams live in one process under the same limit.
-        let upstream_holds = per_process(Path::Lb, limit);
         let n = match path {
             Path::Haproxy | Path::HaproxyTls if n > upstream_holds => {
                 println!(

@@ -74,6 +74,8 @@ mod options;
 mod procs;
 mod real;
 mod real_stack;
+#[path = "../support/spread.rs"]
+mod spread;
 mod workload;
 mod ws;
 
@@ -119,7 +121,7 @@ pub(crate) const BLOCKS: usize = 1_000;
 pub(crate) const UPSTREAMS: usize = 2;
 
 pub(crate) fn main() {
-    raise_open_files_limit();
+    spread::raise_open_files_limit();
     if std::env::var(MOCK_ENV).is_ok() {
         return mock_main();
     }

@@ -16,7 +16,7 @@ use tokio_tungstenite::WebSocketStream;
 /// `n` WebSocket sessions that sent `server.version` and
 /// `blockchain.headers.subscribe` (as the TCP idle sessions do), each in
 /// its own message, and got both answers; from spread addresses (`first`
-/// on, see [`crate::edge::connect_from`]).
+/// on, see [`crate::spread::connect_from`]).
 pub(crate) async fn open_idle_ws_sessions(
     addr: SocketAddr,
     n: usize,
@@ -28,7 +28,7 @@ pub(crate) async fn open_idle_ws_sessions(
         let gate = gate.clone();
         tasks.spawn(async move {
             let _permit = gate.acquire_owned().await.expect("open");
-            let tcp = crate::edge::connect_from(first + i, addr).await;
+            let tcp = crate::spread::connect_from(first + i, addr).await;
             // The client's buffers are this process's, not the proxy's:
             // kept small so that 10,000 of them fit easily.
             let config = WebSocketConfig::default().read_buffer_size(4096);
