@@ -428,6 +428,9 @@ async fn histories_stay_consistent_with_the_announced_status() {
             .await;
     }
     assert!(other.count("blockchain.scripthash.get_history") > 0);
+    // Some of those may have gone to the holder too (the selection weighs
+    // load and latency): the rounds are counted from here.
+    let before = holder.count("blockchain.scripthash.get_history");
 
     for r in 0..ROUNDS {
         confirmed.push((txid(r), 41 + r as i64));
@@ -473,7 +476,7 @@ async fn histories_stay_consistent_with_the_announced_status() {
     // upstream: one per status; the reader's read of the same status was
     // answered from memory (see tests/reads_answers.rs).
     assert_eq!(
-        holder.count("blockchain.scripthash.get_history"),
+        holder.count("blockchain.scripthash.get_history") - before,
         ROUNDS as u64
     );
     let hits = server.coins["test"]
