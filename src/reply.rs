@@ -12,7 +12,7 @@ pub mod queue;
 use crate::jsonrpc::{self, Json, Line, RpcError};
 use crate::limits::ReplyLimits;
 use crate::metrics::{CoinMetrics, Outcome};
-pub use queue::Taken;
+pub use queue::{recycle, Taken};
 use queue::{Pushed, Queue};
 use serde_json::value::RawValue;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -86,6 +86,12 @@ impl Inbox {
     /// come (every [`Outbound`] is gone, or the inbox was closed and is empty).
     pub async fn recv_all(&mut self) -> Option<Taken> {
         std::future::poll_fn(|cx| self.inner.queue.poll_take(cx)).await
+    }
+
+    /// Wait for a queued line without taking it: `Some(bytes queued)`, or
+    /// `None` once nothing more can come (as [`Inbox::recv_all`]).
+    pub async fn ready(&mut self) -> Option<usize> {
+        std::future::poll_fn(|cx| self.inner.queue.poll_ready(cx)).await
     }
 
     /// Every queued line, without waiting.

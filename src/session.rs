@@ -359,26 +359,25 @@ where
         let killed = kill.cancelled();
         tokio::pin!(killed);
         loop {
-            let taken = tokio::select! {
+            let queued = tokio::select! {
                 biased;
                 _ = &mut killed => break,
                 // `None` also once a drained session finished the queue
                 // (`Outbound::finish`) and what it held is written.
-                m = rx.recv_all() => match m {
+                m = rx.ready() => match m {
                     Some(m) => m,
                     None => break,
                 },
             };
-            // The queue's own buffer, lines formatted in place: written as
-            // it is, and freed after the write (an idle session holds no
-            // write buffer).
-            let mut buf = taken.bytes;
-            if buf.len() < WRITE_BATCH {
+            if queued < WRITE_BATCH {
                 // Answers come in bursts (one upstream read holds many): let
                 // the burst land so that it leaves in one write.
                 tokio::task::yield_now().await;
-                buf.extend_from_slice(&rx.try_recv_all().bytes);
             }
+            // The queue's own buffer, lines formatted in place: written as
+            // it is, then handed to the thread's pool for the next answers
+            // (an idle session holds no buffer; see `reply::queue`).
+            let buf = rx.try_recv_all().bytes;
             rx.made_room();
             // Flushed too: a transport may hold written bytes back until then
             // (the WebSocket adapter; TCP and TLS write through).
@@ -395,6 +394,7 @@ where
             }
             bytes_out.inc_by(buf.len() as u64);
             limits.sent(buf.len());
+            reply::recycle(buf);
         }
         // Stop the reader too (a write error means the client is gone).
         kill.cancel();

@@ -181,8 +181,11 @@ impl Cache {
         debug_assert_eq!(read_of(method, params).as_deref(), Some(sh));
         let answers = &self.answers;
         // One string for every key of this read: the store's is method and
-        // params, the flight's the same with `#generation` after it.
-        let mut key = String::with_capacity(method.len() + params.len() + GENERATION_ROOM);
+        // params, the flight's the same with `#generation` after it. Only
+        // looked up with, never kept (a flight copies its key): the
+        // thread's scratch string, not an allocation per read.
+        let mut key = ScratchKey::take();
+        key.reserve(method.len() + params.len() + GENERATION_ROOM);
         key.push_str(method);
         key.push_str(params);
         let generation = {
@@ -211,7 +214,7 @@ impl Cache {
         self: &Arc<Self>,
         sh: &str,
         method: &str,
-        mut key: String,
+        mut key: ScratchKey,
         generation: u64,
         responder: Responder,
         fetch: impl FnOnce(Responder),
@@ -224,17 +227,17 @@ impl Cache {
             answers.counters.join.inc();
             return;
         };
-        let key = &key[..stored];
         // An identical read may have landed between the lookup and the
         // join (a flight keeps its answer before it leaves the map).
         if generation != 0 {
-            if let Some(result) = self.kept(key, generation) {
+            if let Some(result) = self.kept(&key[..stored], generation) {
                 answers.counters.hit.inc();
                 if let Ok(raw) = RawValue::from_string(result.to_string()) {
                     return flight.land(&Ok(Answer::Result(raw)));
                 }
             }
         }
+        drop(key);
         answers.counters.miss.inc();
         // Generation 0 keeps nothing (see the module doc): nothing to carry.
         let keep = (generation != 0).then(|| (self.clone(), Box::<str>::from(sh)));
@@ -389,6 +392,48 @@ impl Cache {
             for k in keys {
                 store.remove(&*k);
             }
+        }
+    }
+}
+
+/// The thread's string for building a read's keys, taken for one read
+/// and put back when dropped (a read that starts another on the same
+/// thread while it holds it, which none does today, gets a new one).
+struct ScratchKey(String);
+
+thread_local! {
+    static SCRATCH_KEY: std::cell::Cell<String> = const { std::cell::Cell::new(String::new()) };
+}
+
+/// Keys longer than this are not kept for the next read (a client's
+/// params can be large; the thread would hold the largest for good).
+const SCRATCH_KEEP: usize = 1024;
+
+impl ScratchKey {
+    fn take() -> ScratchKey {
+        let mut s = SCRATCH_KEY.take();
+        s.clear();
+        ScratchKey(s)
+    }
+}
+
+impl std::ops::Deref for ScratchKey {
+    type Target = String;
+    fn deref(&self) -> &String {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ScratchKey {
+    fn deref_mut(&mut self) -> &mut String {
+        &mut self.0
+    }
+}
+
+impl Drop for ScratchKey {
+    fn drop(&mut self) {
+        if self.0.capacity() <= SCRATCH_KEEP {
+            SCRATCH_KEY.set(std::mem::take(&mut self.0));
         }
     }
 }
