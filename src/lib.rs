@@ -22,9 +22,9 @@
 //!   writing replies without building JSON trees.
 //! - [`router`]: the method table of a coin: local `server.*` answers
 //!   ([`local`]; [`protocol`] negotiates versions), protocols 1.6 and 1.7
-//!   over upstreams of any level ([`bridge`]; outpoint statuses in
+//!   over upstreams of any level ([`router::bridge`]; outpoint statuses in
 //!   [`outpoint`], read from transactions with [`tx`]), subscriptions to
-//!   the [`hub`], translations in [`legacy`] and [`coin`] (addresses),
+//!   the [`hub`], translations in [`router::legacy`] and [`coin`] (addresses),
 //!   [`header`] shapes, and forwarding to the [`upstream`] pool through the
 //!   [`cache`] (immutable answers from memory; identical reads in flight
 //!   share one request, see [`coalesce`]; scripthash reads answered from
@@ -51,7 +51,6 @@
 
 pub mod admin;
 pub mod app;
-pub mod bridge;
 pub mod cache;
 pub mod coalesce;
 pub mod codec;
@@ -63,7 +62,6 @@ pub mod handoff;
 pub mod header;
 pub mod hub;
 pub mod jsonrpc;
-pub mod legacy;
 pub mod limits;
 pub mod listener;
 pub mod local;

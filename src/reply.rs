@@ -7,6 +7,7 @@
 //! task per request, no copy of the result into an intermediate tree.
 //! [`queue`] is the bounded queue between them and the session's writer.
 
+pub mod internal;
 pub mod queue;
 
 use crate::jsonrpc::{self, Json, Line, RpcError};

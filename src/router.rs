@@ -11,11 +11,13 @@
 //! per-session protocol state ([`SessionState`]), but not the transport
 //! (that is `session`).
 
+pub mod bridge;
+pub mod legacy;
+
 use crate::coin::{self, AddressVersions};
 use crate::header::HeaderForm;
 use crate::hub::{Form, Hub, Route, SessionId, Topic};
 use crate::jsonrpc::{self, ClientMessage, ErrorCode, LineError, Request, RpcError};
-use crate::legacy;
 use crate::limits::{Limit, SessionGate};
 use crate::protocol::{Level, Version};
 use crate::reply::{Batch, ClientId, Hook, HookReply, Outbound, Responder};
@@ -252,7 +254,7 @@ impl Router {
 
     fn route(&self, st: &mut SessionState, method: &str, params: &str, responder: Responder) {
         // Methods of protocol 1.6 and 1.7, and the rules of each level.
-        let Some(responder) = crate::bridge::route(self, st, method, params, responder) else {
+        let Some(responder) = bridge::route(self, st, method, params, responder) else {
             return;
         };
         match method {
@@ -368,7 +370,7 @@ impl Router {
         responder: Responder,
         affinity: Option<&str>,
     ) {
-        let need = crate::bridge::upstream_need(method);
+        let need = bridge::upstream_need(method);
         self.forward_to(method, params, responder, affinity, need);
     }
 

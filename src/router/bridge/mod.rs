@@ -116,8 +116,10 @@ fn translate<F>(
     let (tx, rx) = tokio::sync::oneshot::channel();
     router.forward(method, params, Responder::Internal(tx), affinity);
     tokio::spawn(async move {
-        let reply = rx.await.unwrap_or_else(|_| Err(crate::legacy::dropped()));
-        crate::legacy::relay(reply, responder, convert);
+        let reply = rx
+            .await
+            .unwrap_or_else(|_| Err(crate::reply::internal::dropped()));
+        crate::reply::internal::relay(reply, responder, convert);
     });
 }
 

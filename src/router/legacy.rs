@@ -13,6 +13,7 @@
 use crate::header::{self, HeaderForm};
 use crate::jsonrpc::{self, ErrorCode, RpcError};
 use crate::protocol::V1_6;
+use crate::reply::internal::{dropped, relay, unexpected};
 use crate::reply::{Answer, InternalReply, Responder};
 use crate::router::Router;
 use crate::upstream::{Capability, Job, Need, Pool};
@@ -229,18 +230,6 @@ fn uint_arg(params: &str, name: &str) -> Result<u64, RpcError> {
     }
 }
 
-pub(crate) fn unexpected(raw: &str) -> RpcError {
-    let shown: String = raw.chars().take(80).collect();
-    RpcError::new(
-        ErrorCode::InternalError,
-        format!("unexpected upstream answer: {shown}"),
-    )
-}
-
-pub(crate) fn dropped() -> RpcError {
-    RpcError::new(ErrorCode::InternalError, "request dropped")
-}
-
 /// Send one request to the pool for the proxy itself.
 fn ask(
     pool: &Pool,
@@ -272,22 +261,6 @@ where
         let reply = rx.await.unwrap_or_else(|_| Err(dropped()));
         relay(reply, responder, convert);
     });
-}
-
-/// Answer the client from an internal reply: a result through `convert`, an
-/// upstream error object verbatim, the proxy's own error otherwise.
-pub(crate) fn relay<F>(reply: InternalReply, responder: Responder, convert: F)
-where
-    F: FnOnce(&str) -> Result<String, RpcError>,
-{
-    match reply {
-        Ok(Answer::Result(raw)) => match convert(raw.get()) {
-            Ok(text) => responder.deliver_text(&text),
-            Err(e) => responder.fail(e),
-        },
-        Ok(Answer::Error(e)) => responder.deliver(Err((&*e).into())),
-        Err(e) => responder.fail(e),
-    }
 }
 
 #[cfg(test)]

@@ -110,7 +110,7 @@ async fn emulate_once(
             ))
         }
         Ok(Err(e)) => return Err(e),
-        Err(_) => return Err(crate::legacy::dropped()),
+        Err(_) => return Err(crate::reply::internal::dropped()),
     };
     let fetch = |txid: String| up.tx(txid);
     Ok(outpoint::emulate(op, &spk, history, HashSet::new(), fetch)
@@ -172,10 +172,10 @@ impl Upstream {
         {
             Ok(Ok(Answer::Result(raw))) => serde_json::from_str::<String>(raw.get())
                 .map(Some)
-                .map_err(|_| crate::legacy::unexpected(raw.get())),
+                .map_err(|_| crate::reply::internal::unexpected(raw.get())),
             Ok(Ok(Answer::Error(_))) => Ok(None),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(crate::legacy::dropped()),
+            Err(_) => Err(crate::reply::internal::dropped()),
         }
     }
 }

@@ -42,17 +42,17 @@ pub(crate) fn headers_list(raw: &str) -> Result<Option<String>, RpcError> {
         return Ok(None);
     }
     let members: serde_json::Map<String, Value> =
-        serde_json::from_str(raw).map_err(|_| crate::legacy::unexpected(raw))?;
+        serde_json::from_str(raw).map_err(|_| crate::reply::internal::unexpected(raw))?;
     let (Some(hex), Some(count)) = (
         members.get("hex").and_then(Value::as_str),
         members.get("count").and_then(Value::as_u64),
     ) else {
-        return Err(crate::legacy::unexpected(raw));
+        return Err(crate::reply::internal::unexpected(raw));
     };
     let count = count as usize;
     // Every header of a chain has the same length (80 bytes for Bitcoin).
     if count == 0 && !hex.is_empty() || count > 0 && hex.len() % count != 0 {
-        return Err(crate::legacy::unexpected(raw));
+        return Err(crate::reply::internal::unexpected(raw));
     }
     let size = hex.len().checked_div(count).unwrap_or(0);
     let headers: Vec<&str> = (0..count).map(|i| &hex[i * size..(i + 1) * size]).collect();
@@ -100,11 +100,11 @@ pub(crate) fn canonical(raw: &str) -> Result<Option<String>, RpcError> {
         height: i64,
     }
     let items: Vec<&RawValue> =
-        serde_json::from_str(raw).map_err(|_| crate::legacy::unexpected(raw))?;
+        serde_json::from_str(raw).map_err(|_| crate::reply::internal::unexpected(raw))?;
     let mut keyed = Vec::with_capacity(items.len());
     for item in &items {
-        let i: Item =
-            serde_json::from_str(item.get()).map_err(|_| crate::legacy::unexpected(raw))?;
+        let i: Item = serde_json::from_str(item.get())
+            .map_err(|_| crate::reply::internal::unexpected(raw))?;
         keyed.push((i.height, i.tx_hash.to_ascii_lowercase(), *item));
     }
     // Confirmed entries keep the upstream's (block) order; the mempool
