@@ -95,6 +95,12 @@ impl Inbox {
         std::future::poll_fn(|cx| self.inner.queue.poll_ready(cx)).await
     }
 
+    /// Requests of the session still awaiting an answer: when none is, a
+    /// line queued is all there is to write for now.
+    pub fn owed(&self) -> usize {
+        self.inner.pending.load(Ordering::Relaxed)
+    }
+
     /// Every queued line, without waiting.
     pub fn try_recv_all(&mut self) -> Taken {
         self.inner.queue.take()

@@ -369,9 +369,12 @@ where
                     None => break,
                 },
             };
-            if queued < WRITE_BATCH {
+            if queued < WRITE_BATCH && rx.owed() > 0 {
                 // Answers come in bursts (one upstream read holds many): let
-                // the burst land so that it leaves in one write.
+                // the burst land so that it leaves in one write. With no
+                // answer owed there is no burst to wait for (a wallet's one
+                // request, a notification): written at once, without a
+                // round of the scheduler.
                 tokio::task::yield_now().await;
             }
             // The queue's own buffer, lines formatted in place: written as
