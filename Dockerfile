@@ -35,6 +35,11 @@ COPY --chown=root:electrum-lb config /etc/electrum-lb/config
 COPY --chown=root:electrum-lb certs /etc/electrum-lb/certs
 RUN chmod 0640 /etc/electrum-lb/certs/server.key
 WORKDIR /etc/electrum-lb
+# glibc keeps up to 256 freed blocks per size in each thread's cache
+# (default 7): a busy proxy has far more than 7 requests of one size in
+# flight, and each past the seventh went through malloc's slow path. About
+# 4% fewer instructions per uncached answer (README "Performance").
+ENV GLIBC_TUNABLES=glibc.malloc.tcache_count=256
 # Numeric, so that Kubernetes can check runAsNonRoot (deploy/kubernetes).
 USER 10001:10001
 # TCP and TLS listeners of the shipped coins, and the metrics port.

@@ -161,3 +161,22 @@ fn kubernetes_secret_holds_the_certificate_of_certs() {
     assert_eq!(block("tls.crt").trim(), read("certs/server.crt").trim());
     assert_eq!(block("tls.key").trim(), read("certs/server.key").trim());
 }
+
+/// The shipped units and image run electrum-lb with the same glibc
+/// settings, and the proxy bench measures it with them (README
+/// "Performance"): a change to one is a change to all.
+#[test]
+fn units_image_and_bench_share_the_glibc_settings() {
+    const SETTING: &str = "glibc.malloc.tcache_count=256";
+    for unit in ["deploy/electrum-lb.service", "deploy/electrum-lb@.service"] {
+        let text = read(unit);
+        assert!(
+            text.contains(&format!("\nEnvironment=GLIBC_TUNABLES={SETTING}\n")),
+            "{unit}"
+        );
+    }
+    assert!(read("Dockerfile").contains(&format!("\nENV GLIBC_TUNABLES={SETTING}\n")));
+    assert!(read("benches/proxy/procs.rs").contains(&format!(
+        "const ELECTRUM_LB_TUNABLES: &str = \"{SETTING}\";"
+    )));
+}

@@ -86,6 +86,9 @@ pub(crate) fn start_electrum_lb(
     launch_electrum_lb(&path, upstreams.len(), args)
 }
 
+/// glibc's settings the shipped units and image give electrum-lb.
+pub(crate) const ELECTRUM_LB_TUNABLES: &str = "glibc.malloc.tcache_count=256";
+
 /// Start the release binary with the config at `path` and wait until it
 /// listens (TCP and `ws://`) and `upstreams` upstreams are connected;
 /// `args` are the runtime's options (`--threads`, `--per-core`).
@@ -96,6 +99,12 @@ pub(crate) fn launch_electrum_lb(
 ) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_electrum-lb"));
     cmd.arg("--config").arg(path).args(args);
+    // As the shipped units and image run it (glibc's thread cache of freed
+    // blocks, see `Dockerfile`), unless this bench's caller set its own
+    // (`GLIBC_TUNABLES= cargo bench ...` measures glibc's defaults).
+    if std::env::var_os("GLIBC_TUNABLES").is_none() {
+        cmd.env("GLIBC_TUNABLES", ELECTRUM_LB_TUNABLES);
+    }
     let mut child = cmd
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
