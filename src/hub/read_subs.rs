@@ -49,7 +49,7 @@
 use super::actor::Actor;
 use super::entry::Entry;
 use super::Topic;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -64,9 +64,16 @@ pub(super) struct ReadSubs {
     pub limit: usize,
     /// How long one may go unread.
     idle: Duration,
-    /// Scripthashes read once, oldest first (at most `limit`).
-    seen: VecDeque<String>,
-    seen_set: HashSet<String>,
+    /// Scripthashes read once (at most `limit`), each with its place in
+    /// `seen_order`.
+    seen: HashMap<String, u64>,
+    /// The order they were read in, oldest first: places of scripthashes
+    /// since admitted (or read again) stay behind as stale entries, skipped
+    /// when reached and swept out once they are as many as the live ones,
+    /// so that an admission costs no scan of the others.
+    seen_order: VecDeque<(u64, String)>,
+    /// The next place in `seen_order`.
+    next_place: u64,
     /// The read-driven entries, in second-chance order.
     ring: VecDeque<String>,
     /// Scripthashes whose read-driven subscribe failed, oldest first (at
@@ -120,8 +127,9 @@ impl ReadSubs {
         ReadSubs {
             limit,
             idle,
-            seen: VecDeque::new(),
-            seen_set: HashSet::new(),
+            seen: HashMap::new(),
+            seen_order: VecDeque::new(),
+            next_place: 0,
             ring: VecDeque::new(),
             refused: VecDeque::new(),
             refused_set: HashSet::new(),
@@ -137,8 +145,8 @@ impl ReadSubs {
 
     /// Remember a first read; true when `sh` was read before (admitted).
     fn admit(&mut self, sh: &str) -> bool {
-        if self.seen_set.remove(sh) {
-            self.seen.retain(|s| s != sh);
+        if self.seen.remove(sh).is_some() {
+            // Its place in `seen_order` goes stale.
             return true;
         }
         self.remember(sh);
@@ -165,13 +173,24 @@ impl ReadSubs {
 
     /// Remember that `sh` was read, forgetting the oldest beyond `limit`.
     fn remember(&mut self, sh: &str) {
-        if self.seen.len() >= self.limit {
-            if let Some(old) = self.seen.pop_front() {
-                self.seen_set.remove(&old);
+        let place = self.next_place;
+        self.next_place += 1;
+        if self.seen.insert(sh.to_string(), place).is_none() {
+            while self.seen.len() > self.limit.max(1) {
+                let Some((old_place, old)) = self.seen_order.pop_front() else {
+                    break;
+                };
+                if self.seen.get(&old) == Some(&old_place) {
+                    self.seen.remove(&old);
+                }
             }
         }
-        self.seen.push_back(sh.to_string());
-        self.seen_set.insert(sh.to_string());
+        self.seen_order.push_back((place, sh.to_string()));
+        if self.seen_order.len() > 2 * self.seen.len() + 16 {
+            let seen = &self.seen;
+            self.seen_order
+                .retain(|(place, sh)| seen.get(sh) == Some(place));
+        }
     }
 }
 
@@ -317,7 +336,37 @@ mod tests {
         assert!(!r.admit("c"), "pushes the oldest (a) out");
         assert!(!r.admit("a"));
         assert!(r.admit("c"));
-        assert!(r.seen.len() <= 2 && r.seen_set.len() == r.seen.len());
+        assert!(r.seen.len() <= 2);
+    }
+
+    #[test]
+    fn the_oldest_live_read_is_forgotten_past_stale_places() {
+        let mut r = ReadSubs::new(2, Duration::from_secs(1));
+        assert!(!r.admit("a"));
+        assert!(!r.admit("b"));
+        assert!(r.admit("a"), "a's place goes stale");
+        assert!(!r.admit("c"));
+        // Full (b, c): d pushes out b, the oldest live one, past a's
+        // stale place.
+        assert!(!r.admit("d"));
+        assert!(!r.admit("b"), "b was forgotten");
+        assert!(r.admit("d"), "d is remembered");
+        // a read again: a new place; its old one must not forget it.
+        assert!(!r.admit("a"));
+        assert!(!r.admit("e"));
+        assert!(r.admit("a"), "a is among the last two");
+        // Stale places are swept: the log stays within a few times the
+        // live ones, however many admissions.
+        for i in 0..1000 {
+            let sh = format!("x{i}");
+            assert!(!r.admit(&sh));
+            assert!(r.admit(&sh));
+        }
+        assert!(
+            r.seen_order.len() <= 2 * r.seen.len() + 17,
+            "{}",
+            r.seen_order.len()
+        );
     }
 
     #[test]
