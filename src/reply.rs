@@ -86,7 +86,8 @@ impl Inbox {
     /// Every queued line, waiting for one; `None` once nothing more can
     /// come (every [`Outbound`] is gone, or the inbox was closed and is empty).
     pub async fn recv_all(&mut self) -> Option<Taken> {
-        std::future::poll_fn(|cx| self.inner.queue.poll_take(cx)).await
+        self.ready().await?;
+        Some(self.try_recv_all())
     }
 
     /// Wait for a queued line without taking it: `Some(bytes queued)`, or
@@ -95,9 +96,10 @@ impl Inbox {
         std::future::poll_fn(|cx| self.inner.queue.poll_ready(cx)).await
     }
 
-    /// Requests of the session still awaiting an answer: when none is, a
-    /// line queued is all there is to write for now.
-    pub fn owed(&self) -> usize {
+    /// Requests of the session still awaiting an answer (as
+    /// [`Outbound::pending`]): when none is, a line queued is all there is
+    /// to write for now.
+    pub fn pending(&self) -> usize {
         self.inner.pending.load(Ordering::Relaxed)
     }
 

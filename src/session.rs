@@ -369,7 +369,7 @@ where
                     None => break,
                 },
             };
-            if queued < WRITE_BATCH && rx.owed() > 0 {
+            if queued < WRITE_BATCH && rx.pending() > 0 {
                 // Answers come in bursts (one upstream read holds many): let
                 // the burst land so that it leaves in one write. With no
                 // answer owed there is no burst to wait for (a wallet's one

@@ -9,8 +9,8 @@
 //! lines, and no copy into a write buffer; the writer takes the buffer as
 //! it is and writes it. It replaces a `tokio::sync::mpsc` channel also
 //! because an idle session must cost as little as possible: an empty
-//! queue holds no allocation (the writer took the buffer, and frees it
-//! once written).
+//! queue holds no allocation (the writer took the buffer, and hands it to
+//! the pool below once written).
 //!
 //! A buffer the writer has written goes back to a small pool kept per
 //! thread ([`recycle`]), and the next answer queued on that thread into an
@@ -221,22 +221,9 @@ impl Queue {
         }
     }
 
-    /// Every queued line, or `None` once the queue is empty and nothing
-    /// more can come (no producer left, or closed).
-    pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Option<Taken>> {
-        let mut st = self.state();
-        if st.lines > 0 {
-            return Poll::Ready(Some(take(&mut st)));
-        }
-        if st.senders == 0 || st.closed {
-            return Poll::Ready(None);
-        }
-        wait(&mut st, cx)
-    }
-
     /// Wait until something is queued: `Some(bytes queued)`, or `None`
-    /// once the queue is empty and nothing more can come (as
-    /// [`Queue::poll_take`]). Takes nothing: [`Queue::take`] does.
+    /// once the queue is empty and nothing more can come (no producer
+    /// left, or closed). Takes nothing: [`Queue::take`] does.
     pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<Option<usize>> {
         let mut st = self.state();
         if st.lines > 0 {
@@ -297,8 +284,8 @@ mod tests {
         assert_eq!(q.push_with(|b| b.extend_from_slice(b"bc")), Pushed::Queued);
         assert_eq!(q.push(b"c"), Pushed::Full);
         assert_eq!(q.free(), 0);
-        let lines = poll_fn(|cx| q.poll_take(cx)).await.unwrap();
-        assert_eq!(lines, taken("a\nbc\n", 2));
+        assert_eq!(poll_fn(|cx| q.poll_ready(cx)).await, Some(5));
+        assert_eq!(q.take(), taken("a\nbc\n", 2));
         assert_eq!(q.free(), 2);
         assert_eq!(q.take(), Taken::default());
     }
@@ -346,8 +333,8 @@ mod tests {
             let q = q.clone();
             tokio::spawn(async move {
                 let mut got = Vec::new();
-                while let Some(t) = poll_fn(|cx| q.poll_take(cx)).await {
-                    got.extend(t.bytes);
+                while poll_fn(|cx| q.poll_ready(cx)).await.is_some() {
+                    got.extend(q.take().bytes);
                 }
                 got
             })
@@ -369,7 +356,7 @@ mod tests {
         assert!(q.is_closed());
         assert_eq!(q.take(), taken("x\n", 1));
         let mut cx = Context::from_waker(Waker::noop());
-        assert_eq!(q.poll_take(&mut cx), Poll::Ready(None));
+        assert_eq!(q.poll_ready(&mut cx), Poll::Ready(None));
     }
 
     #[test]
