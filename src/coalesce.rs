@@ -15,8 +15,7 @@
 //! the [`Flight`] as an `Arc<str>`); the one who started it is kept in the
 //! [`Flight`] itself, and the list of those who joined stays empty, so
 //! unallocated, until someone does. The key is hashed once, when it joins
-//! (SipHash with the process's random keys, as a `HashMap` would: keys are
-//! client text); the map is indexed by that hash (see `u64_keys`), so
+//! (aHash with random keys, see `text_keys`: keys are client text); the map is indexed by that hash (see `u64_keys`), so
 //! landing does not hash the text again. Two keys with the same hash are told apart by their text: the
 //! later one flies alone (never joined), which is always correct.
 //!
@@ -25,18 +24,17 @@
 
 use crate::jsonrpc::{ErrorCode, RpcError};
 use crate::reply::{Answer, HookReply, InternalReply, Responder};
+use crate::text_keys::TextKeys;
 use crate::u64_keys::U64Keys;
-use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 
 /// The requests of one coin that are on their way upstream, by key.
 #[derive(Default)]
 pub struct Coalescer {
     flights: Arc<Mutex<Flights>>,
-    /// Hashes keys (random keys per process, as `HashMap`'s own).
-    hasher: RandomState,
+    /// Hashes keys (keyed with random secrets, see `text_keys`).
+    hasher: TextKeys,
 }
 
 #[derive(Default)]

@@ -73,6 +73,7 @@ pub mod reply;
 pub mod router;
 pub mod session;
 pub mod status;
+pub mod text_keys;
 pub mod tls;
 pub mod tx;
 pub mod u64_keys;

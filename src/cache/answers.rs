@@ -33,6 +33,7 @@
 
 use super::{lock, Cache, Entry};
 use crate::reply::{Answer, Hook, HookReply, Responder};
+use crate::text_keys::TextKeys;
 use prometheus::IntCounter;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
@@ -127,7 +128,7 @@ pub(super) struct Answers {
 
 #[derive(Default)]
 struct Table {
-    scripts: HashMap<Box<str>, Script>,
+    scripts: HashMap<Box<str>, Script, TextKeys>,
     /// The last generation handed out (0: never told a status).
     generation: u64,
 }

@@ -16,6 +16,7 @@ use super::read_subs::{Notices, ReadSubs};
 use super::scripthash::Scripts;
 use super::{Command, Form, HubConfig, HubStats, Route, SessionId, Topic};
 use crate::jsonrpc::{self, ErrorCode, RpcError};
+use crate::text_keys::TextKeys;
 use crate::upstream::{Pool, PoolEvent};
 use dashmap::DashMap;
 use std::collections::{HashMap, HashSet};
@@ -35,7 +36,7 @@ pub(super) struct Actor {
     /// Answers of the hub's own upstream requests come back through here.
     pub self_tx: mpsc::UnboundedSender<Command>,
     /// Read by the router (see `reads`).
-    pub affinity: Arc<DashMap<String, Route>>,
+    pub affinity: Arc<DashMap<String, Route, TextKeys>>,
     pub stats: Arc<HubStats>,
     pub headers: Headers,
     pub scripts: Scripts,
@@ -47,7 +48,7 @@ pub(super) struct Actor {
     /// Statuses held after a failover (see `failover`).
     pub holds: Holds,
     /// Scripthashes with parked reads (see `reads`).
-    pub parked: HashSet<String>,
+    pub parked: HashSet<String, TextKeys>,
     /// Subscriptions the hub holds because wallets read (see `read_subs`).
     pub read_subs: ReadSubs,
     /// Reads told by the router, taken on `Command::Noticed` (see
@@ -60,7 +61,7 @@ impl Actor {
         config: HubConfig,
         pool: Pool,
         self_tx: mpsc::UnboundedSender<Command>,
-        affinity: Arc<DashMap<String, Route>>,
+        affinity: Arc<DashMap<String, Route, TextKeys>>,
         stats: Arc<HubStats>,
         notices: Arc<Notices>,
     ) -> Actor {
@@ -80,7 +81,7 @@ impl Actor {
             sessions: HashMap::new(),
             next_generation: 1,
             holds: Holds::default(),
-            parked: HashSet::new(),
+            parked: HashSet::default(),
             read_subs: ReadSubs::new(limit, idle),
             notices,
         }

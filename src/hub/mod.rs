@@ -53,6 +53,7 @@ use crate::header::HeaderForm;
 use crate::jsonrpc::{ErrorCode, RpcError};
 use crate::reply::{InternalReply, Outbound, Responder};
 use crate::status::events::CoinEvents;
+use crate::text_keys::TextKeys;
 use crate::upstream::{ConnId, Job, Pool, PoolEvent, Reroute};
 use actor::Actor;
 use dashmap::DashMap;
@@ -152,7 +153,7 @@ impl Form {
 #[derive(Clone)]
 pub struct Hub {
     tx: mpsc::UnboundedSender<Command>,
-    affinity: Arc<DashMap<String, Route>>,
+    affinity: Arc<DashMap<String, Route, TextKeys>>,
     pub stats: Arc<HubStats>,
     /// Whether reads of unsubscribed scripthashes are told to the hub
     /// (read-driven subscriptions are on).
@@ -243,7 +244,7 @@ impl Hub {
             .is_some_and(|c| c.read_subscriptions().0 > 0);
         let hub = Hub {
             tx: tx.clone(),
-            affinity: Arc::new(DashMap::new()),
+            affinity: Arc::new(DashMap::default()),
             stats: Arc::new(HubStats::default()),
             noticing,
             notices: Arc::default(),

@@ -49,6 +49,7 @@
 use super::actor::Actor;
 use super::entry::Entry;
 use super::Topic;
+use crate::text_keys::TextKeys;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -66,7 +67,7 @@ pub(super) struct ReadSubs {
     idle: Duration,
     /// Scripthashes read once (at most `limit`), each with its place in
     /// `seen_order`.
-    seen: HashMap<String, u64>,
+    seen: HashMap<String, u64, TextKeys>,
     /// The order they were read in, oldest first: places of scripthashes
     /// since admitted (or read again) stay behind as stale entries, skipped
     /// when reached and swept out once they are as many as the live ones,
@@ -79,7 +80,7 @@ pub(super) struct ReadSubs {
     /// Scripthashes whose read-driven subscribe failed, oldest first (at
     /// most `limit`): not subscribed again while remembered.
     refused: VecDeque<String>,
-    refused_set: HashSet<String>,
+    refused_set: HashSet<String, TextKeys>,
     /// When the idle sweep runs next.
     next_sweep: Instant,
     /// The batch of [`Notices`] being handled (kept for its capacity).
@@ -127,12 +128,12 @@ impl ReadSubs {
         ReadSubs {
             limit,
             idle,
-            seen: HashMap::new(),
+            seen: HashMap::default(),
             seen_order: VecDeque::new(),
             next_place: 0,
             ring: VecDeque::new(),
             refused: VecDeque::new(),
-            refused_set: HashSet::new(),
+            refused_set: HashSet::default(),
             next_sweep: Instant::now() + idle,
             batch: String::new(),
         }

@@ -13,6 +13,7 @@
 use super::entry::{Entry, Value};
 use super::Form;
 use crate::jsonrpc;
+use crate::text_keys::TextKeys;
 use std::collections::HashMap;
 
 /// The upstream methods of this kind.
@@ -23,7 +24,7 @@ pub(super) const UNSUBSCRIBE: &str = "blockchain.scripthash.unsubscribe";
 /// Every scripthash subscription of one coin, by lowercase scripthash.
 #[derive(Default)]
 pub(super) struct Scripts {
-    pub entries: HashMap<String, Entry>,
+    pub entries: HashMap<String, Entry, TextKeys>,
 }
 
 impl Scripts {
