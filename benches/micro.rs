@@ -253,7 +253,7 @@ fn queue(c: &mut Criterion) {
     g.bench_function("four_answers_queued_and_taken", |b| {
         b.iter(|| {
             for id in ["1", "2", "3", "4"] {
-                out.send_with(|buf| jsonrpc::push_result(buf, id, black_box(result)));
+                out.send_with(|buf| jsonrpc::push_result(buf, id.as_bytes(), black_box(result)));
             }
             black_box(inbox.try_recv_all())
         })

@@ -298,8 +298,8 @@ impl Responder {
             Responder::Client { id, out, meta } => {
                 out.record(&meta, outcome_kind(&outcome), None);
                 out.send_with(|buf| match outcome {
-                    Ok(result) => jsonrpc::push_result(buf, id.get(), result.get()),
-                    Err(error) => jsonrpc::push_error_object(buf, id.get(), error.get()),
+                    Ok(result) => jsonrpc::push_result(buf, id.bytes(), result.get()),
+                    Err(error) => jsonrpc::push_error_object(buf, id.bytes(), error.get()),
                 });
                 out.end_request();
             }
@@ -354,7 +354,7 @@ impl Responder {
         match self {
             Responder::Client { id, out, meta } => {
                 out.record(&meta, Outcome::Ok, None);
-                out.send_with(|buf| jsonrpc::push_result(buf, id.get(), result));
+                out.send_with(|buf| jsonrpc::push_result(buf, id.bytes(), result));
                 out.end_request();
             }
             Responder::Slot { index, batch } => {
@@ -420,6 +420,15 @@ impl ClientId {
                 std::str::from_utf8(&text[..*len as usize]).expect("copied from a str")
             }
             ClientId::Heap(text) => text,
+        }
+    }
+
+    /// [`ClientId::get`] as bytes, without checking again that they are
+    /// UTF-8 (they were copied from a `str`): how answers are written.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            ClientId::Inline { len, text } => &text[..*len as usize],
+            ClientId::Heap(text) => text.as_bytes(),
         }
     }
 }

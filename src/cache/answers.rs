@@ -223,7 +223,11 @@ impl Cache {
         let answers = &self.answers;
         let stored = key.len();
         key.push('#');
-        key.push_str(crate::jsonrpc::decimal(generation, &mut [0; 20]));
+        key.extend(
+            crate::jsonrpc::decimal(generation, &mut [0; 20])
+                .iter()
+                .map(|&d| char::from(d)),
+        );
         let Some(flight) = answers.flights.join(&key, responder) else {
             answers.counters.join.inc();
             return;

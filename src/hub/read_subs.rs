@@ -200,8 +200,12 @@ impl Actor {
     pub(super) fn on_notices(&mut self) {
         let mut batch = std::mem::take(&mut self.read_subs.batch);
         self.notices.take(&mut batch);
-        for sh in batch.lines() {
-            self.on_noticed(sh);
+        // A line per scripthash; memchr finds the ends with SIMD (str's
+        // own line splitting was about 250 instructions per notice).
+        let mut rest = batch.as_str();
+        while let Some(end) = memchr::memchr(b'\n', rest.as_bytes()) {
+            self.on_noticed(&rest[..end]);
+            rest = &rest[end + 1..];
         }
         batch.clear();
         self.read_subs.batch = batch;

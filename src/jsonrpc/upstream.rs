@@ -101,7 +101,7 @@ fn fast_response(text: &str) -> Option<UpstreamMessage<'_>> {
 /// Parse one line received from an upstream. Batches (which the proxy never
 /// sends) are split into their members.
 pub fn parse_upstream_line(line: &[u8]) -> Result<UpstreamMessages<'_>, LineError> {
-    let text = std::str::from_utf8(line).map_err(|_| LineError::Parse)?;
+    let text = super::utf8(line)?;
     if let Some(msg) = fast_response(text) {
         return Ok(UpstreamMessages::One([msg]));
     }
