@@ -15,9 +15,11 @@
 //! the [`Flight`] as an `Arc<str>`); the one who started it is kept in the
 //! [`Flight`] itself, and the list of those who joined stays empty, so
 //! unallocated, until someone does. The key is hashed once, when it joins
-//! (aHash with random keys, see `text_keys`: keys are client text); the map is indexed by that hash (see `u64_keys`), so
-//! landing does not hash the text again. Two keys with the same hash are told apart by their text: the
-//! later one flies alone (never joined), which is always correct.
+//! (aHash with random keys, see `text_keys`: keys are client text); the
+//! map is indexed by that hash (see `u64_keys`), so landing does not hash
+//! the text again. Two keys with the same hash are told apart by their
+//! text: the later one flies alone (never joined), which is always
+//! correct.
 //!
 //! Locks: one mutex over the map, held only to look up, insert or remove a
 //! flight, never across an await nor while answers are delivered.

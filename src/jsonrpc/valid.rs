@@ -196,7 +196,8 @@ pub fn needs_no_escape(text: &str) -> bool {
 /// The first byte at or after `from` that needs a look in a string (`"`,
 /// `\\` or a control character), or `b.len()`: sixteen bytes at a time
 /// (SSE2, part of every x86-64 CPU), eight elsewhere.
-fn first_look(b: &[u8], mut i: usize) -> usize {
+fn first_look(b: &[u8], from: usize) -> usize {
+    let mut i = from;
     #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
     while let Some(chunk) = b.get(i..i + 16) {
         let marks = look_marks_16(chunk.try_into().expect("sixteen bytes"));
