@@ -19,7 +19,8 @@
 //! - [`session`]: one client, transport-agnostic: a reader loop and a writer
 //!   task joined by a bounded queue.
 //! - [`codec`]: bounded newline framing; [`jsonrpc`]: classifying lines and
-//!   writing replies without building JSON trees.
+//!   writing replies without building JSON trees; [`scan`]: the byte scans
+//!   both make sixteen bytes at a time.
 //! - [`router`]: the method table of a coin: local `server.*` answers
 //!   ([`local`]; [`protocol`] negotiates versions), protocols 1.6 and 1.7
 //!   over upstreams of any level ([`router::bridge`]; outpoint statuses in
@@ -71,6 +72,7 @@ pub mod protocol;
 pub mod proxy_protocol;
 pub mod reply;
 pub mod router;
+pub mod scan;
 pub mod session;
 pub mod status;
 pub mod text_keys;

@@ -595,48 +595,13 @@ fn fast_scripthash(params: &str) -> Option<&str> {
         .strip_prefix(b"[")?
         .trim_ascii_start();
     let quoted = rest.get(..66)?;
-    if quoted[0] != b'"' || quoted[65] != b'"' || !all_lower_hex(&quoted[1..65]) {
+    if quoted[0] != b'"' || quoted[65] != b'"' || !crate::scan::all_lower_hex(&quoted[1..65]) {
         return None;
     }
     // Every byte before it is ASCII: a character boundary.
     let start = bytes.len() - rest.len() + 1;
     params.get(start..start + 64)
 }
-
-/// Whether every byte is a lowercase hexadecimal digit: sixteen at a time
-/// with SSE2 (`safe_arch`, as in `jsonrpc::valid`), the rest by table.
-fn all_lower_hex(mut b: &[u8]) -> bool {
-    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
-    while let Some((chunk, rest)) = b.split_first_chunk::<16>() {
-        use safe_arch::{
-            bitor_m128i, cmp_eq_mask_i8_m128i, load_unaligned_m128i, min_u8_m128i,
-            move_mask_i8_m128i, set_splat_i8_m128i, sub_i8_m128i,
-        };
-        // `x - lo` (wrapping) at most `span`: x in lo..=lo + span.
-        let within = |v, lo: u8, span: u8| {
-            let off = sub_i8_m128i(v, set_splat_i8_m128i(lo as i8));
-            cmp_eq_mask_i8_m128i(min_u8_m128i(off, set_splat_i8_m128i(span as i8)), off)
-        };
-        let v = load_unaligned_m128i(chunk);
-        let hex = bitor_m128i(within(v, b'0', 9), within(v, b'a', 5));
-        if move_mask_i8_m128i(hex) != 0xffff {
-            return false;
-        }
-        b = rest;
-    }
-    b.iter().all(|&c| LOWER_HEX[c as usize])
-}
-
-/// Which bytes are lowercase hexadecimal digits.
-static LOWER_HEX: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut b = 0;
-    while b < 256 {
-        t[b] = matches!(b as u8, b'0'..=b'9' | b'a'..=b'f');
-        b += 1;
-    }
-    t
-};
 
 /// The first positional parameter, when it is a string.
 pub(crate) fn first_string(params: &str) -> Option<String> {
@@ -718,22 +683,6 @@ mod tests {
             format!("[\"{}xy\"]", &sh[2..]),
         ] {
             assert_eq!(scripthash_arg(&params), None, "{params}");
-        }
-    }
-
-    #[test]
-    fn lower_hex_is_told_by_every_byte_at_every_place() {
-        let hex = b"0123456789abcdef".repeat(4);
-        assert!(all_lower_hex(&hex));
-        for place in 0..hex.len() {
-            for byte in 0..=255u8 {
-                let mut text = hex.clone();
-                text[place] = byte;
-                let expected = byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte);
-                assert_eq!(all_lower_hex(&text), expected, "{byte:#x} at {place}");
-                // Shorter than a chunk, and a chunk and a tail.
-                assert_eq!(all_lower_hex(&text[place..]), expected);
-            }
         }
     }
 

@@ -3,8 +3,8 @@
 //! Every upstream answer is checked before it is relayed (a client never
 //! gets invalid JSON from the proxy). serde_json's check (deserializing a
 //! `RawValue`) was the largest single cost of relaying an answer. This one
-//! scans strings sixteen bytes at a time (eight where SSE2 is missing) and
-//! builds nothing.
+//! scans strings sixteen bytes at a time (`crate::scan`) and builds
+//! nothing.
 //!
 //! It is sound, not complete: `true` means the text is one valid JSON value
 //! (RFC 8259; the text is already known to be UTF-8), with no whitespace
@@ -146,24 +146,6 @@ fn separator(b: &[u8], at: &mut usize, close: u8) -> Option<bool> {
     }
 }
 
-const ONES: u64 = 0x0101_0101_0101_0101;
-const HIGHS: u64 = 0x8080_8080_8080_8080;
-
-/// The bytes of `w` that need a look, `"`, `\\` or a control character,
-/// each marked by its high bit: a zero-byte test of `w ^ '"'` and of
-/// `w ^ '\\'`, and a below-0x20 test of `w`. Higher marks may be false
-/// (a borrow carries upward), the lowest one never is: no borrow comes
-/// from the bytes below it, which are all plain.
-fn look_marks(w: u64) -> u64 {
-    let quote = w ^ (ONES * u64::from(b'"'));
-    let backslash = w ^ (ONES * u64::from(b'\\'));
-    let zero_in_quote = quote.wrapping_sub(ONES) & !quote;
-    let zero_in_backslash = backslash.wrapping_sub(ONES) & !backslash;
-    // A byte >= 0x80 (part of a UTF-8 character) is never marked: `!w`.
-    let below_space = w.wrapping_sub(ONES * 0x20) & !w;
-    (zero_in_quote | zero_in_backslash | below_space) & HIGHS
-}
-
 /// Call `member(key, value)` for each member of the object `text` is
 /// (starting with `{` at once; whitespace allowed between tokens and at
 /// the end), in order, with keys as written between their quotes and
@@ -190,61 +172,14 @@ pub fn each_member<'a>(text: &'a str, mut member: impl FnMut(&'a str, &'a str) -
 /// Whether `text` can stand between quotes as it is: no `"`, `\\` or
 /// control character.
 pub fn needs_no_escape(text: &str) -> bool {
-    first_look(text.as_bytes(), 0) == text.len()
-}
-
-/// The first byte at or after `from` that needs a look in a string (`"`,
-/// `\\` or a control character), or `b.len()`: sixteen bytes at a time
-/// (SSE2, part of every x86-64 CPU), eight elsewhere.
-fn first_look(b: &[u8], from: usize) -> usize {
-    let mut i = from;
-    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
-    while let Some(chunk) = b.get(i..i + 16) {
-        let marks = look_marks_16(chunk.try_into().expect("sixteen bytes"));
-        if marks != 0 {
-            return i + marks.trailing_zeros() as usize;
-        }
-        i += 16;
-    }
-    while let Some(chunk) = b.get(i..i + 8) {
-        let marks = look_marks(u64::from_le_bytes(chunk.try_into().expect("eight bytes")));
-        if marks != 0 {
-            return i + marks.trailing_zeros() as usize / 8;
-        }
-        i += 8;
-    }
-    while let Some(&c) = b.get(i) {
-        if c < 0x20 || c == b'"' || c == b'\\' {
-            return i;
-        }
-        i += 1;
-    }
-    i
-}
-
-/// [`look_marks`] for sixteen bytes, one bit per byte (bit `k` for byte
-/// `k`), every mark exact: equal to `"`, equal to `\\`, or at most 0x1f
-/// (unsigned: the minimum of it and 0x1f is itself). `safe_arch` wraps
-/// the SSE2 instructions in safe functions (this crate forbids `unsafe`).
-#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
-fn look_marks_16(chunk: &[u8; 16]) -> u32 {
-    use safe_arch::{
-        bitor_m128i, cmp_eq_mask_i8_m128i, load_unaligned_m128i, min_u8_m128i, move_mask_i8_m128i,
-        set_splat_i8_m128i,
-    };
-    let v = load_unaligned_m128i(chunk);
-    let quote = cmp_eq_mask_i8_m128i(v, set_splat_i8_m128i(b'"' as i8));
-    let backslash = cmp_eq_mask_i8_m128i(v, set_splat_i8_m128i(b'\\' as i8));
-    let control = cmp_eq_mask_i8_m128i(min_u8_m128i(v, set_splat_i8_m128i(0x1f)), v);
-    // Sixteen sign bits in the low half: never negative.
-    move_mask_i8_m128i(bitor_m128i(bitor_m128i(quote, backslash), control)) as u32
+    crate::scan::string_special(text.as_bytes(), 0) == text.len()
 }
 
 /// A string starting at `*at` (its opening quote).
 fn string(b: &[u8], at: &mut usize) -> bool {
     let mut i = *at + 1;
     loop {
-        i = first_look(b, i);
+        i = crate::scan::string_special(b, i);
         match b.get(i) {
             None => return false,
             Some(b'"') => {
@@ -325,26 +260,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_first_byte_needing_a_look_is_found_at_every_place() {
-        // Plain bytes around it: ASCII, DEL and the bytes of UTF-8
-        // characters (>= 0x80, which a signed compare would take for
-        // control characters); places on both sides of the 16- and
-        // 8-byte steps and of the tail.
+    fn strings_are_told_by_their_special_bytes_at_every_place() {
+        // Where the scan finds them: `scan`'s own tests.
         for plain in ["a", "\u{7f}", "é", "日"] {
             for place in 0..48 {
                 for look in ["\"", "\\", "\u{0}", "\n", "\u{1f}"] {
                     let mut text = plain.repeat(place);
-                    let at = text.len();
                     text.push_str(look);
                     text.push_str(&plain.repeat(20));
-                    assert_eq!(first_look(text.as_bytes(), 0), at, "{text:?}");
                     assert!(!needs_no_escape(&text));
-                    // A later look is found from past the first one.
-                    let doubled = format!("{text}{look}");
-                    assert_eq!(first_look(doubled.as_bytes(), at + 1), text.len());
                 }
                 let text = plain.repeat(place);
-                assert_eq!(first_look(text.as_bytes(), 0), text.len());
                 assert!(needs_no_escape(&text));
                 let quoted = format!("\"{text}\"");
                 assert!(is_one_value(&quoted), "{quoted:?}");
