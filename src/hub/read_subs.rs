@@ -51,7 +51,7 @@ use super::entry::Entry;
 use super::Topic;
 use crate::text_keys::TextKeys;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -67,12 +67,12 @@ pub(super) struct ReadSubs {
     idle: Duration,
     /// Scripthashes read once (at most `limit`), each with its place in
     /// `seen_order`.
-    seen: HashMap<String, u64, TextKeys>,
+    seen: HashMap<Arc<str>, u64, TextKeys>,
     /// The order they were read in, oldest first: places of scripthashes
     /// since admitted (or read again) stay behind as stale entries, skipped
     /// when reached and swept out once they are as many as the live ones,
     /// so that an admission costs no scan of the others.
-    seen_order: VecDeque<(u64, String)>,
+    seen_order: VecDeque<(u64, Arc<str>)>,
     /// The next place in `seen_order`.
     next_place: u64,
     /// The read-driven entries, in second-chance order.
@@ -176,7 +176,9 @@ impl ReadSubs {
     fn remember(&mut self, sh: &str) {
         let place = self.next_place;
         self.next_place += 1;
-        if self.seen.insert(sh.to_string(), place).is_none() {
+        // One string, shared by the map and the order.
+        let sh: Arc<str> = sh.into();
+        if self.seen.insert(sh.clone(), place).is_none() {
             while self.seen.len() > self.limit.max(1) {
                 let Some((old_place, old)) = self.seen_order.pop_front() else {
                     break;
@@ -186,7 +188,7 @@ impl ReadSubs {
                 }
             }
         }
-        self.seen_order.push_back((place, sh.to_string()));
+        self.seen_order.push_back((place, sh));
         if self.seen_order.len() > 2 * self.seen.len() + 16 {
             let seen = &self.seen;
             self.seen_order
