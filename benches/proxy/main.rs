@@ -7,6 +7,7 @@
 //! cargo bench --bench proxy -- --sessions 2000     # a smaller idle-session test
 //! cargo bench --bench proxy -- --only uncached,light # some parts only
 //!                                   # (uncached, cacheable, mix, light, idle)
+//! cargo bench --bench proxy -- --paths haproxy,electrum-lb # some rows only
 //! cargo bench --bench proxy -- --upstream lean     # one upstream model only
 //! cargo bench --bench proxy -- --upstream electrumx #   (default: both)
 //! cargo bench --bench proxy -- --upstream-us 20     # upstreams that spend
@@ -29,7 +30,8 @@
 //! child process (this binary re-executed with `PROXY_BENCH_MOCK` set);
 //! electrum-lb is the release binary as an operator runs it (its default
 //! runtime and logging; `PROXY_BENCH_THREADS=N` passes `--threads N`,
-//! `PROXY_BENCH_THREADS=per-core` passes `--per-core`), and again with
+//! `PROXY_BENCH_THREADS=per-core` passes `--per-core`;
+//! `PROXY_BENCH_BINARY=path` runs another build, for A/B runs), and again with
 //! `--threads 2` (row `lb -t2`) and `--per-core` (row `lb per-core`);
 //! HAProxy is the system's `haproxy` in TCP mode with its
 //! defaults (skipped with a note when it is not installed). Each run starts
@@ -264,6 +266,7 @@ pub(crate) async fn bench(opts: Options) {
     paths.push(Path::Lb);
     paths.push(Path::Lb1);
     paths.push(Path::LbPerCore);
+    paths.retain(|p| opts.wants_path(p.name()));
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
         "electrum-lb end-to-end benchmark: {UPSTREAMS} mock upstreams (one thread for both), {cpus} CPUs shared by every process"

@@ -8,6 +8,9 @@ pub(crate) struct Options {
     pub(crate) sessions: usize,
     /// Parts to run (`--only uncached,light`): all when empty.
     pub(crate) only: Vec<String>,
+    /// Paths to run (`--paths haproxy,electrum-lb`, names as in the
+    /// table's rows): all when empty.
+    pub(crate) paths: Vec<String>,
     /// What the mock upstreams cost per request; one table section each.
     pub(crate) models: Vec<Model>,
 }
@@ -15,6 +18,10 @@ pub(crate) struct Options {
 impl Options {
     pub(crate) fn wants(&self, part: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|p| p == part)
+    }
+
+    pub(crate) fn wants_path(&self, name: &str) -> bool {
+        self.paths.is_empty() || self.paths.iter().any(|p| p == name)
     }
 }
 
@@ -25,6 +32,7 @@ impl Options {
             rounds: 3,
             sessions: 10_000,
             only: Vec::new(),
+            paths: Vec::new(),
             models: vec![Model::Flat(0), Model::ElectrumX],
         };
         let args: Vec<String> = std::env::args().collect();
@@ -53,12 +61,15 @@ impl Options {
                 _ => o.models,
             };
         }
-        if let Some(i) = args.iter().position(|a| a == "--only") {
-            o.only = args
-                .get(i + 1)
+        let list = |name: &str| -> Vec<String> {
+            args.iter()
+                .position(|a| a == name)
+                .and_then(|i| args.get(i + 1))
                 .map(|v| v.split(',').map(str::to_string).collect())
-                .unwrap_or_default();
-        }
+                .unwrap_or_default()
+        };
+        o.only = list("--only");
+        o.paths = list("--paths");
         o
     }
 }

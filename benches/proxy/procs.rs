@@ -86,6 +86,9 @@ pub(crate) fn start_electrum_lb(
     launch_electrum_lb(&path, upstreams.len(), args)
 }
 
+/// Names another electrum-lb binary to run instead of this build's.
+pub(crate) const BINARY_ENV: &str = "PROXY_BENCH_BINARY";
+
 /// glibc's settings the shipped units and image give electrum-lb.
 pub(crate) const ELECTRUM_LB_TUNABLES: &str = "glibc.malloc.tcache_count=256";
 
@@ -97,7 +100,10 @@ pub(crate) fn launch_electrum_lb(
     upstreams: usize,
     args: Vec<String>,
 ) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_electrum-lb"));
+    // `PROXY_BENCH_BINARY=/path` runs another build (A/B comparisons).
+    let binary =
+        std::env::var_os(BINARY_ENV).unwrap_or_else(|| env!("CARGO_BIN_EXE_electrum-lb").into());
+    let mut cmd = Command::new(binary);
     cmd.arg("--config").arg(path).args(args);
     // As the shipped units and image run it (glibc's thread cache of freed
     // blocks, see `Dockerfile`), unless this bench's caller set its own
