@@ -5,13 +5,15 @@
 //! accept), the PROXY protocol header on listeners that expect one, the
 //! client's admission into its IP group (refused with an error line, or a
 //! plain close on TLS and WebSocket), the TLS handshake (inside the spawned
-//! task, with a timeout) and starting the session in a tracing span that
+//! task, with a timeout; its costly step on a blocking thread, see
+//! [`handshake`]) and starting the session in a tracing span that
 //! names the coin, the real client (`peer`), the balancer it came through
 //! (`via`) and the transport; on `ws://` and `wss://` the session starts
 //! after the WebSocket upgrade (`ws`). It does not parse anything the client
 //! sends after the PROXY header (that is `ws`, `session` and `router`).
 
 pub mod bind;
+pub mod handshake;
 
 use crate::config::Scheme;
 use crate::limits::{CoinLimits, ConnPermit, GroupFull, Limit};
@@ -221,13 +223,12 @@ impl Connection {
             },
             Some(handle) => {
                 let config = handle.read().unwrap_or_else(|p| p.into_inner()).clone();
-                let acceptor = tokio_rustls::TlsAcceptor::from(config);
                 // The TLS states live on the heap: inline, they would make
                 // every session's task (plain TCP ones too) about 1.2 KB
                 // larger, and idle wallets are the common case.
                 let handshake = tokio::time::timeout(
                     self.limits.first_line_timeout,
-                    Box::pin(acceptor.accept(self.stream)),
+                    Box::pin(handshake::accept(self.stream, config)),
                 );
                 let stream = tokio::select! {
                     _ = self.stops.hard.cancelled() => return,

@@ -1,0 +1,208 @@
+//! The server side of a TLS handshake, its costly step off the event loop.
+//!
+//! A full handshake's cost is one step: answering the ClientHello (the
+//! key exchange and, unless the session is resumed, signing with the
+//! certificate's key: about a millisecond for RSA 2048). Done in the task
+//! that reads the socket, that step would stall every session served by
+//! the same thread for as long, and with the default single thread the
+//! handshakes of a reconnecting crowd would use one core of several.
+//!
+//! So the handshake runs in three steps:
+//!
+//! 1. the ClientHello is read on the event loop (`LazyConfigAcceptor`:
+//!    waiting on the network costs no thread);
+//! 2. it is answered on one of tokio's blocking threads
+//!    ([`StartHandshake::into_stream`] builds the connection and its first
+//!    flight, nothing is read or written there), at most [`workers`] at a
+//!    time: a flood of ClientHellos waits in line for a core instead of
+//!    spawning hundreds of threads;
+//! 3. the rest (the flight written, the client's Finished read) back on the
+//!    event loop.
+//!
+//! The configuration is the one the listener read for this connection
+//! (a reload applies to the next handshakes), resumption and tickets
+//! included.
+
+use std::io;
+use std::sync::{Arc, LazyLock};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
+use tokio_rustls::server::{StartHandshake, TlsStream};
+use tokio_rustls::LazyConfigAcceptor;
+
+/// How many ClientHellos are answered at once, process-wide: one per CPU.
+pub fn workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+static WORKERS: LazyLock<Semaphore> = LazyLock::new(|| Semaphore::new(workers()));
+
+/// Complete a TLS handshake on `io` with `config`.
+pub async fn accept<IO>(io: IO, config: Arc<rustls::ServerConfig>) -> io::Result<TlsStream<IO>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
+    let answered = {
+        // Never closed, so `acquire` does not fail.
+        let _worker = WORKERS.acquire().await.map_err(io::Error::other)?;
+        tokio::task::spawn_blocking(move || StartHandshake::into_stream(hello, config))
+            .await
+            .map_err(io::Error::other)?
+    };
+    answered.await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use rustls::sign::{CertifiedKey, Signer, SigningKey};
+    use rustls::{SignatureAlgorithm, SignatureScheme};
+    use std::sync::Mutex;
+    use std::thread::ThreadId;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The threads the certificate's key signed on.
+    type Signed = Arc<Mutex<Vec<ThreadId>>>;
+
+    #[derive(Debug)]
+    struct Recording {
+        key: Arc<dyn SigningKey>,
+        signed: Signed,
+    }
+
+    impl SigningKey for Recording {
+        fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
+            let signer = self.key.choose_scheme(offered)?;
+            Some(Box::new(RecordingSigner {
+                signer,
+                signed: self.signed.clone(),
+            }))
+        }
+        fn algorithm(&self) -> SignatureAlgorithm {
+            self.key.algorithm()
+        }
+    }
+
+    #[derive(Debug)]
+    struct RecordingSigner {
+        signer: Box<dyn Signer>,
+        signed: Signed,
+    }
+
+    impl Signer for RecordingSigner {
+        fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+            self.signed
+                .lock()
+                .unwrap()
+                .push(std::thread::current().id());
+            self.signer.sign(message)
+        }
+        fn scheme(&self) -> SignatureScheme {
+            self.signer.scheme()
+        }
+    }
+
+    #[derive(Debug)]
+    struct One(Arc<CertifiedKey>);
+
+    impl rustls::server::ResolvesServerCert for One {
+        fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+            Some(self.0.clone())
+        }
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    /// A server configuration whose key records where it signs, and a
+    /// client configuration that trusts its certificate.
+    fn configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>, Signed) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let der = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let signed = Signed::default();
+        let key = Arc::new(Recording {
+            key: rustls::crypto::ring::sign::any_supported_type(&der).unwrap(),
+            signed: signed.clone(),
+        });
+        let chain: Vec<CertificateDer<'static>> = vec![cert.der().clone()];
+        let server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(One(Arc::new(CertifiedKey::new(chain, key)))));
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client), signed)
+    }
+
+    /// A client's handshake and one line echoed through `accept`.
+    async fn echo(server: Arc<rustls::ServerConfig>, client: Arc<rustls::ClientConfig>) {
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        let served = tokio::spawn(async move {
+            let mut tls = accept(far, server).await.unwrap();
+            let mut line = [0u8; 5];
+            tls.read_exact(&mut line).await.unwrap();
+            tls.write_all(&line).await.unwrap();
+            tls.flush().await.unwrap();
+        });
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(client)
+            .connect(name, near)
+            .await
+            .unwrap();
+        tls.write_all(b"ping\n").await.unwrap();
+        let mut back = [0u8; 5];
+        tls.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"ping\n");
+        served.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_signature_is_made_off_the_event_loop() {
+        let (server, client, signed) = configs();
+        echo(server, client).await;
+        let signed = signed.lock().unwrap().clone();
+        assert_eq!(signed.len(), 1, "one full handshake, one signature");
+        assert_ne!(signed[0], std::thread::current().id());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn more_handshakes_at_once_than_workers_all_complete() {
+        let (server, client, signed) = configs();
+        let n = workers() * 3 + 1;
+        let mut all = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            all.spawn(echo(server.clone(), client.clone()));
+        }
+        while let Some(r) = all.join_next().await {
+            r.unwrap();
+        }
+        assert_eq!(signed.lock().unwrap().len(), n);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_client_that_does_not_speak_tls_gets_an_error() {
+        let (server, _, signed) = configs();
+        let (mut near, far) = tokio::io::duplex(4096);
+        near.write_all(b"{\"id\":1,\"method\":\"server.version\",\"params\":[]}\n")
+            .await
+            .unwrap();
+        let Err(e) = accept(far, server).await else {
+            panic!("a handshake from a JSON line")
+        };
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        assert!(signed.lock().unwrap().is_empty());
+    }
+}
