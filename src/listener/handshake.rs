@@ -11,11 +11,14 @@
 //!
 //! 1. the ClientHello is read on the event loop (`LazyConfigAcceptor`:
 //!    waiting on the network costs no thread);
-//! 2. it is answered on one of tokio's blocking threads
+//! 2. it is answered by one of [`workers`] threads of the process
 //!    ([`StartHandshake::into_stream`] builds the connection and its first
-//!    flight, nothing is read or written there), at most [`workers`] at a
-//!    time: a flood of ClientHellos waits in line for a core instead of
-//!    spawning hundreds of threads;
+//!    flight; nothing is read or written there). A flood of ClientHellos
+//!    waits in their queue instead of spawning threads, and one whose
+//!    client gave up meanwhile is skipped. The workers' nice value is
+//!    [`WORKER_NICE`] above the process's: when the CPU is short, the sessions already served
+//!    go first and the handshakes take what is left (slower, never
+//!    starved: the kernel still gives them a share);
 //! 3. the rest (the flight written, the client's Finished read) back on the
 //!    event loop.
 //!
@@ -24,9 +27,10 @@
 //! included.
 
 use std::io;
-use std::sync::{Arc, LazyLock};
+use std::sync::mpsc;
+use std::sync::{Arc, LazyLock, Mutex};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 use tokio_rustls::server::{StartHandshake, TlsStream};
 use tokio_rustls::LazyConfigAcceptor;
 
@@ -35,7 +39,44 @@ pub fn workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-static WORKERS: LazyLock<Semaphore> = LazyLock::new(|| Semaphore::new(workers()));
+/// How much lower the workers' priority is than the process's (nice
+/// +10): sessions already served run first, the handshakes take what CPU
+/// is left.
+const WORKER_NICE: i32 = 10;
+
+/// A worker's nice value, from the one it started with.
+fn lowered(nice: i32) -> i32 {
+    (nice + WORKER_NICE).min(19)
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The workers' queue; they start with the first handshake.
+static JOBS: LazyLock<Mutex<mpsc::Sender<Job>>> = LazyLock::new(|| {
+    let (tx, rx) = mpsc::channel::<Job>();
+    let rx = Arc::new(Mutex::new(rx));
+    for i in 0..workers() {
+        let rx = rx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("electrum-lb-tls-{i}"))
+            .spawn(move || {
+                // Linux: the calling thread only (nice is per thread).
+                let nice = rustix::process::getpriority_process(None).unwrap_or(0);
+                let _ = rustix::process::setpriority_process(None, lowered(nice));
+                loop {
+                    let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a TLS handshake worker");
+        }
+    }
+    Mutex::new(tx)
+});
 
 /// Complete a TLS handshake on `io` with `config`.
 pub async fn accept<IO>(io: IO, config: Arc<rustls::ServerConfig>) -> io::Result<TlsStream<IO>>
@@ -43,13 +84,19 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
-    let answered = {
-        // Never closed, so `acquire` does not fail.
-        let _worker = WORKERS.acquire().await.map_err(io::Error::other)?;
-        tokio::task::spawn_blocking(move || StartHandshake::into_stream(hello, config))
-            .await
-            .map_err(io::Error::other)?
-    };
+    let (tx, rx) = oneshot::channel();
+    let job: Job = Box::new(move || {
+        // The client gave up (or the handshake timed out) while it waited.
+        if tx.is_closed() {
+            return;
+        }
+        let _ = tx.send(StartHandshake::into_stream(hello, config));
+    });
+    let sent = JOBS.lock().unwrap_or_else(|p| p.into_inner()).send(job);
+    sent.map_err(|_| io::Error::other("no TLS handshake worker"))?;
+    let answered = rx
+        .await
+        .map_err(|_| io::Error::other("no TLS handshake worker"))?;
     answered.await
 }
 
@@ -63,8 +110,8 @@ mod tests {
     use std::thread::ThreadId;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// The threads the certificate's key signed on.
-    type Signed = Arc<Mutex<Vec<ThreadId>>>;
+    /// The threads the certificate's key signed on, with their nice values.
+    type Signed = Arc<Mutex<Vec<(ThreadId, i32)>>>;
 
     #[derive(Debug)]
     struct Recording {
@@ -93,10 +140,9 @@ mod tests {
 
     impl Signer for RecordingSigner {
         fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
-            self.signed
-                .lock()
-                .unwrap()
-                .push(std::thread::current().id());
+            let nice = rustix::process::getpriority_process(None).unwrap();
+            let here = std::thread::current().id();
+            self.signed.lock().unwrap().push((here, nice));
             self.signer.sign(message)
         }
         fn scheme(&self) -> SignatureScheme {
@@ -170,12 +216,14 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn the_signature_is_made_off_the_event_loop() {
+    async fn the_signature_is_made_off_the_event_loop_at_a_lower_priority() {
         let (server, client, signed) = configs();
         echo(server, client).await;
         let signed = signed.lock().unwrap().clone();
         assert_eq!(signed.len(), 1, "one full handshake, one signature");
-        assert_ne!(signed[0], std::thread::current().id());
+        assert_ne!(signed[0].0, std::thread::current().id());
+        let here = rustix::process::getpriority_process(None).unwrap();
+        assert_eq!(signed[0].1, lowered(here), "the worker yields to sessions");
     }
 
     #[tokio::test(flavor = "current_thread")]
