@@ -34,6 +34,12 @@ pub(crate) async fn start_haproxy_tls(upstreams: &[SocketAddr], dir: &std::path:
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port();
+    // A plain bind beside it (part `storm`: established sessions while
+    // the same threads make handshakes).
+    let plain_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
     let servers: String = upstreams
         .iter()
         .enumerate()
@@ -41,7 +47,7 @@ pub(crate) async fn start_haproxy_tls(upstreams: &[SocketAddr], dir: &std::path:
         .collect();
     let maxconn = open_files_limit().saturating_sub(200) / 2;
     let cfg = format!(
-        "global\n    maxconn {maxconn}\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 600s\n    timeout server 600s\n\nfrontend electrum\n    bind 127.0.0.1:{port} ssl crt {}\n    default_backend upstreams\n\nbackend upstreams\n    balance leastconn\n{servers}",
+        "global\n    maxconn {maxconn}\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 600s\n    timeout server 600s\n\nfrontend electrum\n    bind 127.0.0.1:{port} ssl crt {}\n    bind 127.0.0.1:{plain_port}\n    default_backend upstreams\n\nbackend upstreams\n    balance leastconn\n{servers}",
         pem.display()
     );
     let path = dir.join("haproxy-tls.cfg");
@@ -61,9 +67,10 @@ pub(crate) async fn start_haproxy_tls(upstreams: &[SocketAddr], dir: &std::path:
         assert!(Instant::now() < deadline, "haproxy did not start listening");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let plain: SocketAddr = format!("127.0.0.1:{plain_port}").parse().expect("addr");
     Proc {
         child,
-        addrs: vec![addr],
+        addrs: vec![addr, plain],
         ws: None,
         ssl: None,
         metrics: None,
@@ -457,14 +464,15 @@ pub(crate) async fn rows(bench: &Bench, opts: &Options, paths: &[Path]) -> Vec<S
             "Latency at a fixed rate ({FIXED_RATE:.0} requests/s, uncached, lean upstream, {FIXED_RATE_CONNECTIONS} connections, open loop; lowest p50 of {} rounds):",
             opts.rounds
         ));
-        out.push("| path        | answers/s |  p50 us |  p99 us | errors | proxy CPU us/req | p50 / p99 vs HAProxy |".into());
-        out.push("|-------------|----------:|--------:|--------:|-------:|-----------------:|----------------------|".into());
+        out.push("| path        | answers/s |  p50 us |  p99 us | errors | proxy CPU us/req | thread runs/req | us run / waited per run | p50 / p99 vs HAProxy |".into());
+        out.push("|-------------|----------:|--------:|--------:|-------:|-----------------:|----------------:|------------------------:|----------------------|".into());
         let mut best: Vec<(Path, Run)> = Vec::new();
         for _ in 0..opts.rounds {
             for &p in paths {
                 let (front, targets) = bench.front(p).await;
                 let pid = front.as_ref().map(Proc::pid);
                 let cpu0 = pid.and_then(cpu_us);
+                let sched0 = pid.and_then(sched);
                 let mut run = fixed_rate(
                     targets[0],
                     bodies.clone(),
@@ -477,6 +485,7 @@ pub(crate) async fn rows(bench: &Bench, opts: &Options, paths: &[Path]) -> Vec<S
                     .and_then(cpu_us)
                     .zip(cpu0)
                     .map(|(a, b)| (a - b) as f64 / run.answers.max(1) as f64);
+                run.front_sched = pid.and_then(sched).zip(sched0).map(|(a, b)| a.since(b));
                 match best.iter_mut().find(|(bp, _)| *bp == p) {
                     Some((_, b)) if b.p50_us <= run.p50_us => {}
                     Some(b) => b.1 = run,
@@ -490,14 +499,24 @@ pub(crate) async fn rows(bench: &Bench, opts: &Options, paths: &[Path]) -> Vec<S
             .find(|(p, _)| *p == Path::Haproxy)
             .map(|(_, r)| (r.p50_us, r.p99_us));
         for (p, r) in &best {
+            let runs = r.front_sched.filter(|s| s.runs > 0);
             out.push(format!(
-                "| {:<11} | {:>9.0} | {:>7} | {:>7} | {:>6} | {:>16} | {:<20} |",
+                "| {:<11} | {:>9.0} | {:>7} | {:>7} | {:>6} | {:>16} | {:>15} | {:>23} | {:<20} |",
                 p.name(),
                 r.rate,
                 r.p50_us,
                 r.p99_us,
                 r.errors,
                 r.front_cpu_us.map_or("-".into(), |c| format!("{c:.1}")),
+                runs.map_or("-".into(), |s| format!(
+                    "{:.2}",
+                    s.runs as f64 / r.answers.max(1) as f64
+                )),
+                runs.map_or("-".into(), |s| format!(
+                    "{:.0} / {:.0}",
+                    s.run_ns as f64 / s.runs as f64 / 1e3,
+                    s.wait_ns as f64 / s.runs as f64 / 1e3
+                )),
                 haproxy.map_or("-".into(), |(p50, p99)| format!(
                     "{:+} / {:+} us",
                     r.p50_us as i64 - p50 as i64,

@@ -133,6 +133,8 @@ pub(crate) struct Run {
     /// and of the mock upstreams, in microseconds.
     pub(crate) front_cpu_us: Option<f64>,
     pub(crate) upstream_cpu_us: Option<f64>,
+    /// The proxy's threads over the run (fixed-rate rows only).
+    pub(crate) front_sched: Option<Sched>,
 }
 
 pub(crate) struct ConnResult {

@@ -6,7 +6,8 @@
 //! cargo bench --bench proxy -- --secs 5 --rounds 3 # longer, steadier figures
 //! cargo bench --bench proxy -- --sessions 2000     # a smaller idle-session test
 //! cargo bench --bench proxy -- --only uncached,light # some parts only
-//!                                   # (uncached, cacheable, mix, light, idle)
+//!                                   # (uncached, cacheable, mix, light, idle,
+//!                                   #  tls, rate, storm)
 //! cargo bench --bench proxy -- --paths haproxy,electrum-lb # some rows only
 //! cargo bench --bench proxy -- --upstream lean     # one upstream model only
 //! cargo bench --bench proxy -- --upstream electrumx #   (default: both)
@@ -78,6 +79,7 @@ mod real;
 mod real_stack;
 #[path = "../support/spread.rs"]
 mod spread;
+mod storm;
 mod workload;
 mod ws;
 
@@ -347,6 +349,9 @@ pub(crate) async fn bench(opts: Options) {
             memory = idle::idle_memory(&bench, opts.sessions).await;
         }
         edge_rows = edge::rows(&bench, &opts, &paths).await;
+        if opts.wants("storm") {
+            edge_rows.extend(storm::rows(&bench, &opts).await);
+        }
     }
     print_table(&results, &light, &memory, &opts);
     for row in &edge_rows {

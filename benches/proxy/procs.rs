@@ -272,6 +272,42 @@ pub(crate) fn cpu_us(pid: u32) -> Option<u64> {
     Some(ticks * 1_000_000 / hz)
 }
 
+/// The scheduler's figures for a process, summed over its threads
+/// (`/proc/PID/task/*/schedstat`): time on a CPU, time waiting on a run
+/// queue (woken, not yet running), and how many times a thread was put on
+/// a CPU (each wakeup at least once).
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct Sched {
+    pub(crate) run_ns: u64,
+    pub(crate) wait_ns: u64,
+    pub(crate) runs: u64,
+}
+
+impl Sched {
+    pub(crate) fn since(self, before: Sched) -> Sched {
+        Sched {
+            run_ns: self.run_ns.saturating_sub(before.run_ns),
+            wait_ns: self.wait_ns.saturating_sub(before.wait_ns),
+            runs: self.runs.saturating_sub(before.runs),
+        }
+    }
+}
+
+/// `None` where the kernel keeps no per-task schedstat.
+pub(crate) fn sched(pid: u32) -> Option<Sched> {
+    let mut total = Sched::default();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(text) = std::fs::read_to_string(task.ok()?.path().join("schedstat")) else {
+            continue; // a thread that just ended
+        };
+        let mut f = text.split_whitespace().map(|v| v.parse::<u64>().ok());
+        total.run_ns += f.next()??;
+        total.wait_ns += f.next()??;
+        total.runs += f.next()??;
+    }
+    Some(total)
+}
+
 pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
