@@ -5,7 +5,7 @@
 //! accept), the PROXY protocol header on listeners that expect one, the
 //! client's admission into its IP group (refused with an error line, or a
 //! plain close on TLS and WebSocket), the TLS handshake (inside the spawned
-//! task, with a timeout; its costly step on a blocking thread, see
+//! task, with a timeout; its costly step on a TLS worker thread, see
 //! [`handshake`]) and starting the session in a tracing span that
 //! names the coin, the real client (`peer`), the balancer it came through
 //! (`via`) and the transport; on `ws://` and `wss://` the session starts

@@ -296,6 +296,7 @@ impl Sched {
 /// `None` where the kernel keeps no per-task schedstat.
 pub(crate) fn sched(pid: u32) -> Option<Sched> {
     let mut total = Sched::default();
+    let mut read = 0;
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
         let Ok(text) = std::fs::read_to_string(task.ok()?.path().join("schedstat")) else {
             continue; // a thread that just ended
@@ -304,8 +305,9 @@ pub(crate) fn sched(pid: u32) -> Option<Sched> {
         total.run_ns += f.next()??;
         total.wait_ns += f.next()??;
         total.runs += f.next()??;
+        read += 1;
     }
-    Some(total)
+    (read > 0).then_some(total)
 }
 
 pub(crate) fn rss_kib(pid: u32) -> Option<u64> {

@@ -1,11 +1,12 @@
 //! The server side of a TLS handshake, its costly step off the event loop.
 //!
-//! A full handshake's cost is one step: answering the ClientHello (the
-//! key exchange and, unless the session is resumed, signing with the
+//! Most of a full handshake's cost is one step: answering the ClientHello
+//! (the key exchange and, unless the session is resumed, signing with the
 //! certificate's key: about a millisecond for RSA 2048). Done in the task
 //! that reads the socket, that step would stall every session served by
-//! the same thread for as long, and with the default single thread the
-//! handshakes of a reconnecting crowd would use one core of several.
+//! the same thread for as long, and where the default runtime is one
+//! thread (two CPUs or fewer) the handshakes of a reconnecting crowd would
+//! use one core of several.
 //!
 //! So the handshake runs in three steps:
 //!
@@ -15,12 +16,19 @@
 //!    ([`StartHandshake::into_stream`] builds the connection and its first
 //!    flight; nothing is read or written there). A flood of ClientHellos
 //!    waits in their queue instead of spawning threads, and one whose
-//!    client gave up meanwhile is skipped. The workers' nice value is
+//!    handshake timed out meanwhile is skipped. A worker's panic fails
+//!    that handshake only; if no worker could be started, the step runs
+//!    in the connection's task as before. The workers' nice value is
 //!    [`WORKER_NICE`] above the process's: when the CPU is short, the sessions already served
 //!    go first and the handshakes take what is left (slower, never
 //!    starved: the kernel still gives them a share);
 //! 3. the rest (the flight written, the client's Finished read) back on the
 //!    event loop.
+//!
+//! Two costs stay on the event loop: a client whose ClientHello offered no
+//! usable key share gets a HelloRetryRequest from the worker, and its
+//! second ClientHello (signature included) is answered in step 3; and a
+//! TLS 1.2 client's key exchange message is processed there too.
 //!
 //! The configuration is the one the listener read for this connection
 //! (a reload applies to the next handshakes), resumption and tickets
@@ -45,6 +53,7 @@ pub fn workers() -> usize {
 const WORKER_NICE: i32 = 10;
 
 /// A worker's nice value, from the one it started with.
+#[cfg(target_os = "linux")]
 fn lowered(nice: i32) -> i32 {
     (nice + WORKER_NICE).min(19)
 }
@@ -60,14 +69,20 @@ static JOBS: LazyLock<Mutex<mpsc::Sender<Job>>> = LazyLock::new(|| {
         let spawned = std::thread::Builder::new()
             .name(format!("electrum-lb-tls-{i}"))
             .spawn(move || {
-                // Linux: the calling thread only (nice is per thread).
-                let nice = rustix::process::getpriority_process(None).unwrap_or(0);
-                let _ = rustix::process::setpriority_process(None, lowered(nice));
+                // Linux only: there nice is per thread (elsewhere this
+                // would lower the whole process).
+                #[cfg(target_os = "linux")]
+                {
+                    let nice = rustix::process::getpriority_process(None).unwrap_or(0);
+                    let _ = rustix::process::setpriority_process(None, lowered(nice));
+                }
                 loop {
                     let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => return,
+                    let Ok(job) = job else { return };
+                    // A panic fails that one handshake (its answer is
+                    // dropped), not the worker.
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                        tracing::error!("a TLS handshake panicked in its worker");
                     }
                 }
             });
@@ -86,17 +101,20 @@ where
     let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
     let (tx, rx) = oneshot::channel();
     let job: Job = Box::new(move || {
-        // The client gave up (or the handshake timed out) while it waited.
+        // Timed out, or the listener stopped, while it waited.
         if tx.is_closed() {
             return;
         }
         let _ = tx.send(StartHandshake::into_stream(hello, config));
     });
     let sent = JOBS.lock().unwrap_or_else(|p| p.into_inner()).send(job);
-    sent.map_err(|_| io::Error::other("no TLS handshake worker"))?;
+    if let Err(mpsc::SendError(job)) = sent {
+        // No worker could be started: answered here rather than not at all.
+        job();
+    }
     let answered = rx
         .await
-        .map_err(|_| io::Error::other("no TLS handshake worker"))?;
+        .map_err(|_| io::Error::other("the TLS worker failed on this handshake"))?;
     answered.await
 }
 
@@ -106,12 +124,27 @@ mod tests {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     use rustls::sign::{CertifiedKey, Signer, SigningKey};
     use rustls::{SignatureAlgorithm, SignatureScheme};
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     use std::sync::Mutex;
     use std::thread::ThreadId;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// The threads the certificate's key signed on, with their nice values.
-    type Signed = Arc<Mutex<Vec<(ThreadId, i32)>>>;
+    /// What the certificate's key did.
+    #[derive(Default, Debug)]
+    struct Log {
+        /// The threads it signed on, with their nice values.
+        signed: Mutex<Vec<(ThreadId, i32)>>,
+        /// How many of the next signatures panic instead.
+        panics: AtomicUsize,
+    }
+
+    impl Log {
+        fn signed(&self) -> Vec<(ThreadId, i32)> {
+            self.signed.lock().unwrap().clone()
+        }
+    }
+
+    type Signed = Arc<Log>;
 
     #[derive(Debug)]
     struct Recording {
@@ -140,9 +173,16 @@ mod tests {
 
     impl Signer for RecordingSigner {
         fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+            let panics = &self.signed.panics;
+            if panics
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                panic!("a signature that panics (a test of the workers)");
+            }
             let nice = rustix::process::getpriority_process(None).unwrap();
             let here = std::thread::current().id();
-            self.signed.lock().unwrap().push((here, nice));
+            self.signed.signed.lock().unwrap().push((here, nice));
             self.signer.sign(message)
         }
         fn scheme(&self) -> SignatureScheme {
@@ -219,11 +259,14 @@ mod tests {
     async fn the_signature_is_made_off_the_event_loop_at_a_lower_priority() {
         let (server, client, signed) = configs();
         echo(server, client).await;
-        let signed = signed.lock().unwrap().clone();
+        let signed = signed.signed();
         assert_eq!(signed.len(), 1, "one full handshake, one signature");
         assert_ne!(signed[0].0, std::thread::current().id());
-        let here = rustix::process::getpriority_process(None).unwrap();
-        assert_eq!(signed[0].1, lowered(here), "the worker yields to sessions");
+        #[cfg(target_os = "linux")]
+        {
+            let here = rustix::process::getpriority_process(None).unwrap();
+            assert_eq!(signed[0].1, lowered(here), "the worker yields to sessions");
+        }
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -237,7 +280,7 @@ mod tests {
         while let Some(r) = all.join_next().await {
             r.unwrap();
         }
-        assert_eq!(signed.lock().unwrap().len(), n);
+        assert_eq!(signed.signed().len(), n);
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -251,6 +294,33 @@ mod tests {
             panic!("a handshake from a JSON line")
         };
         assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
-        assert!(signed.lock().unwrap().is_empty());
+        assert!(signed.signed().is_empty());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_panic_fails_its_handshake_only_and_the_workers_live_on() {
+        let (server, client, signed) = configs();
+        // More panics than workers: without the workers catching them, the
+        // last ones would find no worker left.
+        let n = workers() + 1;
+        signed.panics.store(n, SeqCst);
+        for _ in 0..n {
+            let (near, far) = tokio::io::duplex(64 * 1024);
+            let served = tokio::spawn(accept(far, server.clone()));
+            let name = ServerName::try_from("localhost").unwrap();
+            let connected = tokio_rustls::TlsConnector::from(client.clone())
+                .connect(name, near)
+                .await;
+            assert!(connected.is_err(), "the server's side failed");
+            let Err(e) = served.await.unwrap() else {
+                panic!("a handshake whose signature panicked")
+            };
+            assert!(e.to_string().contains("TLS worker failed"), "{e}");
+        }
+        assert_eq!(signed.panics.load(SeqCst), 0);
+        echo(server, client).await;
+        let signed = signed.signed();
+        assert_eq!(signed.len(), 1);
+        assert_ne!(signed[0].0, std::thread::current().id(), "on a worker");
     }
 }
