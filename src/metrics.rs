@@ -128,6 +128,16 @@ fn error_kind(code: ErrorCode) -> usize {
     }
 }
 
+/// TLS handshakes waiting for a TLS worker or being answered by one (see
+/// `listener::handshake`): one gauge per process, in every registry.
+pub static TLS_HANDSHAKES_WAITING: std::sync::LazyLock<IntGauge> = std::sync::LazyLock::new(|| {
+    IntGauge::with_opts(opts(
+        "tls_handshakes_waiting",
+        "TLS handshakes whose ClientHello waits for a TLS worker or is being answered by one.",
+    ))
+    .expect("valid metric")
+});
+
 /// The process-wide registry and metric families.
 pub struct Metrics {
     pub registry: Registry,
@@ -339,6 +349,9 @@ impl Metrics {
             registry,
             journal: EventLog::new(),
         };
+        let _ = m
+            .registry
+            .register(Box::new(TLS_HANDSHAKES_WAITING.clone()));
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::for_self();

@@ -34,6 +34,8 @@
 //! (a reload applies to the next handshakes), resumption and tickets
 //! included.
 
+use crate::metrics::TLS_HANDSHAKES_WAITING;
+use prometheus::IntGauge;
 use std::io;
 use std::sync::mpsc;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -99,6 +101,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
+    let waiting = Waiting::enter(&TLS_HANDSHAKES_WAITING);
     let (tx, rx) = oneshot::channel();
     let job: Job = Box::new(move || {
         // Timed out, or the listener stopped, while it waited.
@@ -115,7 +118,25 @@ where
     let answered = rx
         .await
         .map_err(|_| io::Error::other("the TLS worker failed on this handshake"))?;
+    drop(waiting);
     answered.await
+}
+
+/// One handshake counted in a gauge from its ClientHello until a worker
+/// has answered it, however that ends (answered, failed, timed out).
+struct Waiting<'a>(&'a IntGauge);
+
+impl<'a> Waiting<'a> {
+    fn enter(gauge: &'a IntGauge) -> Waiting<'a> {
+        gauge.inc();
+        Waiting(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 #[cfg(test)]
@@ -136,6 +157,10 @@ mod tests {
         signed: Mutex<Vec<(ThreadId, i32)>>,
         /// How many of the next signatures panic instead.
         panics: AtomicUsize,
+        /// When set, the next signature tells `entered` and waits for a
+        /// message on it first.
+        hold: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+        entered: tokio::sync::Notify,
     }
 
     impl Log {
@@ -179,6 +204,11 @@ mod tests {
                 .is_ok()
             {
                 panic!("a signature that panics (a test of the workers)");
+            }
+            let hold = self.signed.hold.lock().unwrap().take();
+            if let Some(hold) = hold {
+                self.signed.entered.notify_one();
+                hold.recv().unwrap();
             }
             let nice = rustix::process::getpriority_process(None).unwrap();
             let here = std::thread::current().id();
@@ -322,5 +352,45 @@ mod tests {
         let signed = signed.signed();
         assert_eq!(signed.len(), 1);
         assert_ne!(signed[0].0, std::thread::current().id(), "on a worker");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_handshake_counts_as_waiting_until_a_worker_has_answered_it() {
+        let (server, client, log) = configs();
+        let (release, hold) = std::sync::mpsc::channel();
+        *log.hold.lock().unwrap() = Some(hold);
+        let shake = tokio::spawn(echo(server, client));
+        tokio::time::timeout(std::time::Duration::from_secs(10), log.entered.notified())
+            .await
+            .expect("the signature started");
+        // Process-wide (other tests' handshakes may count too).
+        assert!(TLS_HANDSHAKES_WAITING.get() >= 1);
+        let page = crate::metrics::Metrics::new().render();
+        assert!(
+            page.lines()
+                .any(|l| l.starts_with("electrum_lb_tls_handshakes_waiting ")),
+            "{page}"
+        );
+        release.send(()).unwrap();
+        shake.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_waiting_count_falls_however_the_wait_ends() {
+        let gauge = IntGauge::new("waiting", "test").unwrap();
+        {
+            let _one = Waiting::enter(&gauge);
+            let _two = Waiting::enter(&gauge);
+            assert_eq!(gauge.get(), 2);
+        }
+        assert_eq!(gauge.get(), 0);
+        // A handshake dropped while it waits (its timeout) counts out too.
+        let waiting = async {
+            let _w = Waiting::enter(&gauge);
+            std::future::pending::<()>().await;
+        };
+        let cut = tokio::time::timeout(std::time::Duration::ZERO, waiting).await;
+        assert!(cut.is_err());
+        assert_eq!(gauge.get(), 0);
     }
 }
