@@ -17,7 +17,7 @@ pub mod handshake;
 
 use crate::config::Scheme;
 use crate::limits::{CoinLimits, ConnPermit, GroupFull, Limit};
-use crate::metrics::SessionGuard;
+use crate::metrics::GaugeGuard;
 use crate::proxy_protocol;
 use crate::router::Router;
 use crate::session::{self, SessionLimits, Stops};
@@ -270,7 +270,7 @@ impl Connection {
 /// awaited inside the connection's task, the session would carry the
 /// connection's own state (PROXY header, admission, the TLS handshake) for
 /// its whole life, about 0.6 KiB more per idle session.
-fn start_session<F>(tracker: &TaskTracker, run: F, open: SessionGuard)
+fn start_session<F>(tracker: &TaskTracker, run: F, open: GaugeGuard)
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {

@@ -451,7 +451,7 @@ impl CoinMetrics {
     }
 
     /// A session of this transport opened; the guard closes it.
-    pub fn session_opened(&self, transport: &str) -> SessionGuard {
+    pub fn session_opened(&self, transport: &str) -> GaugeGuard {
         self.registry
             .sessions_total
             .with_label_values(&[&self.coin, transport])
@@ -460,8 +460,7 @@ impl CoinMetrics {
             .registry
             .sessions_open
             .with_label_values(&[&self.coin, transport]);
-        open.inc();
-        SessionGuard { open }
+        GaugeGuard::enter(&open)
     }
 
     /// The throttle-signal counters of one upstream, in
@@ -482,14 +481,25 @@ impl CoinMetrics {
     }
 }
 
-/// Decrements `sessions_open` when the session ends.
-pub struct SessionGuard {
-    open: IntGauge,
+/// One unit of a gauge for as long as it lives: counted in when made,
+/// out when dropped, however its owner ends (an open session; a TLS
+/// handshake waiting for a worker, even one cut by its timeout).
+pub struct GaugeGuard {
+    gauge: IntGauge,
 }
 
-impl Drop for SessionGuard {
+impl GaugeGuard {
+    pub fn enter(gauge: &IntGauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard {
+            gauge: gauge.clone(),
+        }
+    }
+}
+
+impl Drop for GaugeGuard {
     fn drop(&mut self) {
-        self.open.dec();
+        self.gauge.dec();
     }
 }
 
@@ -523,6 +533,25 @@ impl CoinMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_gauge_guard_counts_out_however_its_owner_ends() {
+        let gauge = IntGauge::new("waiting", "test").unwrap();
+        {
+            let _one = GaugeGuard::enter(&gauge);
+            let _two = GaugeGuard::enter(&gauge);
+            assert_eq!(gauge.get(), 2);
+        }
+        assert_eq!(gauge.get(), 0);
+        // A future dropped while it waits (a timeout) counts out too.
+        let waiting = async {
+            let _w = GaugeGuard::enter(&gauge);
+            std::future::pending::<()>().await;
+        };
+        let cut = tokio::time::timeout(Duration::ZERO, waiting).await;
+        assert!(cut.is_err());
+        assert_eq!(gauge.get(), 0);
+    }
 
     #[test]
     fn unknown_methods_are_other() {

@@ -29,7 +29,7 @@ use std::sync::{Arc, OnceLock};
 /// warning in the log.
 const DEV_CERT: &str = include_str!("../certs/server.crt");
 
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

@@ -34,8 +34,7 @@
 //! (a reload applies to the next handshakes), resumption and tickets
 //! included.
 
-use crate::metrics::TLS_HANDSHAKES_WAITING;
-use prometheus::IntGauge;
+use crate::metrics::{GaugeGuard, TLS_HANDSHAKES_WAITING};
 use std::io;
 use std::sync::mpsc;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -101,7 +100,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
-    let waiting = Waiting::enter(&TLS_HANDSHAKES_WAITING);
+    let waiting = GaugeGuard::enter(&TLS_HANDSHAKES_WAITING);
     let (tx, rx) = oneshot::channel();
     let job: Job = Box::new(move || {
         // Timed out, or the listener stopped, while it waited.
@@ -122,26 +121,10 @@ where
     answered.await
 }
 
-/// One handshake counted in a gauge from its ClientHello until a worker
-/// has answered it, however that ends (answered, failed, timed out).
-struct Waiting<'a>(&'a IntGauge);
-
-impl<'a> Waiting<'a> {
-    fn enter(gauge: &'a IntGauge) -> Waiting<'a> {
-        gauge.inc();
-        Waiting(gauge)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tls::provider;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     use rustls::sign::{CertifiedKey, Signer, SigningKey};
     use rustls::{SignatureAlgorithm, SignatureScheme};
@@ -227,10 +210,6 @@ mod tests {
         fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
             Some(self.0.clone())
         }
-    }
-
-    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-        Arc::new(rustls::crypto::ring::default_provider())
     }
 
     /// A server configuration whose key records where it signs, and a
@@ -373,24 +352,5 @@ mod tests {
         );
         release.send(()).unwrap();
         shake.await.unwrap();
-    }
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn the_waiting_count_falls_however_the_wait_ends() {
-        let gauge = IntGauge::new("waiting", "test").unwrap();
-        {
-            let _one = Waiting::enter(&gauge);
-            let _two = Waiting::enter(&gauge);
-            assert_eq!(gauge.get(), 2);
-        }
-        assert_eq!(gauge.get(), 0);
-        // A handshake dropped while it waits (its timeout) counts out too.
-        let waiting = async {
-            let _w = Waiting::enter(&gauge);
-            std::future::pending::<()>().await;
-        };
-        let cut = tokio::time::timeout(std::time::Duration::ZERO, waiting).await;
-        assert!(cut.is_err());
-        assert_eq!(gauge.get(), 0);
     }
 }
