@@ -117,31 +117,56 @@ mod sse2 {
     }
 }
 
+/// Texts for the tests of the string scan and of its callers: for every
+/// plain byte kind (ASCII, DEL and the bytes of UTF-8 characters, >= 0x80,
+/// which a signed compare would take for control characters) and every
+/// length of a plain run on both sides of the 16- and 8-byte steps and of
+/// the tail, the run alone (`clean`) and the run followed by each special
+/// byte and more plain bytes.
+#[cfg(test)]
+pub(crate) struct SpecialCase {
+    pub(crate) clean: String,
+    /// The text, where its special byte is, and that byte.
+    pub(crate) specials: Vec<(String, usize, &'static str)>,
+}
+
+#[cfg(test)]
+pub(crate) fn special_cases() -> Vec<SpecialCase> {
+    let mut cases = Vec::new();
+    for plain in ["a", "\u{7f}", "é", "日"] {
+        for place in 0..48 {
+            let clean = plain.repeat(place);
+            let specials = ["\"", "\\", "\u{0}", "\n", "\u{1f}"]
+                .into_iter()
+                .map(|look| {
+                    (
+                        format!("{clean}{look}{}", plain.repeat(20)),
+                        clean.len(),
+                        look,
+                    )
+                })
+                .collect();
+            cases.push(SpecialCase { clean, specials });
+        }
+    }
+    cases
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn the_first_special_byte_is_found_at_every_place() {
-        // Plain bytes around it: ASCII, DEL and the bytes of UTF-8
-        // characters (>= 0x80, which a signed compare would take for
-        // control characters); places on both sides of the 16- and
-        // 8-byte steps and of the tail.
-        for plain in ["a", "\u{7f}", "é", "日"] {
-            for place in 0..48 {
-                for look in ["\"", "\\", "\u{0}", "\n", "\u{1f}"] {
-                    let mut text = plain.repeat(place);
-                    let at = text.len();
-                    text.push_str(look);
-                    text.push_str(&plain.repeat(20));
-                    assert_eq!(string_special(text.as_bytes(), 0), at, "{text:?}");
-                    // A later one is found from past the first one.
-                    let doubled = format!("{text}{look}");
-                    assert_eq!(string_special(doubled.as_bytes(), at + 1), text.len());
-                }
-                let text = plain.repeat(place);
-                assert_eq!(string_special(text.as_bytes(), 0), text.len());
+        for case in special_cases() {
+            for (text, at, look) in case.specials {
+                assert_eq!(string_special(text.as_bytes(), 0), at, "{text:?}");
+                // A later one is found from past the first one.
+                let doubled = format!("{text}{look}");
+                assert_eq!(string_special(doubled.as_bytes(), at + 1), text.len());
             }
+            let text = case.clean;
+            assert_eq!(string_special(text.as_bytes(), 0), text.len());
         }
     }
 
