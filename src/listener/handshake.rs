@@ -62,7 +62,7 @@ fn lowered(nice: i32) -> i32 {
 type Job = Box<dyn FnOnce() + Send>;
 
 /// The workers' queue; they start with the first handshake.
-static JOBS: LazyLock<Mutex<mpsc::Sender<Job>>> = LazyLock::new(|| {
+static JOBS: LazyLock<mpsc::Sender<Job>> = LazyLock::new(|| {
     let (tx, rx) = mpsc::channel::<Job>();
     let rx = Arc::new(Mutex::new(rx));
     for i in 0..workers() {
@@ -91,7 +91,7 @@ static JOBS: LazyLock<Mutex<mpsc::Sender<Job>>> = LazyLock::new(|| {
             tracing::error!(error = %e, "cannot start a TLS handshake worker");
         }
     }
-    Mutex::new(tx)
+    tx
 });
 
 /// Complete a TLS handshake on `io` with `config`.
@@ -109,8 +109,7 @@ where
         }
         let _ = tx.send(StartHandshake::into_stream(hello, config));
     });
-    let sent = JOBS.lock().unwrap_or_else(|p| p.into_inner()).send(job);
-    if let Err(mpsc::SendError(job)) = sent {
+    if let Err(mpsc::SendError(job)) = JOBS.send(job) {
         // No worker could be started: answered here rather than not at all.
         job();
     }
