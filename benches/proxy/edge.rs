@@ -30,16 +30,10 @@ pub(crate) async fn start_haproxy_tls(upstreams: &[SocketAddr], dir: &std::path:
     let both =
         std::fs::read_to_string(&crt).expect("cert") + &std::fs::read_to_string(&key).expect("key");
     std::fs::write(&pem, both).expect("write haproxy.pem");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = free_port();
     // A plain bind beside it (part `storm`: established sessions while
     // the same threads make handshakes).
-    let plain_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let plain_port = free_port();
     let servers: String = upstreams
         .iter()
         .enumerate()

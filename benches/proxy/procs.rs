@@ -203,12 +203,18 @@ pub(crate) fn haproxy_installed() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// HAProxy in TCP mode in front of the upstreams, on a port from the OS.
-pub(crate) async fn start_haproxy(upstreams: &[SocketAddr], dir: &std::path::Path) -> Proc {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+/// A port the OS says is free now, for a process that binds it itself
+/// (HAProxy's configuration names its ports).
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
-        .port();
+        .port()
+}
+
+/// HAProxy in TCP mode in front of the upstreams, on a port from the OS.
+pub(crate) async fn start_haproxy(upstreams: &[SocketAddr], dir: &std::path::Path) -> Proc {
+    let port = free_port();
     let servers: String = upstreams
         .iter()
         .enumerate()
