@@ -390,8 +390,8 @@ pub(crate) async fn fixed_rate(
 /// Clients of the handshake runs, and seconds per run.
 const HANDSHAKE_CLIENTS: usize = 8;
 const HANDSHAKE_SECS: f64 = 2.0;
-/// The fixed-rate run: requests per second, over this many connections.
-const FIXED_RATE: f64 = 20_000.0;
+/// The fixed-rate runs spread their rate (`--rate`, 20,000 requests per
+/// second unless told) over this many connections.
 const FIXED_RATE_CONNECTIONS: usize = 16;
 
 /// The TLS handshake and fixed-rate rows (parts `tls` and `rate`), best of
@@ -453,71 +453,127 @@ pub(crate) async fn rows(bench: &Bench, opts: &Options, paths: &[Path]) -> Vec<S
     if opts.wants("rate") {
         let data = Data::new();
         let bodies = Arc::new(Workload::Uncached.bodies(&data));
-        out.push(String::new());
-        out.push(format!(
-            "Latency at a fixed rate ({FIXED_RATE:.0} requests/s, uncached, lean upstream, {FIXED_RATE_CONNECTIONS} connections, open loop; lowest p50 of {} rounds):",
-            opts.rounds
-        ));
-        out.push("| path        | answers/s |  p50 us |  p99 us | errors | proxy CPU us/req | thread runs/req | us run / waited per run | p50 / p99 vs HAProxy |".into());
-        out.push("|-------------|----------:|--------:|--------:|-------:|-----------------:|----------------:|------------------------:|----------------------|".into());
-        let mut best: Vec<(Path, Run)> = Vec::new();
-        for _ in 0..opts.rounds {
-            for &p in paths {
-                let (front, targets) = bench.front(p).await;
-                let pid = front.as_ref().map(Proc::pid);
-                let cpu0 = pid.and_then(cpu_us);
-                let sched0 = pid.and_then(sched);
-                let mut run = fixed_rate(
-                    targets[0],
-                    bodies.clone(),
-                    FIXED_RATE,
-                    FIXED_RATE_CONNECTIONS,
-                    opts.secs.min(3.0),
-                )
-                .await;
-                run.front_cpu_us = pid
-                    .and_then(cpu_us)
-                    .zip(cpu0)
-                    .map(|(a, b)| (a - b) as f64 / run.answers.max(1) as f64);
-                run.front_sched = pid.and_then(sched).zip(sched0).map(|(a, b)| a.since(b));
-                match best.iter_mut().find(|(bp, _)| *bp == p) {
-                    Some((_, b)) if b.p50_us <= run.p50_us => {}
-                    Some(b) => b.1 = run,
-                    None => best.push((p, run)),
-                }
-                drop(front);
-            }
-        }
-        let haproxy = best
-            .iter()
-            .find(|(p, _)| *p == Path::Haproxy)
-            .map(|(_, r)| (r.p50_us, r.p99_us));
-        for (p, r) in &best {
-            let runs = r.front_sched.filter(|s| s.runs > 0);
-            out.push(format!(
-                "| {:<11} | {:>9.0} | {:>7} | {:>7} | {:>6} | {:>16} | {:>15} | {:>23} | {:<20} |",
-                p.name(),
-                r.rate,
-                r.p50_us,
-                r.p99_us,
-                r.errors,
-                r.front_cpu_us.map_or("-".into(), |c| format!("{c:.1}")),
-                runs.map_or("-".into(), |s| format!(
-                    "{:.2}",
-                    s.runs as f64 / r.answers.max(1) as f64
-                )),
-                runs.map_or("-".into(), |s| format!(
-                    "{:.0} / {:.0}",
-                    s.run_ns as f64 / s.runs as f64 / 1e3,
-                    s.wait_ns as f64 / s.runs as f64 / 1e3
-                )),
-                haproxy.map_or("-".into(), |(p50, p99)| format!(
-                    "{:+} / {:+} us",
-                    r.p50_us as i64 - p50 as i64,
-                    r.p99_us as i64 - p99 as i64
-                )),
-            ));
+        for &rate in &opts.rates {
+            out.extend(rate_rows(bench, opts, paths, bodies.clone(), rate).await);
         }
     }
     out
+}
+
+/// One fixed-rate table: `rate` requests per second over
+/// [`FIXED_RATE_CONNECTIONS`], best of `--rounds` interleaved rounds.
+async fn rate_rows(
+    bench: &Bench,
+    opts: &Options,
+    paths: &[Path],
+    bodies: Arc<Vec<Vec<u8>>>,
+    rate: f64,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    out.push(String::new());
+    out.push(format!(
+        "Latency at a fixed rate ({rate:.0} requests/s, uncached, lean upstream, {FIXED_RATE_CONNECTIONS} connections, open loop; the round with the lowest p50 of {}, and the median over the rounds of each round's difference from HAProxy's):",
+        opts.rounds
+    ));
+    out.push("| path        | answers/s |  p50 us |  p99 us | errors | proxy CPU us/req | thread runs/req | us run / waited per run | p50 / p99 vs HAProxy | median per round vs HAProxy |".into());
+    out.push("|-------------|----------:|--------:|--------:|-------:|-----------------:|----------------:|------------------------:|----------------------|-----------------------------|".into());
+    let mut best: Vec<(Path, Run)> = Vec::new();
+    // Each round's (path, p50, p99): paths of one round ran back to back,
+    // so their differences are shaken less by the machine's other load
+    // than the best rounds' are.
+    let mut rounds: Vec<Vec<(Path, u32, u32)>> = Vec::new();
+    for _ in 0..opts.rounds {
+        let mut round = Vec::new();
+        for &p in paths {
+            let (front, targets) = bench.front(p).await;
+            let pid = front.as_ref().map(Proc::pid);
+            let cpu0 = pid.and_then(cpu_us);
+            let sched0 = pid.and_then(sched);
+            let mut run = fixed_rate(
+                targets[0],
+                bodies.clone(),
+                rate,
+                FIXED_RATE_CONNECTIONS,
+                opts.secs.min(3.0),
+            )
+            .await;
+            run.front_cpu_us = pid
+                .and_then(cpu_us)
+                .zip(cpu0)
+                .map(|(a, b)| (a - b) as f64 / run.answers.max(1) as f64);
+            run.front_sched = pid.and_then(sched).zip(sched0).map(|(a, b)| a.since(b));
+            round.push((p, run.p50_us, run.p99_us));
+            match best.iter_mut().find(|(bp, _)| *bp == p) {
+                Some((_, b)) if b.p50_us <= run.p50_us => {}
+                Some(b) => b.1 = run,
+                None => best.push((p, run)),
+            }
+            drop(front);
+        }
+        rounds.push(round);
+    }
+    let haproxy = best
+        .iter()
+        .find(|(p, _)| *p == Path::Haproxy)
+        .map(|(_, r)| (r.p50_us, r.p99_us));
+    for (p, r) in &best {
+        let runs = r.front_sched.filter(|s| s.runs > 0);
+        out.push(format!(
+            "| {:<11} | {:>9.0} | {:>7} | {:>7} | {:>6} | {:>16} | {:>15} | {:>23} | {:<20} | {:<27} |",
+            p.name(),
+            r.rate,
+            r.p50_us,
+            r.p99_us,
+            r.errors,
+            r.front_cpu_us.map_or("-".into(), |c| format!("{c:.1}")),
+            runs.map_or("-".into(), |s| format!(
+                "{:.2}",
+                s.runs as f64 / r.answers.max(1) as f64
+            )),
+            runs.map_or("-".into(), |s| format!(
+                "{:.0} / {:.0}",
+                s.run_ns as f64 / s.runs as f64 / 1e3,
+                s.wait_ns as f64 / s.runs as f64 / 1e3
+            )),
+            haproxy.map_or("-".into(), |(p50, p99)| format!(
+                "{:+} / {:+} us",
+                r.p50_us as i64 - p50 as i64,
+                r.p99_us as i64 - p99 as i64
+            )),
+            paired(&rounds, *p).map_or("-".into(), |(d50, d99)| format!(
+                "{d50:+} / {d99:+} us"
+            )),
+        ));
+    }
+    out
+}
+
+/// The median over `rounds` of `path`'s p50 and p99 minus HAProxy's in the
+/// same round (rounds without both left out).
+fn paired(rounds: &[Vec<(Path, u32, u32)>], path: Path) -> Option<(i64, i64)> {
+    let (mut d50, mut d99): (Vec<i64>, Vec<i64>) = rounds
+        .iter()
+        .filter_map(|round| {
+            let find = |p: Path| round.iter().find(|(q, _, _)| *q == p);
+            let (_, h50, h99) = find(Path::Haproxy)?;
+            let (_, p50, p99) = find(path)?;
+            Some((*p50 as i64 - *h50 as i64, *p99 as i64 - *h99 as i64))
+        })
+        .unzip();
+    if d50.is_empty() {
+        return None;
+    }
+    d50.sort_unstable();
+    d99.sort_unstable();
+    Some((median(&d50), median(&d99)))
+}
+
+/// The median of sorted values (the mean of the middle two of an even count).
+fn median(sorted: &[i64]) -> i64 {
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2
+    }
 }

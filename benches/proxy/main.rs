@@ -9,6 +9,8 @@
 //!                                   # (uncached, cacheable, mix, light, idle,
 //!                                   #  tls, rate, storm)
 //! cargo bench --bench proxy -- --paths haproxy,electrum-lb # some rows only
+//! cargo bench --bench proxy -- --only rate --rate 5000,20000 # latency at
+//!                                   # these fixed rates (default 20,000/s)
 //! cargo bench --bench proxy -- --upstream lean     # one upstream model only
 //! cargo bench --bench proxy -- --upstream electrumx #   (default: both)
 //! cargo bench --bench proxy -- --upstream-us 20     # upstreams that spend

@@ -13,6 +13,9 @@ pub(crate) struct Options {
     pub(crate) paths: Vec<String>,
     /// What the mock upstreams cost per request; one table section each.
     pub(crate) models: Vec<Model>,
+    /// The fixed rates of part `rate`, requests per second
+    /// (`--rate 5000,20000`); one table each.
+    pub(crate) rates: Vec<f64>,
 }
 
 impl Options {
@@ -34,6 +37,7 @@ impl Options {
             only: Vec::new(),
             paths: Vec::new(),
             models: vec![Model::Flat(0), Model::ElectrumX],
+            rates: vec![20_000.0],
         };
         let args: Vec<String> = std::env::args().collect();
         let value = |name: &str| {
@@ -70,6 +74,14 @@ impl Options {
         };
         o.only = list("--only");
         o.paths = list("--paths");
+        let rates: Vec<f64> = list("--rate")
+            .iter()
+            .filter_map(|r| r.parse().ok())
+            .filter(|r| *r > 0.0)
+            .collect();
+        if !rates.is_empty() {
+            o.rates = rates;
+        }
         o
     }
 }
