@@ -9,20 +9,25 @@
 //! forwarded to the pool with its id rewritten by the connection, only to
 //! connections whose protocol level serves the method. It also owns
 //! per-session protocol state ([`SessionState`]), but not the transport
-//! (that is `session`).
+//! (that is `session`). How a forwarded request leaves for the pool is
+//! `upstream`'s; reading parameters is `params`'.
 
 pub mod bridge;
 pub mod legacy;
+mod params;
+mod upstream;
+
+pub(crate) use params::{first_string, scripthash_arg};
+use params::{header_form, scripthash_param};
 
 use crate::coin::{self, AddressVersions};
 use crate::header::HeaderForm;
-use crate::hub::{Form, Hub, Route, SessionId, Topic};
+use crate::hub::{Form, Hub, SessionId, Topic};
 use crate::jsonrpc::{self, ClientMessage, ErrorCode, LineError, Request, RpcError};
 use crate::limits::{Limit, SessionGate};
-use crate::protocol::{Level, Version};
-use crate::reply::{Batch, ClientId, Hook, HookReply, Outbound, Responder};
-use crate::upstream::{Job, Need, Pool};
-use serde_json::Value;
+use crate::protocol::Level;
+use crate::reply::{Batch, ClientId, Outbound, Responder};
+use crate::upstream::Pool;
 use std::collections::HashSet;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -357,179 +362,6 @@ impl Router {
             )),
         }
     }
-
-    /// Forward a request upstream, unless the cache answers it or an
-    /// identical one is already in flight; a read about a subscribed
-    /// scripthash (`affinity`) goes to the connection holding its
-    /// subscription, and is answered from memory while its status has not
-    /// changed (see `cache::answers`).
-    pub(crate) fn forward(
-        &self,
-        method: &str,
-        params: &str,
-        responder: Responder,
-        affinity: Option<&str>,
-    ) {
-        let need = bridge::upstream_need(method);
-        self.forward_to(method, params, responder, affinity, need);
-    }
-
-    /// [`Router::forward`] to connections of the levels in `need` only.
-    pub(crate) fn forward_to(
-        &self,
-        method: &str,
-        params: &str,
-        responder: Responder,
-        affinity: Option<&str>,
-        need: Need,
-    ) {
-        let fetch = |r| self.send(method, params, r, affinity, need);
-        match affinity {
-            Some(sh) if SCRIPTHASH_READS.contains(&method) => {
-                // The scripthash is parsed already: the cache is handed it.
-                self.cache.serve_read(sh, method, params, responder, fetch)
-            }
-            _ => self.cache.serve(method, params, responder, fetch),
-        }
-    }
-
-    /// Send a request to the pool; a read of a subscribed scripthash goes
-    /// to the connection holding its subscription, or through the hub when
-    /// that subscription is moving (see `hub`, "Failover"); a history read
-    /// of one whose status has settled goes anywhere, checked (see
-    /// [`CheckedHistory`]).
-    fn send(
-        &self,
-        method: &str,
-        params: &str,
-        responder: Responder,
-        affinity: Option<&str>,
-        need: Need,
-    ) {
-        let deadline = Instant::now() + self.request_timeout;
-        let prefix = jsonrpc::request_prefix(method, params);
-        let route = affinity.map(|sh| (sh, self.hub.route(sh)));
-        let Some((sh, Some(route))) = route else {
-            if let Some((sh, None)) = route {
-                if SCRIPTHASH_READS.contains(&method) {
-                    // Nobody was told a status of it: a scripthash read
-                    // again and again may be subscribed by the hub (see
-                    // `hub::read_subs`). Told here, where the read goes
-                    // upstream, so that one lookup of its route serves
-                    // both (a read the cache or an identical read in
-                    // flight answers is not told).
-                    self.hub.notice_read(sh);
-                }
-            }
-            let job = new_job(prefix, responder, deadline, method, need);
-            return self.pool.dispatch(job);
-        };
-        if let (Route::Conn(_), GET_HISTORY) = (route, method) {
-            if let Some(sent) = self.cache.settled_status(sh) {
-                let check = CheckedHistory {
-                    sent,
-                    sh: sh.to_string(),
-                    prefix: prefix.clone(),
-                    deadline,
-                    need,
-                    hub: self.hub.clone(),
-                    cache: self.cache.clone(),
-                    responder,
-                };
-                let hook = Responder::Hook(check.hook());
-                let mut job = new_job(prefix, hook, deadline, method, need);
-                // Lost with its connection, it is retried through the hub
-                // like any read of a subscribed scripthash (held while
-                // the subscription moves).
-                job.reroute = Some(self.hub.reroute(sh));
-                return self.pool.dispatch(job);
-            }
-        }
-        let mut job = new_job(prefix, responder, deadline, method, need);
-        if let Route::Conn(conn) = route {
-            // A retry comes back through the hub.
-            job.reroute = Some(self.hub.reroute(sh));
-            match self.pool.dispatch_to(conn, job) {
-                Ok(()) => return,
-                Err(j) => job = j,
-            }
-        }
-        self.hub.read(sh, job);
-    }
-}
-
-const GET_HISTORY: &str = "blockchain.scripthash.get_history";
-
-fn new_job(
-    prefix: Vec<u8>,
-    responder: Responder,
-    deadline: Instant,
-    method: &str,
-    need: Need,
-) -> Job {
-    let mut job = Job::new(prefix, responder, deadline);
-    // A broadcast written to a socket is never sent again.
-    job.retryable = !matches!(
-        method,
-        "blockchain.transaction.broadcast" | "blockchain.transaction.broadcast_package"
-    );
-    // Only connections of the levels that serve this method take it.
-    job.need = need;
-    job
-}
-
-/// A history read of a subscribed scripthash whose status has settled:
-/// sent to whichever connection selection picks, not only to the one
-/// holding the subscription, and its answer checked against the status
-/// subscribers were told when it arrives. One that disagrees (the upstream
-/// that answered is behind or ahead) is sent again through the hub to the
-/// subscription's connection. Either way a wallet never gets a history
-/// that contradicts its status (DESIGN rule 2 allows both). Why: the
-/// subscriptions of a coin sit on the few connections an upstream always
-/// keeps, and ElectrumX meters each session: routing every history miss
-/// there too made that one session the costliest, throttled to 4 at a
-/// time with 1.5 s sleeps, while the other sessions had room (measured in
-/// `cargo bench --bench proxy -- --upstream real`, see the README).
-struct CheckedHistory {
-    /// The settled status when the read was sent.
-    sent: Box<str>,
-    sh: String,
-    prefix: Vec<u8>,
-    deadline: Instant,
-    need: Need,
-    hub: Hub,
-    cache: std::sync::Arc<crate::cache::Cache>,
-    responder: Responder,
-}
-
-impl CheckedHistory {
-    fn hook(self) -> Hook {
-        self.cache.answer_counters().checked.inc();
-        Hook::new(move |reply: HookReply<'_>| self.land(reply))
-    }
-
-    /// Whether a history agrees with the status when the read was sent
-    /// (what the asker could have been told) or now.
-    fn agrees(&self, result: &str) -> bool {
-        let Some(status) = crate::cache::history_status(result) else {
-            return false;
-        };
-        *status == *self.sent || self.cache.settled_status(&self.sh).as_deref() == Some(&*status)
-    }
-
-    fn land(self, reply: HookReply<'_>) {
-        match reply {
-            Ok(Ok(result)) if self.agrees(result.get()) => self.responder.deliver(Ok(result)),
-            Ok(Ok(_)) => {
-                self.cache.answer_counters().recheck.inc();
-                let mut job = Job::new(self.prefix, self.responder, self.deadline);
-                job.need = self.need;
-                self.hub.read(&self.sh, job);
-            }
-            Ok(Err(error)) => self.responder.deliver(Err(error)),
-            Err(e) => self.responder.fail(e),
-        }
-    }
 }
 
 /// Ask the session's gate about one request of `method` (`""` for a line
@@ -550,160 +382,4 @@ fn send_error(st: &SessionState, id: &str, err: &RpcError) {
         m.error(err.code);
     }
     st.out.send(&jsonrpc::error_line(id, err));
-}
-
-/// The header shape a session gets from `blockchain.headers.subscribe`.
-fn header_form(level: Level, params: &str) -> HeaderForm {
-    match level {
-        Level::Unnegotiated => HeaderForm::Hybrid,
-        Level::Modern(_) => HeaderForm::Modern,
-        Level::Legacy(v) => {
-            // Protocol 1.2 added `raw`: true asks for the modern form.
-            let raw = v >= Version::new(1, 2)
-                && serde_json::from_str::<Vec<Value>>(params)
-                    .ok()
-                    .and_then(|p| p.first().and_then(Value::as_bool))
-                    .unwrap_or(false);
-            if raw {
-                HeaderForm::Modern
-            } else {
-                HeaderForm::Deserialized
-            }
-        }
-    }
-}
-
-/// The scripthash a read is about (its first parameter), lowercase.
-/// Every history, balance and unspent request passes here: the usual
-/// `["<64 lowercase hex>", ...]` is read in place, without a JSON tree or
-/// a copy; anything else takes the general path.
-pub(crate) fn scripthash_arg(params: &str) -> Option<std::borrow::Cow<'_, str>> {
-    match fast_scripthash(params) {
-        Some(sh) => Some(sh.into()),
-        None => first_string(params)
-            .filter(|s| coin::is_scripthash(s))
-            .map(|s| s.to_ascii_lowercase().into()),
-    }
-}
-
-/// `["<64 lowercase hex>"` at the start of `params` (ASCII whitespace
-/// allowed around the bracket): the scripthash, borrowed.
-fn fast_scripthash(params: &str) -> Option<&str> {
-    let bytes = params.as_bytes();
-    let rest = bytes
-        .trim_ascii_start()
-        .strip_prefix(b"[")?
-        .trim_ascii_start();
-    let quoted = rest.get(..66)?;
-    if quoted[0] != b'"' || quoted[65] != b'"' || !crate::scan::all_lower_hex(&quoted[1..65]) {
-        return None;
-    }
-    // Every byte before it is ASCII: a character boundary.
-    let start = bytes.len() - rest.len() + 1;
-    params.get(start..start + 64)
-}
-
-/// The first positional parameter, when it is a string.
-pub(crate) fn first_string(params: &str) -> Option<String> {
-    if let Ok(v) = serde_json::from_str::<Vec<Value>>(params) {
-        return v.into_iter().next().and_then(|v| match v {
-            Value::String(s) => Some(s),
-            _ => None,
-        });
-    }
-    None
-}
-
-fn scripthash_param(params: &str) -> Result<String, RpcError> {
-    match first_string(params) {
-        Some(sh) if coin::is_scripthash(&sh) => Ok(sh.to_ascii_lowercase()),
-        Some(sh) => Err(RpcError::new(
-            ErrorCode::InvalidParams,
-            format!("invalid scripthash: {sh}"),
-        )),
-        None => Err(RpcError::new(
-            ErrorCode::InvalidParams,
-            "expected a scripthash as the first parameter",
-        )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn header_forms_follow_the_level() {
-        assert_eq!(header_form(Level::Unnegotiated, "[]"), HeaderForm::Hybrid);
-        assert_eq!(
-            header_form(Level::Modern(Version::new(1, 4)), "[]"),
-            HeaderForm::Modern
-        );
-        assert_eq!(
-            header_form(Level::Legacy(Version::new(0, 9)), "[true]"),
-            HeaderForm::Deserialized
-        );
-        assert_eq!(
-            header_form(Level::Legacy(Version::new(1, 2)), "[true]"),
-            HeaderForm::Modern
-        );
-        assert_eq!(
-            header_form(Level::Legacy(Version::new(1, 2)), "[]"),
-            HeaderForm::Deserialized
-        );
-    }
-
-    #[test]
-    fn scripthash_args_fast_and_general() {
-        let sh = "ab".repeat(32);
-        // The usual form is read in place.
-        for params in [format!("[\"{sh}\"]"), format!(" [ \"{sh}\" , 1]")] {
-            assert!(
-                matches!(scripthash_arg(&params), Some(std::borrow::Cow::Borrowed(s)) if s == sh),
-                "{params}"
-            );
-        }
-        for params in [
-            format!("[\"{sh}\"]"),
-            format!(" [ \"{sh}\" , 1]"),
-            format!("[\"{}\"]", sh.to_uppercase()),
-            format!("[\"\\u0061b{}\"]", &sh[2..]),
-        ] {
-            assert_eq!(
-                scripthash_arg(&params).as_deref(),
-                Some(sh.as_str()),
-                "{params}"
-            );
-        }
-        for params in [
-            "[]".to_string(),
-            format!("[\"{}\"]", &sh[1..]),
-            format!("[\"{sh}0\"]"),
-            format!("{{\"scripthash\":\"{sh}\"}}"),
-            format!("[\"{}xy\"]", &sh[2..]),
-        ] {
-            assert_eq!(scripthash_arg(&params), None, "{params}");
-        }
-    }
-
-    #[test]
-    fn scripthash_params() {
-        let sh = "AB".repeat(32);
-        assert_eq!(
-            scripthash_param(&format!("[\"{sh}\"]")).unwrap(),
-            "ab".repeat(32)
-        );
-        assert_eq!(
-            scripthash_param("[\"xyz\"]").unwrap_err().code,
-            ErrorCode::InvalidParams
-        );
-        assert_eq!(
-            scripthash_param("[]").unwrap_err().code,
-            ErrorCode::InvalidParams
-        );
-        assert_eq!(
-            scripthash_param("{}").unwrap_err().code,
-            ErrorCode::InvalidParams
-        );
-    }
 }
