@@ -104,7 +104,17 @@ fn assert_all_results(answers: &[Value]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_grow_while_requests_queue_and_shrink_after() {
-    let (mock, meter) = metering_mock(roomy(4)).await;
+    // Requests of 60 ms: the queue behind 4 at a time then adds about
+    // 50 ms to a round's mean answer time, more than a busy machine's
+    // noise allowance (twice the proxy's scheduling lag, see
+    // upstream/limit.rs) takes away. With 20 ms requests, by the same
+    // arithmetic, a lag above about 4.5 ms is enough for a full round at
+    // 10 to read as unqueued (a loaded CI run saw one limit at 11).
+    let (mock, meter) = metering_mock(MeterParams {
+        service: Duration::from_millis(60),
+        ..roomy(4)
+    })
+    .await;
     let up = upstream_toml(&mock.url(), "max_connections = 8");
     let server = start_proxy(&config(&[up], "health_interval_ms = 100")).await;
     wait_ready(&server, "test").await;
