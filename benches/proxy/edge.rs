@@ -565,15 +565,6 @@ fn paired(rounds: &[Vec<(Path, u32, u32)>], path: Path) -> Option<(i64, i64)> {
     }
     d50.sort_unstable();
     d99.sort_unstable();
-    Some((median(&d50), median(&d99)))
-}
-
-/// The median of sorted values (the mean of the middle two of an even count).
-fn median(sorted: &[i64]) -> i64 {
-    let n = sorted.len();
-    if n % 2 == 1 {
-        sorted[n / 2]
-    } else {
-        (sorted[n / 2 - 1] + sorted[n / 2]) / 2
-    }
+    // The middle one (the upper of two), as the storm part picks its round.
+    Some((d50[d50.len() / 2], d99[d99.len() / 2]))
 }
