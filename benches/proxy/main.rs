@@ -9,6 +9,8 @@
 //!                                   # (uncached, cacheable, mix, light, idle,
 //!                                   #  tls, rate, storm)
 //! cargo bench --bench proxy -- --paths haproxy,electrum-lb # some rows only
+//! cargo bench --bench proxy -- --paths "haproxy,haproxy -t1,electrum-lb"
+//!                                   # adds HAProxy with one thread (nbthread 1)
 //! cargo bench --bench proxy -- --only rate --rate 5000,20000 # latency at
 //!                                   # these fixed rates (default 20,000/s)
 //! cargo bench --bench proxy -- --upstream lean     # one upstream model only
@@ -150,6 +152,9 @@ pub(crate) fn main() {
 pub(crate) enum Path {
     Direct,
     Haproxy,
+    /// HAProxy with `nbthread 1`: the runtime shape of electrum-lb's
+    /// default on 2 CPUs (run only when asked for with `--paths`).
+    Haproxy1,
     Lb,
     /// electrum-lb with `--threads 2` (the multi-threaded runtime that
     /// was the default on 2 CPUs; the default is now one thread there).
@@ -169,6 +174,7 @@ impl Path {
         match self {
             Path::Direct => "direct",
             Path::Haproxy => "haproxy",
+            Path::Haproxy1 => "haproxy -t1",
             Path::Lb => "electrum-lb",
             Path::Lb1 => "lb -t2",
             Path::LbPerCore => "lb per-core",
@@ -191,8 +197,9 @@ impl Bench {
     pub(crate) async fn front(&self, path: Path) -> (Option<Proc>, Vec<SocketAddr>) {
         match path {
             Path::Direct => (None, self.upstreams.clone()),
-            Path::Haproxy => {
-                let p = start_haproxy(&self.upstreams, &self.dir).await;
+            Path::Haproxy | Path::Haproxy1 => {
+                let nbthread = (path == Path::Haproxy1).then_some(1);
+                let p = start_haproxy(&self.upstreams, &self.dir, nbthread).await;
                 let addrs = p.addrs.clone();
                 (Some(p), addrs)
             }
@@ -266,6 +273,9 @@ pub(crate) async fn bench(opts: Options) {
     let mut paths = vec![Path::Direct];
     if haproxy {
         paths.push(Path::Haproxy);
+        if opts.paths.iter().any(|p| p == Path::Haproxy1.name()) {
+            paths.push(Path::Haproxy1);
+        }
     }
     paths.push(Path::Lb);
     paths.push(Path::Lb1);

@@ -212,8 +212,14 @@ pub(crate) fn free_port() -> u16 {
         .port()
 }
 
-/// HAProxy in TCP mode in front of the upstreams, on a port from the OS.
-pub(crate) async fn start_haproxy(upstreams: &[SocketAddr], dir: &std::path::Path) -> Proc {
+/// HAProxy in TCP mode in front of the upstreams, on a port from the OS;
+/// `nbthread` as its `global` section's (`None`: HAProxy's default, one
+/// thread per CPU).
+pub(crate) async fn start_haproxy(
+    upstreams: &[SocketAddr],
+    dir: &std::path::Path,
+    nbthread: Option<usize>,
+) -> Proc {
     let port = free_port();
     let servers: String = upstreams
         .iter()
@@ -222,8 +228,9 @@ pub(crate) async fn start_haproxy(upstreams: &[SocketAddr], dir: &std::path::Pat
         .collect();
     // Two descriptors per session (client and server side).
     let maxconn = open_files_limit().saturating_sub(200) / 2;
+    let threads = nbthread.map_or(String::new(), |n| format!("    nbthread {n}\n"));
     let cfg = format!(
-        "global\n    maxconn {maxconn}\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 600s\n    timeout server 600s\n\nfrontend electrum\n    bind 127.0.0.1:{port}\n    default_backend upstreams\n\nbackend upstreams\n    balance leastconn\n{servers}"
+        "global\n    maxconn {maxconn}\n{threads}\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 600s\n    timeout server 600s\n\nfrontend electrum\n    bind 127.0.0.1:{port}\n    default_backend upstreams\n\nbackend upstreams\n    balance leastconn\n{servers}"
     );
     let path = dir.join("haproxy.cfg");
     std::fs::write(&path, cfg).expect("write haproxy.cfg");

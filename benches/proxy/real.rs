@@ -226,7 +226,7 @@ async fn real_bench(opts: RealOptions) {
 
 async fn start_front(front: Front, upstreams: &[SocketAddr], dir: &std::path::Path) -> Proc {
     match front {
-        Front::Haproxy => start_haproxy(upstreams, dir).await,
+        Front::Haproxy => start_haproxy(upstreams, dir, None).await,
         Front::Lb | Front::LbTuned => {
             let entries: Vec<String> = upstreams
                 .iter()
