@@ -208,8 +208,9 @@ enum Command {
     },
     /// An emulated outpoint's work came back (see `outpoint`).
     Outpoint(outpoint::Done),
-    /// Reads of scripthashes nobody was told a status of are waiting in
-    /// the shared batch (see `read_subs`): one command per batch.
+    /// The shared batch of reads of scripthashes nobody was told a status
+    /// of has grown long (see `read_subs`); shorter ones wait for the next
+    /// command, event or tick.
     Noticed,
 }
 
