@@ -51,8 +51,8 @@ pub(super) struct Actor {
     pub parked: HashSet<String, TextKeys>,
     /// Subscriptions the hub holds because wallets read (see `read_subs`).
     pub read_subs: ReadSubs,
-    /// Reads told by the router, taken before each command and event, on
-    /// the tick and on `Command::Noticed` (see `read_subs`).
+    /// Reads told by the router, taken on `Command::Noticed` (see
+    /// `read_subs`).
     pub notices: Arc<Notices>,
 }
 
@@ -99,18 +99,9 @@ impl Actor {
             let hold_ends = self.holds.next_end();
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(cmd) = rx.recv() => {
-                    // Reads told before this command was sent are handled
-                    // before it (see `read_subs`).
-                    self.take_notices();
-                    self.on_command(cmd);
-                }
-                Some(ev) = events.recv() => {
-                    self.take_notices();
-                    self.on_event(ev);
-                }
+                Some(cmd) = rx.recv() => self.on_command(cmd),
+                Some(ev) = events.recv() => self.on_event(ev),
                 _ = retry.tick() => {
-                    self.take_notices();
                     self.retry_orphans();
                     self.expire_parked();
                     self.sweep_read_subs();

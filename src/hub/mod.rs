@@ -208,9 +208,8 @@ enum Command {
     },
     /// An emulated outpoint's work came back (see `outpoint`).
     Outpoint(outpoint::Done),
-    /// The shared batch of reads of scripthashes nobody was told a status
-    /// of has grown long (see `read_subs`); shorter ones wait for the next
-    /// command, event or tick.
+    /// Reads of scripthashes nobody was told a status of are waiting in
+    /// the shared batch (see `read_subs`): one command per batch.
     Noticed,
 }
 

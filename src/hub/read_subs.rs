@@ -38,17 +38,9 @@
 //! meanwhile.
 //!
 //! Reads are told to the actor in batches ([`Notices`]): the router adds
-//! each scripthash to a shared buffer and wakes nobody. The actor takes
-//! the batch before every command and event it handles (so a command sent
-//! after a read is handled after that read's notice, as when each notice
-//! was a command of its own), on its periodic tick (`RETRY_EVERY`, half a
-//! second), and when a batch reaches [`WAKE_AT`] bytes, the one time a
-//! read sends a command. Nothing waits for a notice to be handled, so a
-//! read costs no wake-up of the hub's task: on a lightly loaded proxy
-//! that wake-up ran between a request's arrival and its write upstream
-//! (measured in README "Performance", "An eighth session"). The delay is
-//! harmless: a scripthash read twice within the tick is seen read twice
-//! in one batch, and admitted.
+//! each scripthash to a shared buffer, and only the first of a batch sends
+//! a command, so a busy coin costs the actor one wake per batch rather
+//! than one channel message (and one string) per read.
 //!
 //! Owns: [`ReadSubs`] (the remembered reads, the read-driven entries in
 //! second-chance order, the idle sweep), [`Notices`] and the actor's
@@ -95,35 +87,24 @@ pub(super) struct ReadSubs {
     batch: String,
 }
 
-/// A batch of notices this long (about 500 reads) wakes the actor: the
-/// batch stays small between its ticks however busy the coin.
-pub(super) const WAKE_AT: usize = 32 * 1024;
-
 /// Reads of scripthashes nobody was told a status of, not yet handled by
 /// the actor: one line per read, in the order they were told. Shared by
 /// the [`super::Hub`] handles (which add) and the actor (which takes the
-/// whole batch before each command and event, on its tick, and when woken
-/// by `Command::Noticed`).
+/// whole batch when woken by `Command::Noticed`).
 #[derive(Default)]
 pub(super) struct Notices(Mutex<String>);
 
 impl Notices {
-    /// Add a read of `sh`; true when it takes the batch to [`WAKE_AT`]
-    /// bytes, and the actor must be woken (the reads before it wait for
-    /// the actor's next command, event or tick).
+    /// Add a read of `sh`; true when it starts a batch, and the actor must
+    /// be woken (later ones until it takes the batch ride along).
     pub fn push(&self, sh: &str) -> bool {
         // Scripthashes are hex: a line each.
         debug_assert!(!sh.contains('\n'));
         let mut batch = lock(&self.0);
-        let before = batch.len();
+        let first = batch.is_empty();
         batch.push_str(sh);
         batch.push('\n');
-        before < WAKE_AT && batch.len() >= WAKE_AT
-    }
-
-    /// Whether a batch waits (a lock, and no more, when none does).
-    pub fn waiting(&self) -> bool {
-        !lock(&self.0).is_empty()
+        first
     }
 
     /// Take the batch, leaving `spare` (empty) in its place.
@@ -217,13 +198,6 @@ impl ReadSubs {
 }
 
 impl Actor {
-    /// Handle the batch of reads told since the last one, if one waits.
-    pub(super) fn take_notices(&mut self) {
-        if self.notices.waiting() {
-            self.on_notices();
-        }
-    }
-
     /// Handle the batch of reads told since the last one, in order.
     pub(super) fn on_notices(&mut self) {
         let mut batch = std::mem::take(&mut self.read_subs.batch);
@@ -403,28 +377,17 @@ mod tests {
     }
 
     #[test]
-    fn notices_wake_the_actor_only_when_a_batch_is_long() {
+    fn notices_wake_once_per_batch() {
         let n = Notices::default();
-        assert!(!n.waiting());
-        assert!(!n.push("aa"), "a read wakes nobody");
+        assert!(n.push("aa"), "the first of a batch wakes the actor");
         assert!(!n.push("bb"));
         assert!(!n.push("aa"));
-        assert!(n.waiting());
         let mut batch = String::new();
         n.take(&mut batch);
         assert_eq!(batch.lines().collect::<Vec<_>>(), ["aa", "bb", "aa"]);
-        assert!(!n.waiting());
-        let sh = "0".repeat(64);
-        let wakes = (0..2 * WAKE_AT / 65).filter(|_| n.push(&sh)).count();
-        assert_eq!(
-            wakes, 1,
-            "the read that makes the batch long wakes it, once"
-        );
-        batch.clear();
-        n.take(&mut batch);
-        assert_eq!(batch.lines().count(), 2 * WAKE_AT / 65, "nothing lost");
+        assert!(n.push("cc"), "taken: the next one starts a batch");
         n.clear();
-        assert!(!n.waiting());
+        assert!(n.push("dd"));
     }
 
     #[test]
