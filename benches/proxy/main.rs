@@ -183,6 +183,11 @@ impl Path {
             Path::HaproxyTls => "haproxy tls",
         }
     }
+
+    /// Rows that run only when `--paths` names them.
+    pub(crate) fn opt_in(self) -> bool {
+        self == Path::Haproxy1
+    }
 }
 
 pub(crate) struct Bench {
@@ -273,14 +278,18 @@ pub(crate) async fn bench(opts: Options) {
     let mut paths = vec![Path::Direct];
     if haproxy {
         paths.push(Path::Haproxy);
-        if opts.paths.iter().any(|p| p == Path::Haproxy1.name()) {
-            paths.push(Path::Haproxy1);
-        }
+        paths.push(Path::Haproxy1);
     }
     paths.push(Path::Lb);
     paths.push(Path::Lb1);
     paths.push(Path::LbPerCore);
-    paths.retain(|p| opts.wants_path(p.name()));
+    paths.retain(|p| {
+        if p.opt_in() {
+            opts.names_path(p.name())
+        } else {
+            opts.wants_path(p.name())
+        }
+    });
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
         "electrum-lb end-to-end benchmark: {UPSTREAMS} mock upstreams (one thread for both), {cpus} CPUs shared by every process"

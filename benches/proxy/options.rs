@@ -24,7 +24,12 @@ impl Options {
     }
 
     pub(crate) fn wants_path(&self, name: &str) -> bool {
-        self.paths.is_empty() || self.paths.iter().any(|p| p == name)
+        self.paths.is_empty() || self.names_path(name)
+    }
+
+    /// Whether `--paths` names this row (opt-in rows run only then).
+    pub(crate) fn names_path(&self, name: &str) -> bool {
+        self.paths.iter().any(|p| p == name)
     }
 }
 
